@@ -1,0 +1,245 @@
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArray
+
+from ._contracts import check_feature_size, checked
+from ._indices import OutOfRange, check_indices, check_policy, gather_rows
+
+Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
+
+default_embedding_init: Initializer = jax.nn.initializers.normal(stddev=1.0)
+"""The default table initialiser: a standard normal, exactly as
+`equinox.nn.Embedding` draws it, so that swapping one for the other with the same key
+gives the same table. For a table that is also the output projection (tied decoding),
+`jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)` (flax's
+default, standard deviation `1/sqrt(embedding_size)`) keeps the initial logits of
+order one."""
+
+
+def _canonical_dtype(dtype: DTypeLike | None) -> jnp.dtype | None:
+    return None if dtype is None else jnp.dtype(dtype)
+
+
+def is_low_precision(dtype: jnp.dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+
+
+def decode_logits(
+    table: Float[Array, "num_embeddings embedding_size"],
+    hidden: Float[Array, "*batch embedding_size"],
+    *,
+    dtype: jnp.dtype | None,
+    logit_soft_cap: float | None = None,
+) -> Float[Array, "*batch num_embeddings"]:
+    """`hidden @ table.T`, optionally soft-capped, in the compute dtype `dtype`.
+
+    Both operands are cast to the compute dtype (`None`: their promoted dtype); a
+    low-precision product accumulates in float32 and is soft-capped there, then cast
+    once at the end.
+    """
+    dtype = jnp.result_type(table, hidden) if dtype is None else dtype
+    accumulate = jnp.float32 if is_low_precision(dtype) else dtype
+    logits = jnp.matmul(
+        hidden.astype(dtype), table.astype(dtype).T, preferred_element_type=accumulate
+    )
+    if logit_soft_cap is not None:
+        logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
+    return logits.astype(dtype)
+
+
+class Embedding(eqx.Module):
+    """A lookup table of token embeddings, one token per call.
+
+    A drop-in for `equinox.nn.Embedding` (same constructor, same per-token call, same
+    default initialisation) with what `flax.linen.Embed` adds: a compute `dtype`
+    separate from the table's `param_dtype`, any initialiser, and `attend`. Bad token
+    ids never read a valid-looking row (see `out_of_range`).
+
+    Batch it with `jax.vmap`, over as many axes as you like:
+    `jax.vmap(jax.vmap(embedding))(tokens)` for `tokens` of shape `(batch, seq)`.
+    """
+
+    weight: Float[Array, "num_embeddings embedding_size"]
+    num_embeddings: int = eqx.field(static=True)
+    embedding_size: int = eqx.field(static=True)
+    dtype: jnp.dtype | None = eqx.field(static=True)
+    padding_idx: int | None = eqx.field(static=True)
+    out_of_range: OutOfRange = eqx.field(static=True)
+
+    def __init__(
+        self,
+        num_embeddings: int | None = None,
+        embedding_size: int | None = None,
+        weight: Float[Array, "num_embeddings embedding_size"] | None = None,
+        *,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        init: Initializer = default_embedding_init,
+        padding_idx: int | None = None,
+        out_of_range: OutOfRange = "nan",
+        key: PRNGKeyArray | None = None,
+    ):
+        """**Arguments:**
+
+        Either a new table:
+
+        - `num_embeddings`: the number of rows (the vocabulary size). Positive.
+        - `embedding_size`: the width of each row. Positive.
+        - `key`: a `jax.random.PRNGKey` for the initialiser. (Keyword only.)
+        - `init`: a `jax.nn.initializers`-style callable `init(key, shape, dtype)`.
+            Defaults to a standard normal, as `equinox.nn.Embedding`
+            ([`default_embedding_init`][eqx_embed.default_embedding_init] says why
+            and what to use for tied decoding).
+        - `param_dtype`: the table's dtype. Defaults to float32 (float64 when JAX
+            runs in 64-bit mode).
+
+        Or an existing one:
+
+        - `weight`: the table, of shape `(num_embeddings, embedding_size)`;
+            `num_embeddings` and `embedding_size`, if given, must agree with it.
+            `param_dtype`, if given, casts it.
+
+        And for both:
+
+        - `dtype`: the compute dtype of the rows returned (and of `attend`), applied
+            after the lookup so the table is never cast as a whole. `None` returns the
+            table's dtype. Unlike in `equinox.nn.Embedding`, this is not the table's
+            dtype: use `param_dtype` for that.
+        - `padding_idx`: a row that the lookup returns as zeros and that gets no
+            gradient from the lookup, as in PyTorch. A new table also starts with it
+            zeroed. Negative values count from the end.
+        - `out_of_range`: what a token id outside `[-num_embeddings, num_embeddings)`
+            gives: `"nan"` (the default, a row of NaNs, free under `jit`, as flax) or
+            `"error"` (an error naming the id and the table size, under `jit` too).
+            Ids in `[-num_embeddings, 0)` count from the end, as in flax and equinox.
+        """
+        check_policy(out_of_range)
+        if weight is None:
+            if num_embeddings is None or embedding_size is None or key is None:
+                raise ValueError(
+                    "Embedding needs either `weight=...` or all of `num_embeddings`, "
+                    "`embedding_size` and `key`; got "
+                    f"num_embeddings={num_embeddings!r}, "
+                    f"embedding_size={embedding_size!r}, key={key!r}."
+                )
+            if num_embeddings <= 0 or embedding_size <= 0:
+                raise ValueError(
+                    "num_embeddings and embedding_size must be positive, got "
+                    f"num_embeddings={num_embeddings}, embedding_size={embedding_size}."
+                )
+            if param_dtype is None:
+                param_dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+            weight = init(key, (num_embeddings, embedding_size), param_dtype)
+            if weight.shape != (num_embeddings, embedding_size):
+                raise ValueError(
+                    f"init returned shape {weight.shape}, expected "
+                    f"{(num_embeddings, embedding_size)}."
+                )
+            if padding_idx is not None:
+                weight = weight.at[padding_idx].set(0)
+        else:
+            if weight.ndim != 2:
+                raise ValueError(
+                    "weight must have shape (num_embeddings, embedding_size), got "
+                    f"shape {weight.shape}."
+                )
+            expected = (
+                weight.shape[0] if num_embeddings is None else num_embeddings,
+                weight.shape[1] if embedding_size is None else embedding_size,
+            )
+            if weight.shape != expected:
+                raise ValueError(
+                    f"weight has shape {weight.shape} but num_embeddings="
+                    f"{num_embeddings}, embedding_size={embedding_size} were given."
+                )
+            if param_dtype is not None:
+                weight = weight.astype(param_dtype)
+        num_embeddings, embedding_size = weight.shape
+        n = num_embeddings
+        if padding_idx is not None and not -n <= padding_idx < n:
+            raise ValueError(
+                f"padding_idx must be in [{-num_embeddings}, {num_embeddings}), "
+                f"got {padding_idx}."
+            )
+        self.weight = weight
+        self.num_embeddings = num_embeddings
+        self.embedding_size = embedding_size
+        self.dtype = _canonical_dtype(dtype)
+        self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
+        self.out_of_range = out_of_range
+
+    def _is_padding(self, token: Int[ArrayLike, "*shape"]) -> Bool[Array, "*shape"]:
+        index = self.padding_idx
+        return (token == index) | (token == index - self.num_embeddings)
+
+    @jax.named_scope("eqx_embed.Embedding")
+    @checked
+    def __call__(
+        self, token: Int[ArrayLike, ""], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " embedding_size"]:
+        """**Arguments:**
+
+        - `token`: one token id, a scalar integer. Use `jax.vmap` for many.
+        - `key`: ignored; for compatibility with the rest of the Equinox API.
+
+        **Returns:**
+
+        The token's row, of shape `(embedding_size,)`, in the compute `dtype`. Zeros
+        for `padding_idx`; NaNs (or an error) for an out-of-range id.
+        """
+        token = check_indices(
+            token,
+            size=self.num_embeddings,
+            out_of_range=self.out_of_range,
+            name="token id",
+            negative_from_end=True,
+        )
+        if self.num_embeddings == 1:
+            # A one-row table needs no gather, only a select (as flax).
+            row = jnp.where((token == 0) | (token == -1), self.weight[0], jnp.nan)
+        else:
+            row = gather_rows(self.weight, token, negative_from_end=True)
+        if self.padding_idx is not None:
+            row = jnp.where(self._is_padding(token), jnp.zeros_like(row), row)
+        return row if self.dtype is None else row.astype(self.dtype)
+
+    @checked
+    def attend(
+        self, query: Float[Array, " embedding_size"]
+    ) -> Float[Array, " num_embeddings"]:
+        """The logits of `query` against every row: `weight @ query`, as
+        `flax.linen.Embed.attend`.
+
+        **Arguments:**
+
+        - `query`: one vector of width `embedding_size`. Use `jax.vmap` for many.
+
+        **Returns:**
+
+        Shape `(num_embeddings,)`, in the compute `dtype` (accumulated in float32 when
+        that is a low-precision dtype).
+        """
+        check_feature_size(
+            query, self.embedding_size, name="query", owner="table's embedding_size"
+        )
+        return decode_logits(self.weight, query, dtype=self.dtype)
+
+    @checked
+    def mask(self, tokens: Int[ArrayLike, "*shape"]) -> Bool[Array, "*shape"]:
+        """Keras' `mask_zero`: `True` where a token is real, `False` at `padding_idx`.
+
+        **Arguments:**
+
+        - `tokens`: token ids of any shape.
+
+        **Returns:**
+
+        A boolean array of the same shape.
+        """
+        if self.padding_idx is None:
+            raise ValueError("Embedding.mask needs an Embedding with a padding_idx.")
+        return ~self._is_padding(jnp.asarray(tokens))

@@ -1,0 +1,145 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, DTypeLike, Float, Int, PRNGKeyArray
+
+from ._contracts import checked
+from ._decode import EmbeddingDecode
+from ._embedding import Embedding, Initializer, default_embedding_init
+from ._indices import OutOfRange
+
+
+class ReversibleEmbedding(eqx.Module):
+    """A token lookup and its reverse projection to logits in one module, as keras_hub's
+    `ReversibleEmbedding`.
+
+    Tied (the default), one table serves both directions and is exactly one leaf of
+    the module: gradients from the lookup and the decode add up in it, and optimisers,
+    serialisation and `jax.tree_util` see it once. Untied, the decode has its own table
+    of the same shape.
+    """
+
+    embedding: Embedding
+    reverse_embedding: Embedding | None
+    logit_soft_cap: float | None = eqx.field(static=True)
+    reverse_dtype: jnp.dtype | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        num_embeddings: int | None = None,
+        embedding_size: int | None = None,
+        weight: Float[Array, "num_embeddings embedding_size"] | None = None,
+        *,
+        tie_weights: bool = True,
+        reverse_weight: Float[Array, "num_embeddings embedding_size"] | None = None,
+        logit_soft_cap: float | None = None,
+        reverse_dtype: DTypeLike | None = None,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        init: Initializer = default_embedding_init,
+        padding_idx: int | None = None,
+        out_of_range: OutOfRange = "nan",
+        key: PRNGKeyArray | None = None,
+    ):
+        """**Arguments:**
+
+        - `num_embeddings`, `embedding_size`, `weight`, `dtype`, `param_dtype`,
+            `init`, `padding_idx`, `out_of_range`, `key`: as for
+            [`Embedding`][eqx_embed.Embedding], for the lookup table.
+        - `tie_weights`: whether the decode uses the lookup table (the default) or a
+            table of its own.
+        - `reverse_weight`: with `tie_weights=False`, the decode table, of the same
+            shape as the lookup's. If omitted, one is drawn with `init` from a key
+            split off `key`.
+        - `logit_soft_cap`: as for [`EmbeddingDecode`][eqx_embed.EmbeddingDecode].
+        - `reverse_dtype`: the compute dtype of the decode (keras' `reverse_dtype`).
+        """
+        if tie_weights and reverse_weight is not None:
+            raise ValueError("reverse_weight is only for tie_weights=False.")
+        reverse_key = None
+        if key is not None:
+            key, reverse_key = jax.random.split(key)
+        self.embedding = Embedding(
+            num_embeddings,
+            embedding_size,
+            weight,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            init=init,
+            padding_idx=padding_idx,
+            out_of_range=out_of_range,
+            key=key,
+        )
+        if tie_weights:
+            self.reverse_embedding = None
+        else:
+            shape = (self.embedding.num_embeddings, self.embedding.embedding_size)
+            if reverse_weight is not None and reverse_weight.shape != shape:
+                raise ValueError(
+                    f"reverse_weight must have the lookup table's shape {shape}, got "
+                    f"{reverse_weight.shape}."
+                )
+            self.reverse_embedding = Embedding(
+                *shape,
+                reverse_weight,
+                param_dtype=param_dtype if reverse_weight is None else None,
+                init=init,
+                key=reverse_key if reverse_weight is None else None,
+            )
+        # Validated by EmbeddingDecode; stored in its normalised form.
+        decoder = EmbeddingDecode(
+            self.embedding, logit_soft_cap=logit_soft_cap, dtype=reverse_dtype
+        )
+        self.logit_soft_cap = decoder.logit_soft_cap
+        self.reverse_dtype = decoder.dtype
+
+    @property
+    def tie_weights(self) -> bool:
+        """Whether lookup and decode share one table."""
+        return self.reverse_embedding is None
+
+    @property
+    def decoder(self) -> EmbeddingDecode:
+        """The decode direction as an [`EmbeddingDecode`][eqx_embed.EmbeddingDecode]
+        over the module's own (tied or untied) table. Built on access, never stored,
+        so tying survives every transformation."""
+        table = self.reverse_embedding
+        if table is None:
+            table = self.embedding
+        return EmbeddingDecode(
+            table, logit_soft_cap=self.logit_soft_cap, dtype=self.reverse_dtype
+        )
+
+    @checked
+    def __call__(
+        self, token: Int[ArrayLike, ""], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " embedding_size"]:
+        """Looks up one token; see [`Embedding.__call__`][eqx_embed.Embedding.__call__].
+
+        **Arguments:**
+
+        - `token`: one token id, a scalar integer. Use `jax.vmap` for many.
+        - `key`: ignored.
+
+        **Returns:**
+
+        The token's row, shape `(embedding_size,)`.
+        """
+        return self.embedding(token)
+
+    @checked
+    def decode(
+        self, hidden: Float[Array, " embedding_size"]
+    ) -> Float[Array, " num_embeddings"]:
+        """Projects one hidden state back to vocabulary logits; see
+        [`EmbeddingDecode.__call__`][eqx_embed.EmbeddingDecode.__call__].
+
+        **Arguments:**
+
+        - `hidden`: one hidden state of width `embedding_size`.
+
+        **Returns:**
+
+        The logits, shape `(num_embeddings,)`.
+        """
+        return self.decoder(hidden)
