@@ -8,5 +8,10 @@ from ._embedding import (
 )
 from ._indices import OutOfRange as OutOfRange
 from ._reversible import ReversibleEmbedding as ReversibleEmbedding
+from ._rope import RotaryPositionalEmbedding as RotaryPositionalEmbedding
+from ._transformer import (
+    TransformerConfig as TransformerConfig,
+    TransformerLM as TransformerLM,
+)
 
 __version__ = "0.1.0"

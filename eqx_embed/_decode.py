@@ -1,10 +1,12 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, DTypeLike, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
 from ._contracts import check_feature_size, checked
+from ._cross_entropy import fused_cross_entropy, fused_log_sum_exp
 from ._embedding import Embedding, decode_logits
+from ._indices import check_indices
 
 
 class EmbeddingDecode(eqx.Module):
@@ -75,4 +77,120 @@ class EmbeddingDecode(eqx.Module):
         )
         return decode_logits(
             self.weight, hidden, dtype=self.dtype, logit_soft_cap=self.logit_soft_cap
+        )
+
+    def _check_hidden_block(self, hidden: Array) -> None:
+        check_feature_size(
+            hidden,
+            self.embedding.embedding_size,
+            name="hidden",
+            owner="table's embedding_size",
+        )
+
+    @jax.named_scope("eqx_embed.EmbeddingDecode.cross_entropy")
+    @checked
+    def cross_entropy(
+        self,
+        hidden: Float[Array, "tokens embedding_size"],
+        targets: Int[ArrayLike, " tokens"],
+        *,
+        where: Bool[ArrayLike, " tokens"] | None = None,
+        z_loss: float = 0.0,
+        block_size: int | None = None,
+    ) -> Float[Array, " tokens"]:
+        """The softmax cross-entropy of the decoded logits against `targets`, per
+        token, without ever materialising the `(tokens, num_embeddings)` logits: the
+        vocabulary is walked in blocks, in the forward and the backward pass (a custom
+        VJP), so that a large vocabulary costs memory of order
+        `tokens * block_size` rather than `tokens * num_embeddings`.
+
+        It equals `logsumexp(logits) - logits[target] + z_loss * logsumexp(logits)**2`
+        with `logits = jax.vmap(self)(hidden)`, with this module's soft cap and
+        compute dtype (low-precision products accumulate in float32, and the loss
+        stays in float32). Gradients flow to `hidden` and to the table.
+
+        Unlike `__call__`, this takes all the tokens at once, since fusing needs the
+        token axis. It works under `jax.vmap` over further batch axes, but each
+        vmapped call then carries its own table gradient in the backward pass: for
+        a large vocabulary, flatten the batch into the token axis instead
+        (`hidden.reshape(-1, embedding_size)`).
+
+        **Arguments:**
+
+        - `hidden`: the hidden states, shape `(tokens, embedding_size)`.
+        - `targets`: the target token ids, shape `(tokens,)`. An id outside
+            `[0, num_embeddings)` (negative ids are not counted from the end, so
+            `-100` is out of range) follows the embedding's `out_of_range` policy:
+            a NaN loss for that token with `"nan"`, an error with `"error"`.
+        - `where`: optional, shape `(tokens,)`: where `False`, the loss is zero and
+            the token gets no gradient. Its target is ignored, even out of range:
+            it gives neither a NaN nor an error.
+        - `z_loss`: the weight of PaLM's auxiliary `logsumexp(logits)**2` term.
+            Non-negative.
+        - `block_size`: the number of vocabulary rows per block. Positive; one
+            larger than the vocabulary means one block. Defaults to 2048, the
+            fastest on CPU in `benchmarks/bench_fused_loss.py`; the temporaries
+            grow with `tokens * block_size` (144 MiB at 8,192 tokens, width 2,048
+            and a float32 128k vocabulary, where the plain loss needs 8 GiB).
+
+        **Returns:**
+
+        The per-token losses, shape `(tokens,)`, float32 (float64 for a float64
+        compute dtype). Reduce them as you like: `losses.sum() / where.sum()`.
+        """
+        self._check_hidden_block(hidden)
+        if not z_loss >= 0:
+            raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
+        targets = jnp.asarray(targets)
+        if where is not None:
+            where = jnp.asarray(where)
+            # Masked-out targets are never looked up, so they may be anything.
+            targets = jnp.where(where, targets, 0)
+        targets = check_indices(
+            targets,
+            size=self.embedding.num_embeddings,
+            out_of_range=self.embedding.out_of_range,
+            name="target",
+            negative_from_end=False,
+        )
+        return fused_cross_entropy(
+            self.weight,
+            hidden,
+            targets,
+            where=where,
+            z_loss=z_loss,
+            dtype=self.dtype,
+            logit_soft_cap=self.logit_soft_cap,
+            block_size=block_size,
+        )
+
+    @jax.named_scope("eqx_embed.EmbeddingDecode.log_sum_exp")
+    @checked
+    def log_sum_exp(
+        self,
+        hidden: Float[Array, "tokens embedding_size"],
+        *,
+        block_size: int | None = None,
+    ) -> Float[Array, " tokens"]:
+        """`logsumexp(jax.vmap(self)(hidden), axis=-1)`, the log of the softmax's
+        normaliser per token, computed blockwise as in
+        [`cross_entropy`][eqx_embed.EmbeddingDecode.cross_entropy] (no
+        `(tokens, num_embeddings)` array, differentiable).
+
+        **Arguments:**
+
+        - `hidden`: the hidden states, shape `(tokens, embedding_size)`.
+        - `block_size`: as for `cross_entropy`.
+
+        **Returns:**
+
+        Shape `(tokens,)`, float32 (float64 for a float64 compute dtype).
+        """
+        self._check_hidden_block(hidden)
+        return fused_log_sum_exp(
+            self.weight,
+            hidden,
+            dtype=self.dtype,
+            logit_soft_cap=self.logit_soft_cap,
+            block_size=block_size,
         )

@@ -4,20 +4,50 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArray
+import numpy as np
+from jaxtyping import (
+    Array,
+    ArrayLike,
+    Bool,
+    DTypeLike,
+    Float,
+    Integer,
+    PRNGKeyArray,
+)
 
 from ._contracts import check_feature_size, checked
 from ._indices import OutOfRange, check_indices, check_policy, gather_rows
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
 
-default_embedding_init: Initializer = jax.nn.initializers.normal(stddev=1.0)
-"""The default table initialiser: a standard normal, exactly as
-`equinox.nn.Embedding` draws it, so that swapping one for the other with the same key
-gives the same table. For a table that is also the output projection (tied decoding),
-`jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)` (flax's
-default, standard deviation `1/sqrt(embedding_size)`) keeps the initial logits of
-order one."""
+# One token id. Not `Integer[ArrayLike, ""]`: that admits every NumPy scalar, floats
+# included, unchecked.
+TokenId = Integer[Array, ""] | Integer[np.ndarray, ""] | np.integer | int
+
+
+# A function rather than `jax.nn.initializers.normal(stddev=1.0)` (same draws), so that
+# it has a docstring of its own in the API docs.
+def default_embedding_init(
+    key: PRNGKeyArray, shape: tuple[int, ...], dtype: Any = jnp.float32
+) -> Array:
+    """The default table initialiser: a standard normal, exactly as
+    `equinox.nn.Embedding` draws it, so that swapping one for the other with the same
+    key gives the same table. For a table that is also the output projection (tied
+    decoding), `jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal",
+    out_axis=0)` (flax's default, standard deviation `1/sqrt(embedding_size)`) keeps
+    the initial logits of order one.
+
+    **Arguments:**
+
+    - `key`: a `jax.random.PRNGKey`.
+    - `shape`: the table's shape, `(num_embeddings, embedding_size)`.
+    - `dtype`: the table's dtype.
+
+    **Returns:**
+
+    An array of standard normal draws.
+    """
+    return jax.random.normal(key, shape, dtype)
 
 
 def _canonical_dtype(dtype: DTypeLike | None) -> jnp.dtype | None:
@@ -172,14 +202,14 @@ class Embedding(eqx.Module):
         self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
         self.out_of_range = out_of_range
 
-    def _is_padding(self, token: Int[ArrayLike, "*shape"]) -> Bool[Array, "*shape"]:
+    def _is_padding(self, token: Integer[ArrayLike, "*shape"]) -> Bool[Array, "*shape"]:
         index = self.padding_idx
         return (token == index) | (token == index - self.num_embeddings)
 
     @jax.named_scope("eqx_embed.Embedding")
     @checked
     def __call__(
-        self, token: Int[ArrayLike, ""], *, key: PRNGKeyArray | None = None
+        self, token: TokenId, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " embedding_size"]:
         """**Arguments:**
 
@@ -229,7 +259,7 @@ class Embedding(eqx.Module):
         return decode_logits(self.weight, query, dtype=self.dtype)
 
     @checked
-    def mask(self, tokens: Int[ArrayLike, "*shape"]) -> Bool[Array, "*shape"]:
+    def mask(self, tokens: Integer[ArrayLike, "*shape"]) -> Bool[Array, "*shape"]:
         """Keras' `mask_zero`: `True` where a token is real, `False` at `padding_idx`.
 
         **Arguments:**

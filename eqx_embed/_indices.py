@@ -40,7 +40,7 @@ def valid_range(size: int, *, negative_from_end: bool) -> tuple[int, int]:
 
 
 def _raise_on_bad_index(
-    indices: np.ndarray, *, size: int, name: str, negative_from_end: bool
+    indices: ArrayLike, *, size: int, name: str, negative_from_end: bool
 ) -> np.ndarray:
     indices = np.asarray(indices)
     low, high = valid_range(size, negative_from_end=negative_from_end)

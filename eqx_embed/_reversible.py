@@ -1,11 +1,19 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, DTypeLike, Float, Int, PRNGKeyArray
+from jaxtyping import (
+    Array,
+    ArrayLike,
+    Bool,
+    DTypeLike,
+    Float,
+    Int,
+    PRNGKeyArray,
+)
 
 from ._contracts import checked
 from ._decode import EmbeddingDecode
-from ._embedding import Embedding, Initializer, default_embedding_init
+from ._embedding import Embedding, Initializer, TokenId, default_embedding_init
 from ._indices import OutOfRange
 
 
@@ -79,10 +87,19 @@ class ReversibleEmbedding(eqx.Module):
                     f"reverse_weight must have the lookup table's shape {shape}, got "
                     f"{reverse_weight.shape}."
                 )
+            if reverse_weight is None and reverse_key is None:
+                raise ValueError(
+                    "tie_weights=False needs either `reverse_weight=...` or a `key` "
+                    "to draw the decode table with."
+                )
+            # A drawn decode table takes the lookup table's dtype; a given one is
+            # cast by `param_dtype` as the lookup table is.
+            if reverse_weight is None:
+                param_dtype = self.embedding.weight.dtype
             self.reverse_embedding = Embedding(
                 *shape,
                 reverse_weight,
-                param_dtype=param_dtype if reverse_weight is None else None,
+                param_dtype=param_dtype,
                 init=init,
                 key=reverse_key if reverse_weight is None else None,
             )
@@ -112,7 +129,7 @@ class ReversibleEmbedding(eqx.Module):
 
     @checked
     def __call__(
-        self, token: Int[ArrayLike, ""], *, key: PRNGKeyArray | None = None
+        self, token: TokenId, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " embedding_size"]:
         """Looks up one token; see [`Embedding.__call__`][eqx_embed.Embedding.__call__].
 
@@ -143,3 +160,54 @@ class ReversibleEmbedding(eqx.Module):
         The logits, shape `(num_embeddings,)`.
         """
         return self.decoder(hidden)
+
+    @checked
+    def cross_entropy(
+        self,
+        hidden: Float[Array, "tokens embedding_size"],
+        targets: Int[ArrayLike, " tokens"],
+        *,
+        where: Bool[ArrayLike, " tokens"] | None = None,
+        z_loss: float = 0.0,
+        block_size: int | None = None,
+    ) -> Float[Array, " tokens"]:
+        """The per-token cross-entropy of the decoded logits against `targets`,
+        without materialising the logits; see
+        [`EmbeddingDecode.cross_entropy`][eqx_embed.EmbeddingDecode.cross_entropy].
+        Tied, the gradients from the decode reach the lookup table.
+
+        **Arguments:**
+
+        - `hidden`: the hidden states, shape `(tokens, embedding_size)`.
+        - `targets`: the target token ids, shape `(tokens,)`, checked with the
+            lookup embedding's `out_of_range` policy.
+        - `where`, `z_loss`, `block_size`: as for `EmbeddingDecode.cross_entropy`.
+
+        **Returns:**
+
+        The per-token losses, shape `(tokens,)`.
+        """
+        return self.decoder.cross_entropy(
+            hidden, targets, where=where, z_loss=z_loss, block_size=block_size
+        )
+
+    @checked
+    def log_sum_exp(
+        self,
+        hidden: Float[Array, "tokens embedding_size"],
+        *,
+        block_size: int | None = None,
+    ) -> Float[Array, " tokens"]:
+        """The per-token log-sum-exp of the decoded logits, blockwise; see
+        [`EmbeddingDecode.log_sum_exp`][eqx_embed.EmbeddingDecode.log_sum_exp].
+
+        **Arguments:**
+
+        - `hidden`: the hidden states, shape `(tokens, embedding_size)`.
+        - `block_size`: as for `EmbeddingDecode.cross_entropy`.
+
+        **Returns:**
+
+        Shape `(tokens,)`.
+        """
+        return self.decoder.log_sum_exp(hidden, block_size=block_size)

@@ -1,0 +1,193 @@
+"""One decoder layer: attention and MLP, each behind a norm, with residual
+connections in the family's layout.
+
+```
+pre-norm (Llama, Mistral, Qwen2, Gemma)     x = x + attention(norm(x))
+                                            x = x + mlp(norm(x))
+sandwich (Gemma 2)                          x = x + norm(attention(norm(x)))
+                                            x = x + norm(mlp(norm(x)))
+parallel (GPT-NeoX)                         x = x + attention(norm(x)) + mlp(norm(x))
+```
+"""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._attention import Attention
+from ._config import ACTIVATIONS, TransformerConfig
+from ._contracts import checked
+from ._linear import Linear
+from ._norms import LayerNorm, RMSNorm
+from ._rope import RotaryPositionalEmbedding
+
+Norm = RMSNorm | LayerNorm
+
+
+def make_norm(config: TransformerConfig) -> Norm:
+    """The family's norm over `hidden_size`, as a new (identity) module."""
+    dtypes = dict(
+        dtype=jnp.dtype(config.activation_dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+    )
+    if config.traits.norm == "layer":
+        return LayerNorm(config.hidden_size, eps=config.norm_eps, **dtypes)
+    return RMSNorm(
+        config.hidden_size,
+        eps=config.norm_eps,
+        unit_offset=config.traits.norm == "rms_unit_offset",
+        **dtypes,
+    )
+
+
+class MLP(eqx.Module):
+    """The feed-forward network: `down(act(gate(x)) * up(x))` when gated (SwiGLU,
+    GeGLU), `down(act(up(x)))` otherwise."""
+
+    gate: Linear | None
+    up: Linear
+    down: Linear
+    activation: str = eqx.field(static=True)
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        gated: bool,
+        activation: str,
+        use_bias: bool,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `hidden_size`, `intermediate_size`: the outer and inner widths.
+        - `gated`: whether the activation multiplies a second projection.
+        - `activation`: a key of `ACTIVATIONS` (a Hugging Face `hidden_act` name).
+        - `use_bias`: biases on every projection.
+        - `dtype`, `param_dtype`: compute and weight dtypes.
+        - `key`: a `jax.random.PRNGKey`.
+        """
+        gate_key, up_key, down_key = jax.random.split(key, 3)
+        common: dict[str, Any] = dict(
+            use_bias=use_bias, dtype=dtype, param_dtype=param_dtype
+        )
+        self.gate = (
+            Linear(hidden_size, intermediate_size, key=gate_key, **common)
+            if gated
+            else None
+        )
+        self.up = Linear(hidden_size, intermediate_size, key=up_key, **common)
+        self.down = Linear(intermediate_size, hidden_size, key=down_key, **common)
+        self.activation = activation
+
+    @jax.named_scope("eqx_embed.MLP")
+    @checked
+    def __call__(
+        self, x: Float[Array, "*batch hidden_size"]
+    ) -> Float[Array, "*batch hidden_size"]:
+        """**Arguments:**
+
+        - `x`: the (normalised) hidden states.
+
+        **Returns:**
+
+        The MLP's output, of the same shape.
+        """
+        activation = ACTIVATIONS[self.activation]
+        if self.gate is None:
+            inner = activation(self.up(x))
+        else:
+            inner = activation(self.gate(x)) * self.up(x)
+        return self.down(inner)
+
+
+class DecoderBlock(eqx.Module):
+    """One decoder layer (see the module's diagram). `TransformerLM` stacks them along
+    a leading layer axis and scans over it."""
+
+    attention_norm: Norm
+    attention: Attention
+    attention_output_norm: Norm | None
+    mlp_norm: Norm
+    mlp: MLP
+    mlp_output_norm: Norm | None
+    parallel_residual: bool = eqx.field(static=True)
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+        """**Arguments:**
+
+        - `config`: the model's [`TransformerConfig`][eqx_embed.TransformerConfig].
+        - `key`: a `jax.random.PRNGKey`.
+        """
+        attention_key, mlp_key = jax.random.split(key)
+        dtypes = dict(
+            dtype=jnp.dtype(config.activation_dtype),
+            param_dtype=jnp.dtype(config.param_dtype),
+        )
+        sandwich = config.traits.sandwich_norms
+        scalar = config.query_pre_attn_scalar or config.head_dim
+        self.attention_norm = make_norm(config)
+        self.attention = Attention(
+            config.hidden_size,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            scale=float(scalar) ** -0.5,
+            logit_soft_cap=config.attention_logit_soft_cap,
+            qkv_bias=config.attention_bias,
+            output_bias=config.attention_output_bias,
+            key=attention_key,
+            **dtypes,
+        )
+        self.attention_output_norm = make_norm(config) if sandwich else None
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(
+            config.hidden_size,
+            config.intermediate_size,
+            gated=config.traits.gated_mlp,
+            activation=config.hidden_act,
+            use_bias=config.mlp_bias,
+            key=mlp_key,
+            **dtypes,
+        )
+        self.mlp_output_norm = make_norm(config) if sandwich else None
+        self.parallel_residual = config.parallel_residual
+
+    @jax.named_scope("eqx_embed.DecoderBlock")
+    @checked
+    def __call__(
+        self,
+        x: Float[Array, "seq hidden_size"],
+        *,
+        positions: Int[Array, " seq"] | None,
+        window: Int[Array, ""],
+        rope: RotaryPositionalEmbedding,
+    ) -> Float[Array, "seq hidden_size"]:
+        """**Arguments:**
+
+        - `x`: the hidden states of one sequence.
+        - `positions`, `window`, `rope`: as for
+            [`Attention`][eqx_embed._attention.Attention].
+
+        **Returns:**
+
+        The hidden states after this layer.
+        """
+        attended = self.attention(
+            self.attention_norm(x), positions=positions, window=window, rope=rope
+        )
+        if self.attention_output_norm is not None:
+            attended = self.attention_output_norm(attended)
+        if self.parallel_residual:
+            return x + attended + self.mlp(self.mlp_norm(x))
+        x = x + attended
+        transformed = self.mlp(self.mlp_norm(x))
+        if self.mlp_output_norm is not None:
+            transformed = self.mlp_output_norm(transformed)
+        return x + transformed

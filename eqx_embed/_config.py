@@ -1,0 +1,379 @@
+"""The static description of a decoder-only transformer: `TransformerConfig`."""
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from ._indices import OutOfRange, check_policy
+
+Family = Literal["llama", "mistral", "qwen2", "gemma", "gemma2", "gpt_neox"]
+"""The architectures `TransformerLM` implements, by their Hugging Face `model_type`."""
+
+FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gpt_neox")
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+"""The MLP activations understood, by their Hugging Face `hidden_act` names."""
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class _FamilyTraits:
+    """What a family fixes, and the defaults of what it lets vary."""
+
+    norm: Literal["rms", "rms_unit_offset", "layer"]
+    gated_mlp: bool
+    scale_embeddings: bool  # by sqrt(hidden_size), Gemma's normaliser
+    sandwich_norms: bool  # norms on the attention and MLP outputs too (Gemma 2)
+    norm_eps: float
+    hidden_act: str
+    attention_bias: bool
+    attention_output_bias: bool
+    mlp_bias: bool
+    parallel_residual: bool
+    partial_rotary_factor: float
+
+
+_LLAMA = _FamilyTraits(
+    norm="rms",
+    gated_mlp=True,
+    scale_embeddings=False,
+    sandwich_norms=False,
+    norm_eps=1e-6,
+    hidden_act="silu",
+    attention_bias=False,
+    attention_output_bias=False,
+    mlp_bias=False,
+    parallel_residual=False,
+    partial_rotary_factor=1.0,
+)
+_GEMMA = dataclasses.replace(
+    _LLAMA,
+    norm="rms_unit_offset",
+    scale_embeddings=True,
+    hidden_act="gelu_pytorch_tanh",
+)
+FAMILY_TRAITS: dict[str, _FamilyTraits] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": dataclasses.replace(_LLAMA, attention_bias=True),
+    "gemma": _GEMMA,
+    "gemma2": dataclasses.replace(_GEMMA, sandwich_norms=True),
+    "gpt_neox": _FamilyTraits(
+        norm="layer",
+        gated_mlp=False,
+        scale_embeddings=False,
+        sandwich_norms=False,
+        norm_eps=1e-5,
+        hidden_act="gelu",
+        attention_bias=True,
+        attention_output_bias=True,
+        mlp_bias=True,
+        parallel_residual=True,
+        partial_rotary_factor=0.25,
+    ),
+}
+
+
+class FrozenMapping(Mapping):
+    """A read-only, hashable dict of JSON values (lists are kept as tuples), so that a
+    config holding one can be a static field."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self._values = {
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in values.items()
+        }
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._values.items())))
+
+    def __repr__(self) -> str:
+        return repr(self._values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-able dict."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in self._values.items()
+        }
+
+
+def _require_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}.")
+
+
+def _require_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _floating_dtype(name: str, value: str) -> jnp.dtype:
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if (
+        not isinstance(value, str)
+        or dtype is None
+        or not jnp.issubdtype(dtype, jnp.floating)
+    ):
+        raise ValueError(
+            f"{name} must name a floating dtype, such as 'float32' or 'bfloat16', "
+            f"got {value!r}."
+        )
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Everything about a [`TransformerLM`][eqx_embed.TransformerLM] that is not a
+    weight: a frozen, hashable dataclass (the model keeps it as a static field), with
+    plain JSON-able values (`to_dict` / `from_dict`).
+
+    **Fields:**
+
+    - `family`: `"llama"`, `"mistral"`, `"qwen2"`, `"gemma"`, `"gemma2"` or
+        `"gpt_neox"` (Hugging Face's `model_type`). It fixes the structure: RMSNorm
+        (Gemma's with `1 + scale`) or LayerNorm with bias (GPT-NeoX), a gated MLP
+        (GeGLU / SwiGLU) or a plain one (GPT-NeoX), Gemma's embeddings scaled by
+        `sqrt(hidden_size)`, Gemma 2's norms on the attention and MLP outputs.
+    - `vocab_size`, `hidden_size`, `intermediate_size` (the MLP's width),
+        `num_layers`, `num_heads`: positive integers.
+    - `num_kv_heads`: key/value heads for grouped-query attention, dividing
+        `num_heads`. `None`: `num_heads`.
+    - `head_dim`: `None`: `hidden_size // num_heads`.
+    - `max_position_embeddings`: the longest sequence and largest position the model
+        takes (the size of its RoPE tables).
+    - `rope_theta`, `rope_scaling`: the RoPE base and Hugging Face's scaling dict
+        (`rope_type` `"linear"`, `"llama3"`, `"yarn"`, ...), as
+        [`RotaryPositionalEmbedding`][eqx_embed.RotaryPositionalEmbedding] takes them.
+    - `partial_rotary_factor`: the fraction of each head rotated (GPT-NeoX's
+        `rotary_pct`).
+    - `tie_word_embeddings`: whether the decode uses the embedding table.
+    - `activation_dtype`, `param_dtype`: dtype names (`"float32"`, `"bfloat16"`, ...)
+        of the activations and of the weights. Low-precision matmuls accumulate in
+        float32; norms, softmax and soft caps run in float32.
+    - `norm_eps`: the epsilon of every norm.
+    - `hidden_act`: the MLP activation, a Hugging Face `hidden_act` name: `"silu"`,
+        `"gelu"` (exact), `"gelu_pytorch_tanh"` / `"gelu_new"` (tanh approximation) or
+        `"relu"`.
+    - `attention_bias`: biases on the query, key and value projections (Qwen2).
+    - `attention_output_bias`: a bias on the attention output projection.
+    - `mlp_bias`: biases in the MLP.
+    - `sliding_window`: the number of most recent tokens (the current one included)
+        that a sliding-window layer attends to.
+    - `layer_types`: per layer, `"full_attention"` or `"sliding_attention"`. `None`:
+        every layer slides if `sliding_window` is set (Mistral), except for Gemma 2,
+        whose even-numbered layers slide and odd-numbered ones attend fully.
+    - `attention_logit_soft_cap`, `final_logit_soft_cap`: Gemma 2's `tanh` caps on the
+        attention scores and on the output logits. `None`: no cap.
+    - `query_pre_attn_scalar`: attention scores are scaled by
+        `query_pre_attn_scalar ** -0.5`. `None`: `head_dim` (the usual scaling).
+    - `parallel_residual`: GPT-NeoX's `x + attention(norm(x)) + mlp(norm'(x))`
+        instead of two residual steps in sequence.
+    - `out_of_range`: the policy for token ids outside the vocabulary and positions
+        outside the RoPE tables: `"nan"` or `"error"`, as for
+        [`Embedding`][eqx_embed.Embedding].
+
+    The `None` defaults of `norm_eps`, `hidden_act`, the biases,
+    `parallel_residual` and `partial_rotary_factor` take the family's value; the
+    stored config holds the resolved value.
+    """
+
+    family: Family
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rope_theta: float | int = 10_000.0
+    rope_scaling: Mapping[str, Any] | None = None
+    partial_rotary_factor: float | int | None = None
+    tie_word_embeddings: bool = True
+    activation_dtype: str = "float32"
+    param_dtype: str = "float32"
+    norm_eps: float | int | None = None
+    hidden_act: str | None = None
+    attention_bias: bool | None = None
+    attention_output_bias: bool | None = None
+    mlp_bias: bool | None = None
+    sliding_window: int | None = None
+    layer_types: Sequence[str] | None = None
+    attention_logit_soft_cap: float | int | None = None
+    final_logit_soft_cap: float | int | None = None
+    query_pre_attn_scalar: float | int | None = None
+    parallel_residual: bool | None = None
+    out_of_range: OutOfRange = "nan"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}.")
+        traits = FAMILY_TRAITS[self.family]
+
+        def resolve(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        for name in ("norm_eps", "hidden_act", "partial_rotary_factor"):
+            if getattr(self, name) is None:
+                resolve(name, getattr(traits, name))
+        for name in (
+            "attention_bias",
+            "attention_output_bias",
+            "mlp_bias",
+            "parallel_residual",
+        ):
+            if getattr(self, name) is None:
+                resolve(name, getattr(traits, name))
+        if self.num_kv_heads is None:
+            resolve("num_kv_heads", self.num_heads)
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_position_embeddings",
+        ):
+            _require_positive_int(name, getattr(self, name))
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of num_heads "
+                    f"({self.num_heads}) when head_dim is not given."
+                )
+            resolve("head_dim", self.hidden_size // self.num_heads)
+        _require_positive_int("head_dim", self.head_dim)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})."
+            )
+        _require_positive("rope_theta", self.rope_theta)
+        _require_positive("norm_eps", self.norm_eps)
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError(
+                "partial_rotary_factor must be in (0, 1], got "
+                f"{self.partial_rotary_factor!r}."
+            )
+        if self.rotary_dim % 2 or self.rotary_dim == 0:
+            raise ValueError(
+                f"head_dim * partial_rotary_factor = {self.head_dim} * "
+                f"{self.partial_rotary_factor} gives a rotary width of "
+                f"{self.rotary_dim}, which must be even and positive."
+            )
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, Mapping):
+                raise ValueError(
+                    "rope_scaling must be None or a dict such as Hugging Face's "
+                    f"rope_scaling, got {self.rope_scaling!r}."
+                )
+            resolve("rope_scaling", FrozenMapping(self.rope_scaling))
+        _floating_dtype("activation_dtype", self.activation_dtype)
+        _floating_dtype("param_dtype", self.param_dtype)
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act must be one of {tuple(ACTIVATIONS)}, got "
+                f"{self.hidden_act!r}."
+            )
+        if self.parallel_residual and self.family != "gpt_neox":
+            raise ValueError(
+                "parallel_residual=True is GPT-NeoX's layout; family "
+                f"{self.family!r} does not have it."
+            )
+        for name in (
+            "sliding_window",
+            "attention_logit_soft_cap",
+            "final_logit_soft_cap",
+            "query_pre_attn_scalar",
+        ):
+            if getattr(self, name) is not None:
+                _require_positive(name, getattr(self, name))
+        if self.sliding_window is not None:
+            _require_positive_int("sliding_window", self.sliding_window)
+        if self.layer_types is not None:
+            resolve("layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.num_layers or not set(
+                self.layer_types
+            ) <= set(LAYER_TYPES):
+                raise ValueError(
+                    f"layer_types must list {self.num_layers} (num_layers) values, "
+                    f"each one of {LAYER_TYPES}; got {self.layer_types!r}."
+                )
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError(
+                    "layer_types has sliding_attention layers but sliding_window is "
+                    "None."
+                )
+        check_policy(self.out_of_range)
+
+    @property
+    def traits(self) -> _FamilyTraits:
+        """What the family fixes about the structure."""
+        return FAMILY_TRAITS[self.family]
+
+    @property
+    def rotary_dim(self) -> int:
+        """The number of dimensions of each head that RoPE rotates."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per layer, its sliding window, or `None` for full attention."""
+        if self.layer_types is not None:
+            types = self.layer_types
+        elif self.sliding_window is None:
+            types = ("full_attention",) * self.num_layers
+        elif self.family == "gemma2":
+            types = tuple(LAYER_TYPES[1 - i % 2] for i in range(self.num_layers))
+        else:
+            types = ("sliding_attention",) * self.num_layers
+        return tuple(
+            self.sliding_window if kind == "sliding_attention" else None
+            for kind in types
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-able dict, which `from_dict` turns back into it."""
+        values = dataclasses.asdict(self)
+        if self.rope_scaling is not None:
+            values["rope_scaling"] = self.rope_scaling.to_dict()
+        if self.layer_types is not None:
+            values["layer_types"] = list(self.layer_types)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TransformerConfig":
+        """The inverse of `to_dict`. Unknown keys raise a `ValueError` naming them."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(
+                f"Unknown TransformerConfig keys {sorted(unknown)}; accepted: "
+                f"{sorted(names)}."
+            )
+        return cls(**values)

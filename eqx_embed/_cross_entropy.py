@@ -1,0 +1,247 @@
+"""Cross-entropy against a decode table without materialising the logits.
+
+The plain loss builds the `(tokens, vocabulary)` logits, and its gradient builds
+another array of that size: at 8,192 tokens and a 128k vocabulary that is several GiB.
+Here the vocabulary is walked in blocks of `block_size` rows, and only one
+`(tokens, block_size)` block of logits exists at a time:
+
+- forward: one pass keeps a running log-sum-exp per token (`logaddexp` of the blocks'
+  log-sum-exps) and picks out the target logits. The only residual is the
+  log-sum-exp, one number per token.
+- backward: a second pass recomputes each block of logits, turns it into the gradient
+  with respect to the logits (`softmax * d_lse + one_hot * d_target`, times the soft
+  cap's derivative `1 - tanh^2`), and contracts it at once with the table rows (into
+  the hidden states' gradient, accumulated across blocks) and with the hidden states
+  (into that block's rows of the table's gradient, written once).
+
+That is four matmuls, one more than the plain loss. Computing the gradients during the
+forward pass instead (Liger's scheme) does not save it over the vocabulary: the
+softmax needs the final log-sum-exp, so the forward pass still needs two passes over
+the vocabulary, and its table gradient would be stored at the size of the table and
+be right only for a cotangent that is the same for every token (a mean or a sum), not
+for per-token losses weighted by the caller. The fourth matmul is paid back by never
+writing or reading the two logit-sized arrays.
+
+A vocabulary that is not a multiple of the block is not padded (padding would copy
+the table): the last block starts at `vocabulary - block_size` instead and the columns
+it shares with the block before are masked out of the log-sum-exp and the gradient.
+
+Known limit: XLA:CPU has no bfloat16 data movement. It rewrites the slicing of a
+bfloat16 table inside the loop as slicing a float32 copy of the whole table, and
+hoists that copy out of the loop, so on CPU a bfloat16 table costs table-sized
+temporaries (still several times less than the plain loss; float32 tables do not
+have them). Backends with native bfloat16 (GPU, TPU) slice the table as it is.
+"""
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int
+
+from ._embedding import is_low_precision
+
+DEFAULT_BLOCK_SIZE = 2048
+"""The default number of vocabulary rows per block."""
+
+
+class _Blocking(NamedTuple):
+    """The static configuration of one fused computation (hashable, for `jit`)."""
+
+    block_size: int
+    compute_dtype: jnp.dtype
+    accumulate_dtype: jnp.dtype
+    logit_soft_cap: float | None
+
+
+def _contract(
+    left: Array, right: Array, left_axis: int, right_axis: int, blocking: _Blocking
+) -> Array:
+    # A dot_general rather than a matmul of a transpose, which XLA:CPU would copy.
+    return lax.dot_general(
+        left,
+        right,
+        (((left_axis,), (right_axis,)), ((), ())),
+        preferred_element_type=blocking.accumulate_dtype,
+    )
+
+
+class _Block(NamedTuple):
+    rows: Array  # (block_size, embedding_size), the compute dtype
+    logits: Array  # (tokens, block_size), soft-capped, the accumulation dtype
+    cap_slope: Array | None  # d capped / d raw logits, when soft-capped
+    columns: Array  # (block_size,), vocabulary index of each column
+    is_new: Array  # (block_size,), False for columns an earlier block covered
+    first_new: Array  # the first vocabulary index this block adds
+
+
+def _block(table: Array, hidden: Array, index: Array, blocking: _Blocking) -> _Block:
+    size = blocking.block_size
+    first_new = index * size
+    # The last block is shifted back to end at the last row rather than padded.
+    start = jnp.minimum(first_new, table.shape[0] - size)
+    rows = lax.dynamic_slice_in_dim(table, start, size).astype(blocking.compute_dtype)
+    logits = _contract(hidden, rows, 1, 1, blocking)
+    cap_slope = None
+    if blocking.logit_soft_cap is not None:
+        squashed = jnp.tanh(logits / blocking.logit_soft_cap)
+        logits = blocking.logit_soft_cap * squashed
+        cap_slope = 1 - squashed**2
+    columns = start + jnp.arange(size)
+    return _Block(rows, logits, cap_slope, columns, columns >= first_new, first_new)
+
+
+def _num_blocks(table: Array, blocking: _Blocking) -> int:
+    return -(-table.shape[0] // blocking.block_size)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lse_and_target_logit(
+    table: Array, hidden: Array, targets: Array, blocking: _Blocking
+) -> tuple[Array, Array]:
+    hidden = hidden.astype(blocking.compute_dtype)
+    tokens = hidden.shape[0]
+
+    def step(carry, index):
+        lse, target_logit = carry
+        block = _block(table, hidden, index, blocking)
+        masked = jnp.where(block.is_new, block.logits, -jnp.inf)
+        lse = jnp.logaddexp(lse, jax.nn.logsumexp(masked, axis=1))
+        start = block.columns[0]
+        in_block = (targets >= block.first_new) & (targets < start + len(block.columns))
+        local = jnp.clip(targets - start, 0, len(block.columns) - 1)
+        picked = jnp.take_along_axis(block.logits, local[:, None], axis=1)[:, 0]
+        return (lse, target_logit + jnp.where(in_block, picked, 0)), None
+
+    dtype = blocking.accumulate_dtype
+    initial = (jnp.full(tokens, -jnp.inf, dtype), jnp.zeros(tokens, dtype))
+    (lse, target_logit), _ = lax.scan(
+        step, initial, jnp.arange(_num_blocks(table, blocking))
+    )
+    in_range = (targets >= 0) & (targets < table.shape[0])
+    return lse, jnp.where(in_range, target_logit, jnp.nan)
+
+
+def _lse_and_target_logit_fwd(table, hidden, targets, blocking):
+    lse, target_logit = _lse_and_target_logit(table, hidden, targets, blocking)
+    return (lse, target_logit), (table, hidden, targets, lse)
+
+
+def _lse_and_target_logit_bwd(blocking, residuals, cotangents):
+    table, hidden, targets, lse = residuals
+    d_lse, d_target_logit = cotangents
+    hidden_compute = hidden.astype(blocking.compute_dtype)
+
+    def step(carry, index):
+        d_hidden, d_table = carry
+        block = _block(table, hidden_compute, index, blocking)
+        softmax = jnp.where(block.is_new, jnp.exp(block.logits - lse[:, None]), 0)
+        is_target = block.is_new & (block.columns == targets[:, None])
+        d_logits = softmax * d_lse[:, None] + jnp.where(
+            is_target, d_target_logit[:, None], 0
+        )
+        if block.cap_slope is not None:
+            d_logits = d_logits * block.cap_slope
+        d_logits = d_logits.astype(blocking.compute_dtype)
+        d_hidden = d_hidden + _contract(d_logits, block.rows, 1, 0, blocking)
+        d_rows = _contract(d_logits, hidden_compute, 0, 0, blocking)
+        d_rows = d_rows.astype(table.dtype)
+        # Columns shared with the block before keep the rows that block wrote.
+        start = block.columns[0]
+        written = lax.dynamic_slice_in_dim(d_table, start, blocking.block_size)
+        d_rows = jnp.where(block.is_new[:, None], d_rows, written)
+        d_table = lax.dynamic_update_slice_in_dim(d_table, d_rows, start, 0)
+        return (d_hidden, d_table), None
+
+    initial = (
+        jnp.zeros(hidden.shape, blocking.accumulate_dtype),
+        jnp.zeros_like(table),
+    )
+    (d_hidden, d_table), _ = lax.scan(
+        step, initial, jnp.arange(_num_blocks(table, blocking))
+    )
+    return d_table, d_hidden.astype(hidden.dtype), None
+
+
+_lse_and_target_logit.defvjp(_lse_and_target_logit_fwd, _lse_and_target_logit_bwd)
+
+
+def _blocking(
+    table: Array,
+    hidden: Array,
+    *,
+    dtype: jnp.dtype | None,
+    logit_soft_cap: float | None,
+    block_size: int | None,
+) -> _Blocking:
+    if block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}.")
+    compute = jnp.result_type(table, hidden) if dtype is None else jnp.dtype(dtype)
+    accumulate = jnp.dtype(jnp.float32) if is_low_precision(compute) else compute
+    return _Blocking(
+        min(block_size, table.shape[0]), compute, accumulate, logit_soft_cap
+    )
+
+
+def fused_log_sum_exp(
+    table: Float[Array, "num_embeddings embedding_size"],
+    hidden: Float[Array, "tokens embedding_size"],
+    *,
+    dtype: jnp.dtype | None,
+    logit_soft_cap: float | None,
+    block_size: int | None,
+) -> Float[Array, " tokens"]:
+    """`logsumexp(decode_logits(table, hidden, ...), axis=-1)`, blockwise.
+
+    Accumulated in float32 for a low-precision compute `dtype` (`None`: the promoted
+    dtype of `table` and `hidden`), and returned in that accumulation dtype.
+    """
+    blocking = _blocking(
+        table,
+        hidden,
+        dtype=dtype,
+        logit_soft_cap=logit_soft_cap,
+        block_size=block_size,
+    )
+    no_targets = jnp.zeros(hidden.shape[0], jnp.int32)
+    lse, _ = _lse_and_target_logit(table, hidden, no_targets, blocking)
+    return lse
+
+
+def fused_cross_entropy(
+    table: Float[Array, "num_embeddings embedding_size"],
+    hidden: Float[Array, "tokens embedding_size"],
+    targets: Int[Array, " tokens"],
+    *,
+    where: Bool[Array, " tokens"] | None,
+    z_loss: float,
+    dtype: jnp.dtype | None,
+    logit_soft_cap: float | None,
+    block_size: int | None,
+) -> Float[Array, " tokens"]:
+    """Per-token `lse - logit[target] + z_loss * lse**2`, zero where `where` is False.
+
+    `targets` must already have been checked against the caller's out-of-range
+    policy; one outside `[0, num_embeddings)` gives a NaN loss. Dtypes as
+    [`fused_log_sum_exp`][].
+    """
+    blocking = _blocking(
+        table,
+        hidden,
+        dtype=dtype,
+        logit_soft_cap=logit_soft_cap,
+        block_size=block_size,
+    )
+    lse, target_logit = _lse_and_target_logit(table, hidden, targets, blocking)
+    losses = lse - target_logit
+    if z_loss:
+        losses = losses + z_loss * lse**2
+    if where is not None:
+        losses = jnp.where(where, losses, 0)
+    return losses

@@ -1,0 +1,62 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._contracts import checked
+from ._embedding import decode_logits
+
+_lecun_normal = jax.nn.initializers.variance_scaling(
+    1.0, "fan_in", "normal", in_axis=1, out_axis=0
+)
+
+
+class Linear(eqx.Module):
+    """An affine map over the last axis, `x @ weight.T + bias`, with the weight stored
+    as `(out_features, in_features)` like `equinox.nn.Linear` and PyTorch, and a
+    compute dtype separate from the weight's (low-precision products accumulate in
+    float32)."""
+
+    weight: Float[Array, "out_features in_features"]
+    bias: Float[Array, " out_features"] | None
+    dtype: jnp.dtype = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `in_features`, `out_features`: the widths of the input and output.
+        - `use_bias`: whether to add a bias (which starts at zero).
+        - `dtype`: the compute dtype.
+        - `param_dtype`: the dtype of the weight, drawn from a normal of standard
+            deviation `1 / sqrt(in_features)`.
+        - `key`: a `jax.random.PRNGKey` for the weight.
+        """
+        self.weight = _lecun_normal(key, (out_features, in_features), param_dtype)
+        self.bias = jnp.zeros((out_features,), param_dtype) if use_bias else None
+        self.dtype = dtype
+
+    @checked
+    def __call__(
+        self, x: Float[Array, "*batch in_features"]
+    ) -> Float[Array, "*batch out_features"]:
+        """**Arguments:**
+
+        - `x`: inputs whose last axis has width `in_features`.
+
+        **Returns:**
+
+        `x @ weight.T + bias` in the compute dtype.
+        """
+        output = decode_logits(self.weight, x, dtype=self.dtype)
+        if self.bias is not None:
+            output = output + self.bias.astype(self.dtype)
+        return output

@@ -1,0 +1,280 @@
+from collections.abc import Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, DTypeLike, Float, Int, PRNGKeyArray, UInt
+
+from ._contracts import check_feature_size, checked
+from ._embedding import is_low_precision
+from ._indices import OutOfRange, check_indices, check_policy, gather_rows
+from ._rope_scaling import inverse_frequencies, parse_scaling
+
+_UNSIGNED_OF_WIDTH = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+def _as_bits(table: np.ndarray) -> Array:
+    """Reinterprets a float table as unsigned integers of the same width."""
+    return jnp.asarray(table.view(_UNSIGNED_OF_WIDTH[table.dtype.itemsize]))
+
+
+class RotaryPositionalEmbedding(eqx.Module):
+    """Rotary position embeddings (RoPE), with precomputed tables and any positions.
+
+    Rotates pairs of features of a query or key by an angle proportional to the
+    token's position, so that the dot product of a rotated query and key depends on
+    their positions only through the difference. A drop-in for
+    `equinox.nn.RotaryPositionalEmbedding`, with what real checkpoints need on top:
+
+    - **Queries and keys with heads, directly.** `x` may be `(seq, embedding_size)` or
+        `(seq, heads, head_dim)` (any number of axes between `seq` and the features),
+        so `rope(queries)` rotates every head at once; `embedding_size` is then the
+        head dimension. Batch with `jax.vmap(rope)(queries)`.
+    - **Any positions.** `positions` defaults to `0 .. seq-1`; pass others for a
+        KV-cache step at offset `t` (`positions=t + jnp.arange(seq)`) or for packed
+        sequences whose positions restart per document.
+    - **Both layouts.** Half-split pairs feature `i` with `i + rotary_dim / 2`
+        (GPT-NeoX, Hugging Face Llama; the default, as equinox); `interleaved=True`
+        pairs `2i` with `2i + 1` (GPT-J, Meta's original Llama weights).
+    - **Partial rotary.** `rotary_dim < embedding_size` rotates the first `rotary_dim`
+        features and passes the rest through bit for bit (GPT-NeoX, Phi).
+    - **Hugging Face scaling.** `scaling` takes a `rope_scaling` / `rope_parameters`
+        dict from `config.json` and reproduces transformers' cos and sin, attention
+        factor included.
+
+    **The tables are not parameters.** cos and sin are computed once, at
+    construction, in float64 and cast once to `dtype`; they belong to the instance.
+    They are stored bit-cast to unsigned integers of the same width (`cos_bits`,
+    `sin_bits`) and cast back for free at call time. Being integer arrays, they are
+    not `eqx.is_inexact_array`, so the plain Equinox training recipe
+    (`eqx.filter(model, eqx.is_inexact_array)` for the optimiser state,
+    `eqx.filter_grad`, `eqx.apply_updates`) gives them no gradient, no optimiser state
+    and no weight decay, which `jax.lax.stop_gradient` alone would not prevent; yet
+    they are ordinary array leaves, so they move with the model under `jit`, `vmap`,
+    sharding and `eqx.tree_serialise_leaves`. Read them as floats with
+    [`cos`][eqx_embed.RotaryPositionalEmbedding.cos] and
+    [`sin`][eqx_embed.RotaryPositionalEmbedding.sin]. Several layers can share one
+    instance.
+    """
+
+    cos_bits: UInt[Array, "max_seq_len half_rotary_dim"]
+    sin_bits: UInt[Array, "max_seq_len half_rotary_dim"]
+    embedding_size: int = eqx.field(static=True)
+    max_seq_len: int = eqx.field(static=True)
+    rotary_dim: int = eqx.field(static=True)
+    theta: float = eqx.field(static=True)
+    interleaved: bool = eqx.field(static=True)
+    rope_type: str = eqx.field(static=True)
+    attention_factor: float = eqx.field(static=True)
+    dtype: jnp.dtype = eqx.field(static=True)
+    out_of_range: OutOfRange = eqx.field(static=True)
+
+    def __init__(
+        self,
+        embedding_size: int,
+        *,
+        max_seq_len: int,
+        theta: float | int = 10_000.0,
+        dtype: DTypeLike | None = None,
+        rotary_dim: int | None = None,
+        interleaved: bool = False,
+        scaling: Mapping[str, Any] | None = None,
+        out_of_range: OutOfRange = "nan",
+    ):
+        """**Arguments:**
+
+        - `embedding_size`: the width of the vectors rotated: the head dimension when
+            rotating queries and keys. Positive and even (unless `rotary_dim` is
+            smaller).
+        - `max_seq_len`: the number of positions in the tables, `0 .. max_seq_len-1`.
+            (Keyword only, as all that follow.)
+        - `theta`: the base of the frequencies, `theta ** (-2i / rotary_dim)`.
+        - `dtype`: the dtype of the tables. Defaults to float32 (float64 when JAX
+            runs in 64-bit mode).
+        - `rotary_dim`: how many leading features to rotate; even, at most
+            `embedding_size`. Defaults to all of them (or to
+            `int(embedding_size * partial_rotary_factor)` when `scaling` has one).
+        - `interleaved`: `False` for the half-split layout, `True` for GPT-J's pairs
+            of adjacent features.
+        - `scaling`: a Hugging Face `rope_scaling` or `rope_parameters` dict, with its
+            rule in `rope_type` or `type`: `"default"`, `"linear"`, `"dynamic"`,
+            `"yarn"`, `"longrope"` or `"llama3"`, and that rule's keys. Values that
+            transformers reads from the model config go in the dict:
+            `original_max_position_embeddings` (for `"dynamic"`, the config's
+            `max_position_embeddings`) and, for `"yarn"` and `"longrope"` without a
+            `factor`, `max_position_embeddings`. A `rope_theta` or
+            `partial_rotary_factor` in the dict must agree with `theta` and
+            `rotary_dim`. The rules that depend on the current sequence length
+            (`"dynamic"`, and `"longrope"`'s choice of short or long factors) give the
+            tables that transformers computes for a sequence of length `max_seq_len`,
+            for every position.
+        - `out_of_range`: what a traced position outside `[0, max_seq_len)` gives:
+            `"nan"` (the default, NaN rows) or `"error"` (an error when the program
+            runs), as for token ids in [`Embedding`][eqx_embed.Embedding]. Positions
+            known at trace time always raise at once. Negative positions are out of
+            range: nothing wraps or clamps.
+        """
+        check_policy(out_of_range)
+        parsed = parse_scaling(scaling)
+        if embedding_size <= 0:
+            raise ValueError(f"embedding_size must be positive, got {embedding_size}.")
+        if max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}.")
+        if theta <= 0:
+            raise ValueError(f"theta must be positive, got {theta}.")
+        if parsed.rope_theta is not None and parsed.rope_theta != theta:
+            raise ValueError(
+                f"scaling['rope_theta']={parsed.rope_theta} disagrees with "
+                f"theta={theta}; pass theta={parsed.rope_theta}."
+            )
+        if parsed.partial_rotary_factor is not None:
+            from_factor = int(embedding_size * parsed.partial_rotary_factor)
+            if rotary_dim is not None and rotary_dim != from_factor:
+                raise ValueError(
+                    f"rotary_dim={rotary_dim} disagrees with scaling's "
+                    f"partial_rotary_factor={parsed.partial_rotary_factor}, which "
+                    f"gives int({embedding_size} * "
+                    f"{parsed.partial_rotary_factor}) = {from_factor}."
+                )
+            rotary_dim = from_factor
+        if rotary_dim is None:
+            if embedding_size % 2:
+                raise ValueError(
+                    f"embedding_size={embedding_size} is odd, so rotary_dim (which "
+                    "defaults to it) must be given: an even number of leading "
+                    "features to rotate."
+                )
+            rotary_dim = embedding_size
+        if not 0 < rotary_dim <= embedding_size or rotary_dim % 2:
+            raise ValueError(
+                "rotary_dim must be even and in (0, embedding_size="
+                f"{embedding_size}], got rotary_dim={rotary_dim}."
+            )
+        if dtype is None:
+            dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+        dtype = jax.dtypes.canonicalize_dtype(dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
+
+        frequencies, attention_factor = inverse_frequencies(
+            parsed, rotary_dim=rotary_dim, theta=theta, max_seq_len=max_seq_len
+        )
+        angles = np.outer(np.arange(max_seq_len, dtype=np.float64), frequencies)
+        # As transformers, the attention factor scales cos and sin themselves.
+        self.cos_bits = _as_bits((attention_factor * np.cos(angles)).astype(dtype))
+        self.sin_bits = _as_bits((attention_factor * np.sin(angles)).astype(dtype))
+        self.embedding_size = embedding_size
+        self.max_seq_len = max_seq_len
+        self.rotary_dim = rotary_dim
+        self.theta = float(theta)
+        self.interleaved = interleaved
+        self.rope_type = parsed.rope_type
+        self.attention_factor = float(attention_factor)
+        self.dtype = dtype
+        self.out_of_range = out_of_range
+
+    @property
+    def cos(self) -> Float[Array, "max_seq_len half_rotary_dim"]:
+        """`attention_factor * cos(position * frequency)`, in `dtype`."""
+        return jax.lax.bitcast_convert_type(self.cos_bits, self.dtype)
+
+    @property
+    def sin(self) -> Float[Array, "max_seq_len half_rotary_dim"]:
+        """`attention_factor * sin(position * frequency)`, in `dtype`."""
+        return jax.lax.bitcast_convert_type(self.sin_bits, self.dtype)
+
+    def _rows(
+        self, seq_len: int, positions: Int[ArrayLike, " seq"] | None
+    ) -> tuple[
+        Float[Array, "seq half_rotary_dim"], Float[Array, "seq half_rotary_dim"]
+    ]:
+        if positions is None:
+            if seq_len > self.max_seq_len:
+                raise ValueError(
+                    f"x has {seq_len} positions (its first axis) but the tables hold "
+                    f"max_seq_len={self.max_seq_len}; build the module with a larger "
+                    "max_seq_len."
+                )
+            # A static slice, not a gather: it fuses into the rotation.
+            return self.cos[:seq_len], self.sin[:seq_len]
+        # Positions known now raise now, whatever the policy for traced ones.
+        known_now = not isinstance(positions, jax.core.Tracer)
+        positions = check_indices(
+            positions,
+            size=self.max_seq_len,
+            out_of_range="error" if known_now else self.out_of_range,
+            name="position",
+            negative_from_end=False,
+        )
+        return (
+            gather_rows(self.cos, positions, negative_from_end=False),
+            gather_rows(self.sin, positions, negative_from_end=False),
+        )
+
+    @jax.named_scope("eqx_embed.RotaryPositionalEmbedding")
+    @checked
+    def __call__(
+        self,
+        x: Float[Array, "seq *heads embedding_size"],
+        *,
+        positions: Int[ArrayLike, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq *heads embedding_size"]:
+        """**Arguments:**
+
+        - `x`: the vectors to rotate, one per position along the first axis:
+            `(seq, embedding_size)`, or `(seq, heads, head_dim)` queries or keys (any
+            axes between the first and the last are rotated alike). One example; use
+            `jax.vmap` for a batch.
+        - `positions`: the position of each row of `x`, integers of shape `(seq,)` in
+            `[0, max_seq_len)`. Defaults to `0 .. seq-1`. (Keyword only.)
+        - `key`: ignored; for compatibility with the rest of the Equinox API.
+
+        **Returns:**
+
+        The rotated `x`, same shape and dtype (low-precision inputs are rotated in
+        float32 and cast back once). An out-of-range position raises `ValueError` when
+        known at trace time; traced ones follow `out_of_range`.
+        """
+        check_feature_size(
+            x, self.embedding_size, name="x", owner="module's embedding_size"
+        )
+        cos, sin = self._rows(x.shape[0], positions)
+        compute = jnp.float32 if is_low_precision(x.dtype) else x.dtype
+        cos, sin = cos.astype(compute), sin.astype(compute)
+        rotated, passed = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        rotated = _rotate(rotated.astype(compute), cos, sin, self.interleaved)
+        rotated = rotated.astype(x.dtype)
+        if passed.shape[-1]:
+            rotated = jnp.concatenate([rotated, passed], axis=-1)
+        return rotated
+
+
+def _rotate(
+    x: Float[Array, "seq *heads rotary_dim"],
+    cos: Float[Array, "seq half_rotary_dim"],
+    sin: Float[Array, "seq half_rotary_dim"],
+    interleaved: bool,
+) -> Float[Array, "seq *heads rotary_dim"]:
+    """Rotates each pair `(a, b)` of features to `(a cos - b sin, b cos + a sin)`.
+
+    The pairs are `(x[i], x[i + half])` in the half-split layout and
+    `(x[2i], x[2i + 1])` in the interleaved one: a reshape to `(2, half)` or
+    `(half, 2)` puts the two members of each pair on an axis of size 2. Both results
+    are computed from static slices and stacked back on that axis, which XLA fuses
+    with the products into one loop over `x`.
+    """
+    half = cos.shape[-1]
+    pair_axis = -1 if interleaved else -2
+    pairs = x.reshape(*x.shape[:-1], *((half, 2) if interleaved else (2, half)))
+    first = jnp.take(pairs, 0, axis=pair_axis)
+    second = jnp.take(pairs, 1, axis=pair_axis)
+    # Broadcast the (seq, half) tables over the axes between seq and the features.
+    cos = cos.reshape(cos.shape[0], *(1,) * (x.ndim - 2), half)
+    sin = sin.reshape(sin.shape[0], *(1,) * (x.ndim - 2), half)
+    rotated = jnp.stack(
+        [first * cos - second * sin, second * cos + first * sin], axis=pair_axis
+    )
+    return rotated.reshape(x.shape)

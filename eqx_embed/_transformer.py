@@ -1,0 +1,399 @@
+"""`TransformerLM`: a decoder-only language model built from this library's modules.
+
+```
+tokens ─ embedding ─ (× sqrt(hidden_size), Gemma) ─┬─ block 0 ─ ... ─ block L-1 ─┬─
+                                                   └── jax.lax.scan over layers ──┘
+       ─ final_norm ─ decode (tied or untied, soft-capped) ─ logits
+                     └ cross_entropy (fused, blockwise) ─ loss
+```
+
+The blocks are one `DecoderBlock` whose arrays have a leading layer axis; the forward
+pass scans over it, so compiling a deep model costs what compiling one layer does.
+What differs between layers (Gemma 2's alternating sliding window) is scanned data.
+"""
+
+import pathlib
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, DTypeLike, Float, Int, PRNGKeyArray
+
+from ._attention import NO_WINDOW
+from ._blocks import DecoderBlock, Norm, make_norm
+from ._config import TransformerConfig
+from ._contracts import checked
+from ._huggingface import read_config, read_weights, write_checkpoint
+from ._indices import check_indices
+from ._reversible import ReversibleEmbedding
+from ._rope import RotaryPositionalEmbedding
+
+
+def _make_rope(config: TransformerConfig) -> RotaryPositionalEmbedding:
+    return RotaryPositionalEmbedding(
+        config.head_dim,
+        max_seq_len=config.max_position_embeddings,
+        theta=config.rope_theta,
+        rotary_dim=config.rotary_dim,
+        scaling=config.rope_scaling,
+        out_of_range=config.out_of_range,
+    )
+
+
+def _make_embedding(
+    config: TransformerConfig,
+    *,
+    key: PRNGKeyArray | None,
+    weight: Float[Array, "vocab hidden"] | None = None,
+    reverse_weight: Float[Array, "vocab hidden"] | None = None,
+) -> ReversibleEmbedding:
+    activation_dtype = jnp.dtype(config.activation_dtype)
+    return ReversibleEmbedding(
+        config.vocab_size,
+        config.hidden_size,
+        weight,
+        tie_weights=config.tie_word_embeddings,
+        reverse_weight=reverse_weight,
+        logit_soft_cap=config.final_logit_soft_cap,
+        reverse_dtype=activation_dtype,
+        dtype=activation_dtype,
+        param_dtype=jnp.dtype(config.param_dtype),
+        # Unit-variance logits at initialisation for a tied table.
+        init=jax.nn.initializers.normal(stddev=config.hidden_size**-0.5),
+        out_of_range=config.out_of_range,
+        key=key,
+    )
+
+
+def _random_parts(config: TransformerConfig, key: PRNGKeyArray) -> dict[str, Any]:
+    """Freshly initialised `embedding`, `blocks` (stacked) and `final_norm`."""
+    embedding_key, blocks_key = jax.random.split(key)
+    blocks = eqx.filter_vmap(lambda k: DecoderBlock(config, key=k))(
+        jax.random.split(blocks_key, config.num_layers)
+    )
+    return dict(
+        embedding=_make_embedding(config, key=embedding_key),
+        blocks=blocks,
+        final_norm=make_norm(config),
+    )
+
+
+def _named_leaves(tree: Any) -> dict[str, Any]:
+    """The array leaves of `tree` by dotted path, such as `"blocks.mlp.up.weight"`."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="."): leaf
+        for path, leaf in leaves
+    }
+
+
+class TransformerLM(eqx.Module):
+    """A decoder-only transformer language model: Llama (2, 3, 3.1), Mistral, Qwen2,
+    Gemma, Gemma 2 or GPT-NeoX, as set by its
+    [`TransformerConfig`][eqx_embed.TransformerConfig].
+
+    It holds the body (the [`ReversibleEmbedding`][eqx_embed.ReversibleEmbedding],
+    which also decodes, tied or untied; the decoder blocks, stacked along a leading
+    layer axis; the final norm) and the RoPE tables, which are integer arrays and so
+    never trained by the plain Equinox recipe
+    (`optax` on `eqx.filter(model, eqx.is_inexact_array)`).
+
+    One sequence per call; batch with `jax.vmap`, compile with `eqx.filter_jit`.
+    Inputs are checked before any computation: token dtype and range (the config's
+    `out_of_range` policy, as for [`Embedding`][eqx_embed.Embedding]), positions
+    against the RoPE tables, and the sequence length against
+    `max_position_embeddings`.
+    """
+
+    embedding: ReversibleEmbedding
+    blocks: DecoderBlock
+    final_norm: Norm
+    rope: RotaryPositionalEmbedding
+    config: TransformerConfig = eqx.field(static=True)
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        *,
+        key: PRNGKeyArray | None = None,
+        embedding: ReversibleEmbedding | None = None,
+        blocks: DecoderBlock | None = None,
+        final_norm: Norm | None = None,
+    ):
+        """**Arguments:**
+
+        - `config`: the [`TransformerConfig`][eqx_embed.TransformerConfig].
+
+        Then either
+
+        - `key`: a `jax.random.PRNGKey` to initialise every weight,
+
+        or existing modules, which must agree with `config` in every shape, dtype and
+        setting (a `ValueError` names the first that does not):
+
+        - `embedding`: the [`ReversibleEmbedding`][eqx_embed.ReversibleEmbedding].
+        - `blocks`: one [`DecoderBlock`][eqx_embed._blocks.DecoderBlock] whose arrays
+            have a leading axis of size `num_layers`.
+        - `final_norm`: the norm before the decode.
+        """
+        parts = dict(embedding=embedding, blocks=blocks, final_norm=final_norm)
+        given = [name for name, part in parts.items() if part is not None]
+        if key is not None and given:
+            raise ValueError(
+                f"Pass either `key` or existing modules, not both: {given}."
+            )
+        if key is None:
+            missing = [name for name, part in parts.items() if part is None]
+            if missing:
+                raise ValueError(
+                    "TransformerLM needs either `key` or all of `embedding`, `blocks` "
+                    f"and `final_norm`; missing {missing}."
+                )
+        else:
+            parts = _random_parts(config, key)
+        self.embedding = parts["embedding"]
+        self.blocks = parts["blocks"]
+        self.final_norm = parts["final_norm"]
+        self.rope = _make_rope(config)
+        self.config = config
+
+    def __check_init__(self):
+        expected = eqx.filter_eval_shape(_random_parts, self.config, jax.random.key(0))
+        actual = dict(
+            embedding=self.embedding, blocks=self.blocks, final_norm=self.final_norm
+        )
+        expected_leaves, actual_leaves = _named_leaves(expected), _named_leaves(actual)
+        if expected_leaves.keys() != actual_leaves.keys():
+            raise ValueError(
+                "The modules do not have the weights the config implies: missing "
+                f"{sorted(expected_leaves.keys() - actual_leaves.keys())}, unexpected "
+                f"{sorted(actual_leaves.keys() - expected_leaves.keys())}."
+            )
+        for name, want in expected_leaves.items():
+            got = actual_leaves[name]
+            if (got.shape, got.dtype) != (want.shape, want.dtype):
+                raise ValueError(
+                    f"{name} has shape {got.shape} and dtype {got.dtype}, but the "
+                    f"config implies {want.shape} and {want.dtype}."
+                )
+        if jax.tree.structure(expected) != jax.tree.structure(actual):
+            raise ValueError(
+                "The modules' static settings (dtypes, norm epsilons, soft caps, "
+                "activation, residual layout) disagree with the config:\n"
+                f"config implies {jax.tree.structure(expected)}\n"
+                f"got {jax.tree.structure(actual)}"
+            )
+        # The weight-tying trap: one array stored as two leaves, which training would
+        # then update as two independent copies.
+        seen: dict[int, str] = {}
+        for name, leaf in actual_leaves.items():
+            if isinstance(leaf, jax.core.Tracer):
+                continue
+            if id(leaf) in seen:
+                raise ValueError(
+                    f"{seen[id(leaf)]} and {name} are the same array stored twice; "
+                    "training would update them as two copies. To share a table, "
+                    "tie it (tie_word_embeddings=True) instead."
+                )
+            seen[id(leaf)] = name
+
+    def _layer_windows(self) -> Int[Array, " num_layers"]:
+        windows = [NO_WINDOW if w is None else w for w in self.config.layer_windows]
+        return jnp.asarray(windows, dtype=jnp.int32)
+
+    @jax.named_scope("eqx_embed.TransformerLM.hidden_states")
+    @checked
+    def hidden_states(
+        self,
+        tokens: Int[Array, " seq"],
+        *,
+        token_positions: Int[Array, " seq"] | None = None,
+    ) -> Float[Array, "seq hidden_size"]:
+        """The hidden states after the final norm, before the decode.
+
+        **Arguments:**
+
+        - `tokens`: the token ids of one sequence, at most `max_position_embeddings`
+            of them.
+        - `token_positions`: the position of each token, in
+            `[0, max_position_embeddings)`. Defaults to `0 .. seq-1`. The causal
+            mask and sliding windows go by index in the sequence, as in Hugging Face.
+
+        **Returns:**
+
+        Shape `(seq, hidden_size)`, in the activation dtype.
+        """
+        config = self.config
+        seq_len = tokens.shape[0]
+        if seq_len > config.max_position_embeddings:
+            raise ValueError(
+                f"tokens has {seq_len} tokens but the model supports at most "
+                f"max_position_embeddings={config.max_position_embeddings}."
+            )
+        # Checked here, before the per-token lookup traces them, so that bad ids known
+        # now raise now.
+        tokens = check_indices(
+            tokens,
+            size=config.vocab_size,
+            out_of_range=config.out_of_range,
+            name="token id",
+            negative_from_end=True,
+        )
+        x = jax.vmap(self.embedding)(tokens)
+        if config.traits.scale_embeddings:
+            x = x * jnp.asarray(config.hidden_size**0.5, dtype=x.dtype)
+        parameters, structure = eqx.partition(self.blocks, eqx.is_array)
+
+        def layer(x, parameters_and_window):
+            parameters, window = parameters_and_window
+            block = eqx.combine(parameters, structure)
+            return (
+                block(x, positions=token_positions, window=window, rope=self.rope),
+                None,
+            )
+
+        x, _ = jax.lax.scan(layer, x, (parameters, self._layer_windows()))
+        return self.final_norm(x)
+
+    @jax.named_scope("eqx_embed.TransformerLM")
+    @checked
+    def __call__(
+        self,
+        tokens: Int[Array, " seq"],
+        *,
+        token_positions: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq vocab_size"]:
+        """The logits of the next token after each prefix of one sequence.
+
+        **Arguments:**
+
+        - `tokens`, `token_positions`: as for `hidden_states`.
+        - `key`: ignored; for compatibility with the rest of the Equinox API.
+
+        **Returns:**
+
+        Shape `(seq, vocab_size)`, in the activation dtype (soft-capped for
+        Gemma 2).
+        """
+        hidden = self.hidden_states(tokens, token_positions=token_positions)
+        return jax.vmap(self.embedding.decode)(hidden)
+
+    @checked
+    def loss(
+        self,
+        tokens: Int[Array, " seq"],
+        targets: Int[Array, " seq"],
+        *,
+        where: Bool[Array, " seq"] | None = None,
+        token_positions: Int[Array, " seq"] | None = None,
+        z_loss: float = 0.0,
+    ) -> Float[Array, " seq"]:
+        """Per-token training loss through the fused decode cross-entropy, which never
+        holds the whole `(seq, vocab_size)` logits.
+
+        **Arguments:**
+
+        - `tokens`: the input token ids.
+        - `targets`: the token expected after each prefix (usually `tokens` shifted
+            by one).
+        - `where`: which tokens count; the others get a loss of 0.
+        - `token_positions`: as for `hidden_states`.
+        - `z_loss`: the weight of the `log(Z)**2` regulariser.
+
+        **Returns:**
+
+        The float32 cross-entropy of each token, shape `(seq,)`. Average it over
+        `where` yourself.
+        """
+        hidden = self.hidden_states(tokens, token_positions=token_positions)
+        return self.embedding.cross_entropy(hidden, targets, where=where, z_loss=z_loss)
+
+    @checked
+    def score(
+        self,
+        tokens: Int[Array, " seq"],
+        next_tokens: Int[Array, " seq"],
+        *,
+        token_positions: Int[Array, " seq"] | None = None,
+    ) -> Float[Array, " seq"]:
+        """Log-probabilities of given continuations:
+        `log p(next_tokens[i] | tokens[: i + 1])`.
+
+        **Arguments:**
+
+        - `tokens`: the token ids of one sequence.
+        - `next_tokens`: the token to score after each prefix.
+        - `token_positions`: as for `hidden_states`.
+
+        **Returns:**
+
+        float32 log-probabilities, shape `(seq,)`. Their negated mean over a text is
+        the log of its perplexity.
+        """
+        return -self.loss(tokens, next_tokens, token_positions=token_positions)
+
+    @classmethod
+    def from_huggingface(
+        cls,
+        path: str | pathlib.Path,
+        *,
+        param_dtype: DTypeLike | None = None,
+        activation_dtype: DTypeLike | None = None,
+        out_of_range: str = "nan",
+    ) -> "TransformerLM":
+        """Loads a Hugging Face checkpoint directory, with NumPy and `safetensors`
+        alone (no PyTorch).
+
+        **Arguments:**
+
+        - `path`: a directory with `config.json` and `model.safetensors`, or sharded
+            `*.safetensors` files listed in `model.safetensors.index.json`.
+        - `param_dtype`: the dtype of the weights. Defaults to the checkpoint's
+            `dtype` / `torch_dtype`, or float32.
+        - `activation_dtype`: defaults to `param_dtype`.
+        - `out_of_range`: the policy for bad token ids and positions, `"nan"` or
+            `"error"`.
+
+        **Returns:**
+
+        The model. A config key or value that the model does not implement and that
+        would change its output raises a `ValueError` naming it.
+        """
+        config = read_config(
+            path,
+            param_dtype=None if param_dtype is None else jnp.dtype(param_dtype).name,
+            activation_dtype=(
+                None if activation_dtype is None else jnp.dtype(activation_dtype).name
+            ),
+            out_of_range=out_of_range,
+        )
+        skeleton = eqx.filter_eval_shape(_random_parts, config, jax.random.key(0))
+        names = _named_leaves(skeleton)
+        arrays = read_weights(path, config, list(names))
+        leaves = []
+        for name, want in names.items():
+            array = arrays[name]
+            if array.shape != want.shape:
+                raise ValueError(
+                    f"The checkpoint's weight for {name} has shape {array.shape}, but "
+                    f"its config implies {want.shape}."
+                )
+            leaves.append(jnp.asarray(array, dtype=want.dtype))
+        parts = jax.tree.unflatten(jax.tree.structure(skeleton), leaves)
+        return cls(config, **parts)
+
+    def to_huggingface(self, path: str | pathlib.Path) -> None:
+        """Writes a Hugging Face checkpoint directory (`config.json` and
+        `model.safetensors`) that `transformers.AutoModelForCausalLM.from_pretrained`
+        loads, giving the same logits.
+
+        **Arguments:**
+
+        - `path`: the directory, created if needed.
+        """
+        parts = dict(
+            embedding=self.embedding, blocks=self.blocks, final_norm=self.final_norm
+        )
+        write_checkpoint(path, self.config, _named_leaves(parts))
