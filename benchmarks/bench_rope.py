@@ -5,6 +5,7 @@ Cases, all with the default theta and positions `0 .. seq-1`:
 
 - `eqx_embed (vmap)`: ours, `jax.vmap(rope)(queries)`, as users call it.
 - `eqx_embed, positions (vmap)`: ours with explicit positions (a gather of the rows).
+- `eqx_embed, interleaved (vmap)`: ours in GPT-J's layout.
 - `hand-fused reference`: cos/sin tables as arguments, `x1 cos - x2 sin` and
   `x2 cos + x1 sin` on the two halves, concatenated. The bar: within 1.05x.
 - `x * 2`: one read and one write of the queries, the physical floor.
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from _harness import (  # noqa: E402
     Row,
     compiled_temp_bytes,
@@ -72,6 +74,7 @@ def main() -> list[Row]:
     x = jax.random.normal(jax.random.key(0), (BATCH, SEQ, HEADS, HEAD_DIM))
     positions = jnp.arange(SEQ)
     ours = RotaryPositionalEmbedding(HEAD_DIM, max_seq_len=SEQ)
+    interleaved = RotaryPositionalEmbedding(HEAD_DIM, max_seq_len=SEQ, interleaved=True)
     equinox_rope = eqx.nn.RotaryPositionalEmbedding(HEAD_DIM)
 
     @eqx.filter_jit
@@ -96,12 +99,20 @@ def main() -> list[Row]:
     cases = {
         "eqx_embed (vmap)": lambda: rotate_ours(ours, x),
         "eqx_embed, positions (vmap)": lambda: rotate_ours_at(ours, x, positions),
+        "eqx_embed, interleaved (vmap)": lambda: rotate_ours(interleaved, x),
         "hand-fused reference": lambda: reference(x, cos, sin),
         "x * 2": lambda: double(x),
         "equinox.nn (vmap)": lambda: rotate_equinox(equinox_rope, x),
         "keras_hub": lambda: keras_rotate(x),
         "penzai": lambda: penzai_rotate(x),
     }
+    # Same work in every case: each peer's result agrees with ours (to the float32
+    # angle error of the peers that compute their tables on the fly).
+    expected = cases["eqx_embed (vmap)"]()
+    for name, case in cases.items():
+        if name not in ("x * 2", "eqx_embed, interleaved (vmap)"):
+            np.testing.assert_allclose(case(), expected, atol=1e-3, err_msg=name)
+
     medians = time_interleaved(cases, rounds=25, min_round_seconds=0.2)
     rows = report("RoPE, float32 queries", medians, baseline="hand-fused reference")
 

@@ -123,7 +123,7 @@ class Attention(eqx.Module):
         - `positions`: the position of each token, for RoPE; `None` for
             `0 .. seq-1`.
         - `window`: how many of the most recent tokens (the current one included)
-            each token attends to; [`NO_WINDOW`] for all of them.
+            each token attends to; `NO_WINDOW` for all of them.
         - `rope`: the [`RotaryPositionalEmbedding`][eqx_embed.RotaryPositionalEmbedding]
             applied to queries and keys.
 

@@ -173,7 +173,7 @@ class DecoderBlock(eqx.Module):
 
         - `x`: the hidden states of one sequence.
         - `positions`, `window`, `rope`: as for
-            [`Attention`][eqx_embed._attention.Attention].
+            `Attention`.
 
         **Returns:**
 

@@ -26,11 +26,17 @@ A vocabulary that is not a multiple of the block is not padded (padding would co
 the table): the last block starts at `vocabulary - block_size` instead and the columns
 it shares with the block before are masked out of the log-sum-exp and the gradient.
 
-Known limit: XLA:CPU has no bfloat16 data movement. It rewrites the slicing of a
-bfloat16 table inside the loop as slicing a float32 copy of the whole table, and
-hoists that copy out of the loop, so on CPU a bfloat16 table costs table-sized
-temporaries (still several times less than the plain loss; float32 tables do not
-have them). Backends with native bfloat16 (GPU, TPU) slice the table as it is.
+XLA:CPU has no 16-bit float data movement: it would slice a bfloat16 table as a
+float32 copy of the whole table, hoisted out of the loop. So blocks of a 16-bit table
+are sliced from its bits as 16-bit integers, and the table rides through each loop's
+carry behind an optimization barrier, so that the bit cast stays inside the loop
+(hoisted, it would be a copy). The table's gradient is written block by block into
+the loop-carried buffer that becomes the output, without reading it back (the last
+block first), which XLA:CPU keeps in that one buffer even for bfloat16 (though for
+16-bit tables each block's update is a pass over the whole table). What is left of the
+temporaries is of order `tokens * (block_size + embedding_size)`; for bfloat16 on
+CPU that includes float32 copies of the hidden states and of each block's
+`d_logits`, which XLA:CPU makes for the table gradient's product.
 """
 
 from functools import partial
@@ -39,6 +45,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Bool, Float, Int
 
 from ._embedding import is_low_precision
@@ -77,12 +84,22 @@ class _Block(NamedTuple):
     first_new: Array  # the first vocabulary index this block adds
 
 
+def _slice_rows(table: Array, start: Array, size: int) -> Array:
+    # XLA:CPU moves 16-bit floats as float32: slicing them would slice a float32
+    # copy of the whole table. Their bits, as 16-bit integers, are sliced in place.
+    if table.dtype.itemsize != 2:
+        return lax.dynamic_slice_in_dim(table, start, size)
+    bits = lax.bitcast_convert_type(table, jnp.uint16)
+    rows = lax.dynamic_slice_in_dim(bits, start, size)
+    return lax.bitcast_convert_type(rows, table.dtype)
+
+
 def _block(table: Array, hidden: Array, index: Array, blocking: _Blocking) -> _Block:
     size = blocking.block_size
     first_new = index * size
     # The last block is shifted back to end at the last row rather than padded.
     start = jnp.minimum(first_new, table.shape[0] - size)
-    rows = lax.dynamic_slice_in_dim(table, start, size).astype(blocking.compute_dtype)
+    rows = _slice_rows(table, start, size).astype(blocking.compute_dtype)
     logits = _contract(hidden, rows, 1, 1, blocking)
     cap_slope = None
     if blocking.logit_soft_cap is not None:
@@ -97,6 +114,11 @@ def _num_blocks(table: Array, blocking: _Blocking) -> int:
     return -(-table.shape[0] // blocking.block_size)
 
 
+# Each loop carries the table through an optimization barrier, so that it is not
+# loop-invariant: otherwise XLA hoists the bit cast of a 16-bit table out of the
+# loop, which copies the whole table.
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _lse_and_target_logit(
     table: Array, hidden: Array, targets: Array, blocking: _Blocking
@@ -105,7 +127,8 @@ def _lse_and_target_logit(
     tokens = hidden.shape[0]
 
     def step(carry, index):
-        lse, target_logit = carry
+        lse, target_logit, table = carry
+        table = lax.optimization_barrier(table)
         block = _block(table, hidden, index, blocking)
         masked = jnp.where(block.is_new, block.logits, -jnp.inf)
         lse = jnp.logaddexp(lse, jax.nn.logsumexp(masked, axis=1))
@@ -113,11 +136,12 @@ def _lse_and_target_logit(
         in_block = (targets >= block.first_new) & (targets < start + len(block.columns))
         local = jnp.clip(targets - start, 0, len(block.columns) - 1)
         picked = jnp.take_along_axis(block.logits, local[:, None], axis=1)[:, 0]
-        return (lse, target_logit + jnp.where(in_block, picked, 0)), None
+        target_logit = target_logit + jnp.where(in_block, picked, 0)
+        return (lse, target_logit, table), None
 
     dtype = blocking.accumulate_dtype
-    initial = (jnp.full(tokens, -jnp.inf, dtype), jnp.zeros(tokens, dtype))
-    (lse, target_logit), _ = lax.scan(
+    initial = (jnp.full(tokens, -jnp.inf, dtype), jnp.zeros(tokens, dtype), table)
+    (lse, target_logit, _), _ = lax.scan(
         step, initial, jnp.arange(_num_blocks(table, blocking))
     )
     in_range = (targets >= 0) & (targets < table.shape[0])
@@ -129,13 +153,12 @@ def _lse_and_target_logit_fwd(table, hidden, targets, blocking):
     return (lse, target_logit), (table, hidden, targets, lse)
 
 
-def _lse_and_target_logit_bwd(blocking, residuals, cotangents):
-    table, hidden, targets, lse = residuals
-    d_lse, d_target_logit = cotangents
+def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit):
     hidden_compute = hidden.astype(blocking.compute_dtype)
 
     def step(carry, index):
-        d_hidden, d_table = carry
+        d_hidden, d_table, table = carry
+        table = lax.optimization_barrier(table)
         block = _block(table, hidden_compute, index, blocking)
         softmax = jnp.where(block.is_new, jnp.exp(block.logits - lse[:, None]), 0)
         is_target = block.is_new & (block.columns == targets[:, None])
@@ -147,22 +170,53 @@ def _lse_and_target_logit_bwd(blocking, residuals, cotangents):
         d_logits = d_logits.astype(blocking.compute_dtype)
         d_hidden = d_hidden + _contract(d_logits, block.rows, 1, 0, blocking)
         d_rows = _contract(d_logits, hidden_compute, 0, 0, blocking)
-        d_rows = d_rows.astype(table.dtype)
-        # Columns shared with the block before keep the rows that block wrote.
-        start = block.columns[0]
-        written = lax.dynamic_slice_in_dim(d_table, start, blocking.block_size)
-        d_rows = jnp.where(block.is_new[:, None], d_rows, written)
-        d_table = lax.dynamic_update_slice_in_dim(d_table, d_rows, start, 0)
-        return (d_hidden, d_table), None
+        # The blocks run from the last one: the rows that the shifted last block
+        # shares with the block before are overwritten by that block. Writing
+        # without reading keeps a 16-bit table's gradient in one buffer.
+        d_table = lax.dynamic_update_slice_in_dim(
+            d_table, d_rows.astype(table.dtype), block.columns[0], 0
+        )
+        return (d_hidden, d_table, table), None
 
     initial = (
         jnp.zeros(hidden.shape, blocking.accumulate_dtype),
         jnp.zeros_like(table),
+        table,
     )
-    (d_hidden, d_table), _ = lax.scan(
-        step, initial, jnp.arange(_num_blocks(table, blocking))
+    (d_hidden, d_table, _), _ = lax.scan(
+        step, initial, jnp.arange(_num_blocks(table, blocking)), reverse=True
     )
-    return d_table, d_hidden.astype(hidden.dtype), None
+    return d_table, d_hidden.astype(hidden.dtype)
+
+
+def _lse_and_target_logit_bwd(blocking, residuals, cotangents):
+    backward_pass = partial(_backward_pass, blocking)
+
+    # Under `jax.vmap` (one call per sequence, say) the backward pass would carry one
+    # table gradient per example and split the table-gradient matmul into small ones.
+    # When the table is shared, fold the batch into the token axis instead: one pass,
+    # one table gradient, summed over the batch by the matmul itself.
+    @custom_vmap
+    def backward(*arrays):
+        return backward_pass(*arrays)
+
+    @backward.def_vmap
+    def fold_batch_into_tokens(axis_size, in_batched, table, *per_token):
+        if in_batched[0]:
+            in_axes = tuple(0 if batched else None for batched in in_batched)
+            d_table, d_hidden = jax.vmap(backward_pass, in_axes)(table, *per_token)
+            return (d_table, d_hidden), (True, True)
+        per_token = [
+            x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, batched in zip(per_token, in_batched[1:], strict=True)
+        ]
+        tokens = per_token[0].shape[1]
+        flat = [x.reshape(axis_size * tokens, *x.shape[2:]) for x in per_token]
+        d_table, d_hidden = backward(table, *flat)
+        return (d_table, d_hidden.reshape(axis_size, tokens, -1)), (False, True)
+
+    d_table, d_hidden = backward(*residuals, *cotangents)
+    return d_table, d_hidden, None
 
 
 _lse_and_target_logit.defvjp(_lse_and_target_logit_fwd, _lse_and_target_logit_bwd)

@@ -18,14 +18,14 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, DTypeLike, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
 from ._attention import NO_WINDOW
 from ._blocks import DecoderBlock, Norm, make_norm
 from ._config import TransformerConfig
 from ._contracts import checked
 from ._huggingface import read_config, read_weights, write_checkpoint
-from ._indices import check_indices
+from ._indices import OutOfRange, check_indices
 from ._reversible import ReversibleEmbedding
 from ._rope import RotaryPositionalEmbedding
 
@@ -133,7 +133,7 @@ class TransformerLM(eqx.Module):
         setting (a `ValueError` names the first that does not):
 
         - `embedding`: the [`ReversibleEmbedding`][eqx_embed.ReversibleEmbedding].
-        - `blocks`: one [`DecoderBlock`][eqx_embed._blocks.DecoderBlock] whose arrays
+        - `blocks`: one `DecoderBlock` (as `model.blocks` of a built model) whose arrays
             have a leading axis of size `num_layers`.
         - `final_norm`: the norm before the decode.
         """
@@ -206,9 +206,9 @@ class TransformerLM(eqx.Module):
     @checked
     def hidden_states(
         self,
-        tokens: Int[Array, " seq"],
+        tokens: Int[ArrayLike, " seq"],
         *,
-        token_positions: Int[Array, " seq"] | None = None,
+        token_positions: Int[ArrayLike, " seq"] | None = None,
     ) -> Float[Array, "seq hidden_size"]:
         """The hidden states after the final norm, before the decode.
 
@@ -240,6 +240,8 @@ class TransformerLM(eqx.Module):
             name="token id",
             negative_from_end=True,
         )
+        if token_positions is not None:
+            token_positions = jnp.asarray(token_positions)
         x = jax.vmap(self.embedding)(tokens)
         if config.traits.scale_embeddings:
             x = x * jnp.asarray(config.hidden_size**0.5, dtype=x.dtype)
@@ -260,9 +262,9 @@ class TransformerLM(eqx.Module):
     @checked
     def __call__(
         self,
-        tokens: Int[Array, " seq"],
+        tokens: Int[ArrayLike, " seq"],
         *,
-        token_positions: Int[Array, " seq"] | None = None,
+        token_positions: Int[ArrayLike, " seq"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq vocab_size"]:
         """The logits of the next token after each prefix of one sequence.
@@ -283,11 +285,11 @@ class TransformerLM(eqx.Module):
     @checked
     def loss(
         self,
-        tokens: Int[Array, " seq"],
-        targets: Int[Array, " seq"],
+        tokens: Int[ArrayLike, " seq"],
+        targets: Int[ArrayLike, " seq"],
         *,
-        where: Bool[Array, " seq"] | None = None,
-        token_positions: Int[Array, " seq"] | None = None,
+        where: Bool[ArrayLike, " seq"] | None = None,
+        token_positions: Int[ArrayLike, " seq"] | None = None,
         z_loss: float = 0.0,
     ) -> Float[Array, " seq"]:
         """Per-token training loss through the fused decode cross-entropy, which never
@@ -313,10 +315,10 @@ class TransformerLM(eqx.Module):
     @checked
     def score(
         self,
-        tokens: Int[Array, " seq"],
-        next_tokens: Int[Array, " seq"],
+        tokens: Int[ArrayLike, " seq"],
+        next_tokens: Int[ArrayLike, " seq"],
         *,
-        token_positions: Int[Array, " seq"] | None = None,
+        token_positions: Int[ArrayLike, " seq"] | None = None,
     ) -> Float[Array, " seq"]:
         """Log-probabilities of given continuations:
         `log p(next_tokens[i] | tokens[: i + 1])`.
@@ -341,7 +343,7 @@ class TransformerLM(eqx.Module):
         *,
         param_dtype: DTypeLike | None = None,
         activation_dtype: DTypeLike | None = None,
-        out_of_range: str = "nan",
+        out_of_range: OutOfRange = "nan",
     ) -> "TransformerLM":
         """Loads a Hugging Face checkpoint directory, with NumPy and `safetensors`
         alone (no PyTorch).

@@ -16,7 +16,8 @@ or a `.npy` array instead.
 `--demo` is the smoke invocation (what `tests/test_examples.py` runs): it writes a tiny
 random Llama with `TransformerLM.to_huggingface` and a byte-level BPE tokenizer trained
 on this file's source to a temporary directory, then scores this file's source with it.
-It needs only the `[examples]` extra.
+It needs only the `[examples]` extra. The weights are random, so expect a perplexity
+of the order of the 512-token vocabulary.
 
 **Windows.** A model takes at most `max_position_embeddings` tokens, so a long text is
 scored in windows of `--window` tokens (default: that maximum). Window `k` reads the
@@ -281,7 +282,7 @@ def score(args: argparse.Namespace) -> dict[str, float]:
     nll = total_negative_log_likelihood(model, windows, args.batch_size)
     results = dict(perplexity=math.exp(nll / num_scored))
     print(
-        f"{config.family} model, {config.vocab_size} tokens, "
+        f"{config.family} model: vocabulary {config.vocab_size}, "
         f"{config.num_layers} layers, {config.param_dtype} weights"
     )
     print(

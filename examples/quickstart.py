@@ -1,9 +1,12 @@
-"""Learns a bigram model of its own source: a tied ReversibleEmbedding trained with optax.
+"""Learns a bigram model of its own source: a tied ReversibleEmbedding, with optax.
 
 Each byte predicts the next through `decode(lookup(byte))`, the smallest model whose
 lookup and decode share one table. Prints the loss every 50 steps.
+
+    python examples/quickstart.py [--steps 300]
 """
 
+import argparse
 import pathlib
 
 import equinox as eqx
@@ -42,4 +45,6 @@ def main(steps: int = 300) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300)
+    main(parser.parse_args().steps)

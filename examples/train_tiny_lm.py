@@ -217,25 +217,30 @@ def batch_at(
 def held_out_windows(
     stream: np.ndarray, *, seq_len: int, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Consecutive windows covering the held-out stream, in whole batches.
+    """Windows over the held-out stream, in whole batches, and which tokens each one
+    scores.
 
-    Each window's last token is the next one's first, so every token but the very
-    first is scored once. The last batch is padded with windows that `where` masks.
+    A window starts every `seq_len // 2` tokens and scores only the targets the
+    previous one did not (its second half; the first window scores all of its own),
+    so every target but the trailing remainder is scored exactly once, with at least
+    `seq_len // 2` tokens of context from the second window on, as a model reading
+    the text from the start would have. (Windows that do not overlap would score the
+    first tokens of each window almost blind.) The last batch is padded with windows
+    that score nothing.
     """
-    num_windows = (len(stream) - 1) // seq_len
-    if num_windows == 0:
+    stride = seq_len // 2
+    if len(stream) < seq_len + 1:
         raise SystemExit(
             f"The held-out text has {len(stream)} tokens, fewer than --seq-len "
             f"{seq_len} + 1: give more text or a shorter --seq-len."
         )
-    length = num_windows * seq_len
-    tokens = stream[:length].reshape(num_windows, seq_len)
-    targets = stream[1 : length + 1].reshape(num_windows, seq_len)
-    padding = -num_windows % batch_size
-    where = np.ones((num_windows + padding, seq_len), dtype=bool)
-    where[num_windows:] = False
-    pad = ((0, padding), (0, 0))
-    return np.pad(tokens, pad), np.pad(targets, pad), where
+    starts = np.arange(0, len(stream) - seq_len, stride)
+    tokens = stream[starts[:, None] + np.arange(seq_len)]
+    targets = stream[starts[:, None] + np.arange(1, seq_len + 1)]
+    where = np.ones(tokens.shape, dtype=bool)
+    where[1:, : seq_len - stride] = False
+    padding = ((0, -len(starts) % batch_size), (0, 0))
+    return np.pad(tokens, padding), np.pad(targets, padding), np.pad(where, padding)
 
 
 def compressed_bits_per_byte(data: bytes) -> dict[str, float]:
@@ -310,26 +315,32 @@ def held_out_bits_per_byte(model, windows, num_bytes: int, batch_size: int) -> f
 
 
 @eqx.filter_jit
-def sample_continuations(model, buffer, prompt_length, keys, temperature):
-    """Fills `buffer` from `prompt_length` on, one sampled token at a time.
+def sample_continuations(model, window, filled, keys, *, length, temperature):
+    """Samples `length` tokens after a prompt, once per key.
 
-    The model reads the whole fixed-size buffer at every step (causal attention makes
-    the unfilled tail irrelevant) and the position is a traced loop index, so the loop
-    compiles once, not once per length.
+    `window` is a fixed-size buffer of the model's context length whose first `filled`
+    tokens are the prompt. Each step runs the model over the whole window (causal
+    attention makes the unfilled tail irrelevant), samples after the last filled
+    token, and appends; once the window is full it slides by one. RoPE scores depend
+    on position differences only, so the slid window reads as the original did. The
+    shapes never change, so the loop compiles once.
     """
+    size = window.shape[0]
 
     def sample_one(key):
-        def add_token(position, state):
-            tokens, key = state
+        def add_token(i, state):
+            window, filled, sampled, key = state
             key, subkey = jax.random.split(key)
-            logits = model(tokens)[position - 1]
+            logits = model(window)[filled - 1]
             token = jax.random.categorical(subkey, logits / temperature)
-            return tokens.at[position].set(token.astype(tokens.dtype)), key
+            token = token.astype(window.dtype)
+            slid = jnp.roll(window, -1).at[-1].set(token)
+            window = jnp.where(filled == size, slid, window.at[filled].set(token))
+            return window, jnp.minimum(filled + 1, size), sampled.at[i].set(token), key
 
-        tokens, _ = jax.lax.fori_loop(
-            prompt_length, buffer.shape[0], add_token, (buffer, key)
-        )
-        return tokens
+        sampled = jnp.zeros(length, window.dtype)
+        state = (window, filled, sampled, key)
+        return jax.lax.fori_loop(0, length, add_token, state)[2]
 
     return jax.vmap(sample_one)(keys)
 
@@ -558,19 +569,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
 
     prompt = tokenizer.encode(args.prompt.encode())[-(args.seq_len - 1) :]
-    length = min(args.seq_len, len(prompt) + args.sample_length)
-    buffer = np.zeros(length, dtype=np.int32)
-    buffer[: len(prompt)] = prompt
+    if not len(prompt):
+        raise SystemExit("--prompt must not be empty: sampling continues it.")
+    window = np.zeros(args.seq_len, dtype=np.int32)
+    window[: len(prompt)] = prompt
     samples = sample_continuations(
         model,
-        jnp.asarray(buffer),
+        jnp.asarray(window),
         jnp.asarray(len(prompt)),
         jax.random.split(sample_key, args.num_samples),
-        args.temperature,
+        length=args.sample_length,
+        temperature=args.temperature,
     )
     for i, sample in enumerate(np.asarray(samples)):
         print(f"--- sample {i + 1} ---")
-        print(tokenizer.token_bytes(sample).decode("utf-8", errors="replace"))
+        text = tokenizer.token_bytes(np.concatenate([prompt, sample]))
+        print(text.decode("utf-8", errors="replace"))
     print(f"done in {time.perf_counter() - started:.0f} s")
     return history
 

@@ -241,6 +241,57 @@ def test_vmap_over_sequences():
     assert_close(d_hidden.reshape(15, WIDTH), expected_d_hidden)
 
 
+def test_vmap_over_two_axes_folds_into_one_table_gradient():
+    table, _, _, _ = make_inputs(29)
+    keys = jax.random.split(jax.random.key(5), 2)
+    hidden = jax.random.normal(keys[0], (2, 3, 4, WIDTH))
+    targets = jax.random.randint(keys[1], (2, 3, 4), 0, 29)
+    weights = jnp.linspace(-1.0, 2.0, 24).reshape(2, 3, 4)
+
+    def total(module, hidden):
+        losses = jax.vmap(
+            jax.vmap(lambda h, t: module.cross_entropy(h, t, block_size=8))
+        )(hidden, targets)
+        return jnp.sum(weights * losses)
+
+    grad = eqx.filter_jit(eqx.filter_grad(lambda pair: total(*pair)))
+    d_module, d_hidden = grad((decoder(table), hidden))
+    _, _, expected_d_table, expected_d_hidden = reference(
+        table,
+        hidden.reshape(24, WIDTH),
+        targets.reshape(24),
+        weights=weights.reshape(24),
+    )
+    assert_close(d_module.weight, expected_d_table)
+    assert_close(d_hidden.reshape(24, WIDTH), expected_d_hidden)
+    # The backward pass runs once over all 24 tokens: no per-example table gradient.
+    jaxpr = str(jax.make_jaxpr(jax.grad(total))(decoder(table), hidden))
+    assert f"f32[2,3,{table.shape[0]},{WIDTH}]" not in jaxpr
+    assert f"f32[3,{table.shape[0]},{WIDTH}]" not in jaxpr
+
+
+def test_vmap_over_an_ensemble_of_tables():
+    tables = jnp.stack([make_inputs(19, seed=seed)[0] for seed in range(3)])
+    keys = jax.random.split(jax.random.key(6), 2)
+    hidden = jax.random.normal(keys[0], (3, 6, WIDTH))
+    targets = jax.random.randint(keys[1], (3, 6), 0, 19)
+    weights = jnp.linspace(0.5, 1.5, 18).reshape(3, 6)
+
+    def total(tables, hidden):
+        losses = jax.vmap(
+            lambda table, h, t: decoder(table).cross_entropy(h, t, block_size=8)
+        )(tables, hidden, targets)
+        return jnp.sum(weights * losses)
+
+    d_tables, d_hidden = jax.jit(jax.grad(total, argnums=(0, 1)))(tables, hidden)
+    for member in range(3):
+        _, _, expected_d_table, expected_d_hidden = reference(
+            tables[member], hidden[member], targets[member], weights=weights[member]
+        )
+        assert_close(d_tables[member], expected_d_table)
+        assert_close(d_hidden[member], expected_d_hidden)
+
+
 def test_tied_training_matches_the_plain_loss():
     vocab, steps = 41, 4
     init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
