@@ -14,7 +14,7 @@ def quickstart_commands() -> dict[str, str]:
     blocks = re.findall(r"```bash\n(.*?)\n```", section, flags=re.DOTALL)
     if len(blocks) != 2:
         raise SystemExit(f"README Quickstart must have 2 commands, found {len(blocks)}")
-    return dict(zip(("main", "test"), blocks))
+    return dict(zip(("main", "test"), blocks, strict=True))
 
 
 if __name__ == "__main__":

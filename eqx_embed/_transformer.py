@@ -255,7 +255,9 @@ class TransformerLM(eqx.Module):
                 None,
             )
 
-        x, _ = jax.lax.scan(layer, x, (parameters, self._layer_windows()))
+        x, _ = jax.lax.scan(
+            layer, x, (parameters, self._layer_windows()), unroll=config.scan_unroll
+        )
         return self.final_norm(x)
 
     @jax.named_scope("eqx_embed.TransformerLM")

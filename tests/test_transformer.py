@@ -215,6 +215,7 @@ def test_family_defaults_are_resolved():
         (dict(parallel_residual=True), "parallel_residual=True is GPT-NeoX's"),
         (dict(activation_dtype="int32"), "activation_dtype must name a floating"),
         (dict(out_of_range="clip"), "out_of_range"),
+        (dict(scan_unroll=0), "scan_unroll must be a positive integer, got 0"),
     ],
 )
 def test_config_validation(changes, message):
@@ -368,6 +369,16 @@ def test_layers_are_stacked_and_scanned():
         sizes[layers] = len(jaxpr.eqns)
         assert "scan" in {eqn.primitive.name for eqn in jaxpr.eqns}
     assert sizes[2] == sizes[6]
+
+
+def test_unrolling_the_layer_scan_changes_nothing_but_the_program(models):
+    model = models["gemma2"]
+    unrolled = with_settings(model, scan_unroll=2)
+    jaxpr = str(jax.make_jaxpr(lambda m, t: m(t))(unrolled, jnp.asarray(TOKENS)))
+    assert "unroll=2" in jaxpr
+    np.testing.assert_allclose(
+        unrolled(jnp.asarray(TOKENS)), model(jnp.asarray(TOKENS)), rtol=1e-6, atol=1e-6
+    )
 
 
 # --- Input checks ------------------------------------------------------------------
