@@ -110,10 +110,9 @@ class EmbeddingDecode(eqx.Module):
         stays in float32). Gradients flow to `hidden` and to the table.
 
         Unlike `__call__`, this takes all the tokens at once, since fusing needs the
-        token axis. It works under `jax.vmap` over further batch axes, but each
-        vmapped call then carries its own table gradient in the backward pass: for
-        a large vocabulary, flatten the batch into the token axis instead
-        (`hidden.reshape(-1, embedding_size)`).
+        token axis. Under `jax.vmap` over further batch axes (one call per
+        sequence, say) the backward pass folds the batch into the token axis, so
+        it still makes one table gradient, not one per example.
 
         **Arguments:**
 
