@@ -8,7 +8,10 @@ from ._embedding import (
 )
 from ._indices import OutOfRange as OutOfRange
 from ._reversible import ReversibleEmbedding as ReversibleEmbedding
-from ._rope import RotaryPositionalEmbedding as RotaryPositionalEmbedding
+from ._rope import (
+    RopeRotation as RopeRotation,
+    RotaryPositionalEmbedding as RotaryPositionalEmbedding,
+)
 from ._transformer import (
     TransformerConfig as TransformerConfig,
     TransformerLM as TransformerLM,

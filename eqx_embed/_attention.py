@@ -10,7 +10,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._contracts import checked
 from ._linear import Linear
-from ._rope import RotaryPositionalEmbedding
+from ._rope import RopeRotation
 
 NO_WINDOW = jnp.iinfo(jnp.int32).max
 """The window of a layer that attends to every earlier token."""
@@ -113,19 +113,16 @@ class Attention(eqx.Module):
         self,
         x: Float[Array, "seq hidden_size"],
         *,
-        positions: Int[Array, " seq"] | None,
+        rotation: RopeRotation,
         window: Int[Array, ""],
-        rope: RotaryPositionalEmbedding,
     ) -> Float[Array, "seq hidden_size"]:
         """**Arguments:**
 
         - `x`: the (normalised) hidden states of one sequence.
-        - `positions`: the position of each token, for RoPE; `None` for
-            `0 .. seq-1`.
+        - `rotation`: the [`RopeRotation`][eqx_embed.RopeRotation] of the tokens'
+            positions, applied to queries and keys.
         - `window`: how many of the most recent tokens (the current one included)
             each token attends to; `NO_WINDOW` for all of them.
-        - `rope`: the [`RotaryPositionalEmbedding`][eqx_embed.RotaryPositionalEmbedding]
-            applied to queries and keys.
 
         **Returns:**
 
@@ -133,14 +130,10 @@ class Attention(eqx.Module):
         """
         seq_len = x.shape[0]
         groups = self.num_heads // self.num_kv_heads
-        queries = rope(
-            self.query(x).reshape(seq_len, self.num_heads, self.head_dim),
-            positions=positions,
+        queries = rotation(
+            self.query(x).reshape(seq_len, self.num_heads, self.head_dim)
         )
-        keys = rope(
-            self.key(x).reshape(seq_len, self.num_kv_heads, self.head_dim),
-            positions=positions,
-        )
+        keys = rotation(self.key(x).reshape(seq_len, self.num_kv_heads, self.head_dim))
         values = self.value(x).reshape(seq_len, self.num_kv_heads, self.head_dim)
         queries = queries.reshape(seq_len, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum(

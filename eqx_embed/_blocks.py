@@ -22,7 +22,7 @@ from ._config import ACTIVATIONS, TransformerConfig
 from ._contracts import checked
 from ._linear import Linear
 from ._norms import LayerNorm, RMSNorm
-from ._rope import RotaryPositionalEmbedding
+from ._rope import RopeRotation
 
 Norm = RMSNorm | LayerNorm
 
@@ -165,22 +165,20 @@ class DecoderBlock(eqx.Module):
         self,
         x: Float[Array, "seq hidden_size"],
         *,
-        positions: Int[Array, " seq"] | None,
+        rotation: RopeRotation,
         window: Int[Array, ""],
-        rope: RotaryPositionalEmbedding,
     ) -> Float[Array, "seq hidden_size"]:
         """**Arguments:**
 
         - `x`: the hidden states of one sequence.
-        - `positions`, `window`, `rope`: as for
-            `Attention`.
+        - `rotation`, `window`: as for `Attention`.
 
         **Returns:**
 
         The hidden states after this layer.
         """
         attended = self.attention(
-            self.attention_norm(x), positions=positions, window=window, rope=rope
+            self.attention_norm(x), rotation=rotation, window=window
         )
         if self.attention_output_norm is not None:
             attended = self.attention_output_norm(attended)

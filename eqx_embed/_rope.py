@@ -185,11 +185,24 @@ class RotaryPositionalEmbedding(eqx.Module):
         """`attention_factor * sin(position * frequency)`, in `dtype`."""
         return jax.lax.bitcast_convert_type(self.sin_bits, self.dtype)
 
-    def _rows(
-        self, seq_len: int, positions: Int[ArrayLike, " seq"] | None
-    ) -> tuple[
-        Float[Array, "seq half_rotary_dim"], Float[Array, "seq half_rotary_dim"]
-    ]:
+    @checked
+    def rotation(
+        self, seq_len: int, *, positions: Int[ArrayLike, " seq"] | None = None
+    ) -> "RopeRotation":
+        """The rotation for `seq_len` tokens at `positions`, to apply to several
+        tensors: queries and keys, or the same positions in every layer, without
+        checking the positions and gathering their table rows once per tensor.
+
+        **Arguments:**
+
+        - `seq_len`: the number of tokens.
+        - `positions`: as for `__call__`; defaults to `0 .. seq_len-1`.
+
+        **Returns:**
+
+        A [`RopeRotation`][eqx_embed.RopeRotation]: `rotation(x)` equals
+        `self(x, positions=positions)` for every `x` of `seq_len` rows.
+        """
         if positions is None:
             if seq_len > self.max_seq_len:
                 raise ValueError(
@@ -198,19 +211,26 @@ class RotaryPositionalEmbedding(eqx.Module):
                     "max_seq_len."
                 )
             # A static slice, not a gather: it fuses into the rotation.
-            return self.cos[:seq_len], self.sin[:seq_len]
-        # Positions known now raise now, whatever the policy for traced ones.
-        known_now = not isinstance(positions, jax.core.Tracer)
-        positions = check_indices(
-            positions,
-            size=self.max_seq_len,
-            out_of_range="error" if known_now else self.out_of_range,
-            name="position",
-            negative_from_end=False,
-        )
-        return (
-            gather_rows(self.cos, positions, negative_from_end=False),
-            gather_rows(self.sin, positions, negative_from_end=False),
+            cos, sin = self.cos[:seq_len], self.sin[:seq_len]
+        else:
+            if jnp.shape(positions) != (seq_len,):
+                raise ValueError(
+                    f"positions must have shape ({seq_len},), one per token, got "
+                    f"shape {jnp.shape(positions)}."
+                )
+            # Positions known now raise now, whatever the policy for traced ones.
+            known_now = not isinstance(positions, jax.core.Tracer)
+            positions = check_indices(
+                positions,
+                size=self.max_seq_len,
+                out_of_range="error" if known_now else self.out_of_range,
+                name="position",
+                negative_from_end=False,
+            )
+            cos = gather_rows(self.cos, positions, negative_from_end=False)
+            sin = gather_rows(self.sin, positions, negative_from_end=False)
+        return RopeRotation(
+            cos, sin, embedding_size=self.embedding_size, interleaved=self.interleaved
         )
 
     @jax.named_scope("eqx_embed.RotaryPositionalEmbedding")
@@ -236,15 +256,57 @@ class RotaryPositionalEmbedding(eqx.Module):
 
         The rotated `x`, same shape and dtype (low-precision inputs are rotated in
         float32 and cast back once). An out-of-range position raises `ValueError` when
-        known at trace time; traced ones follow `out_of_range`.
+        known at trace time; traced ones follow `out_of_range`. To rotate several
+        tensors at the same positions, build their
+        [`rotation`][eqx_embed.RotaryPositionalEmbedding.rotation] once instead.
         """
         check_feature_size(
             x, self.embedding_size, name="x", owner="module's embedding_size"
         )
-        cos, sin = self._rows(x.shape[0], positions)
+        return self.rotation(x.shape[0], positions=positions)(x)
+
+
+class RopeRotation(eqx.Module):
+    """RoPE's cos and sin rows for one sequence of positions, from
+    [`RotaryPositionalEmbedding.rotation`][eqx_embed.RotaryPositionalEmbedding.rotation].
+    Apply it to every tensor rotated at those positions (queries and keys, in every
+    layer). It is built per call, never stored in a model, so its float rows are
+    never trained.
+    """
+
+    cos: Float[Array, "seq half_rotary_dim"]
+    sin: Float[Array, "seq half_rotary_dim"]
+    embedding_size: int = eqx.field(static=True)
+    interleaved: bool = eqx.field(static=True)
+
+    @jax.named_scope("eqx_embed.RopeRotation")
+    @checked
+    def __call__(
+        self, x: Float[Array, "seq *heads embedding_size"]
+    ) -> Float[Array, "seq *heads embedding_size"]:
+        """**Arguments:**
+
+        - `x`: as for
+            [`RotaryPositionalEmbedding.__call__`][eqx_embed.RotaryPositionalEmbedding.__call__],
+            with as many rows as the rotation has positions.
+
+        **Returns:**
+
+        The rotated `x`, same shape and dtype; the features past `rotary_dim` pass
+        through unchanged.
+        """
+        check_feature_size(
+            x, self.embedding_size, name="x", owner="rotation's embedding_size"
+        )
+        if x.shape[0] != self.cos.shape[0]:
+            raise ValueError(
+                f"x has {x.shape[0]} rows but the rotation was built for "
+                f"{self.cos.shape[0]} positions."
+            )
+        rotary_dim = 2 * self.cos.shape[-1]
         compute = jnp.float32 if is_low_precision(x.dtype) else x.dtype
-        cos, sin = cos.astype(compute), sin.astype(compute)
-        rotated, passed = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        cos, sin = self.cos.astype(compute), self.sin.astype(compute)
+        rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
         rotated = _rotate(rotated.astype(compute), cos, sin, self.interleaved)
         rotated = rotated.astype(x.dtype)
         if passed.shape[-1]:

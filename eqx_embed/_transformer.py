@@ -240,8 +240,8 @@ class TransformerLM(eqx.Module):
             name="token id",
             negative_from_end=True,
         )
-        if token_positions is not None:
-            token_positions = jnp.asarray(token_positions)
+        # Positions are checked and their table rows gathered once, for every layer.
+        rotation = self.rope.rotation(seq_len, positions=token_positions)
         x = jax.vmap(self.embedding)(tokens)
         if config.traits.scale_embeddings:
             x = x * jnp.asarray(config.hidden_size**0.5, dtype=x.dtype)
@@ -251,7 +251,7 @@ class TransformerLM(eqx.Module):
             parameters, window = parameters_and_window
             block = eqx.combine(parameters, structure)
             return (
-                block(x, positions=token_positions, window=window, rope=self.rope),
+                block(x, rotation=rotation, window=window),
                 None,
             )
 

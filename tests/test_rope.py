@@ -473,6 +473,28 @@ def test_traced_out_of_range_positions_read_nan_and_never_wrap():
     assert "callback" not in text
 
 
+def test_one_rotation_rotates_queries_and_keys_as_separate_calls():
+    rope = eqx_embed.RotaryPositionalEmbedding(8, max_seq_len=16, rotary_dim=6)
+    queries, keys = random_x((5, 4, 8), seed=1), random_x((5, 2, 8), seed=2)
+    positions = jnp.array([3, 4, 0, 1, 2])
+    rotation = rope.rotation(5, positions=positions)
+    for x in (queries, keys):
+        np.testing.assert_array_equal(rotation(x), rope(x, positions=positions))
+        np.testing.assert_allclose(
+            rotation(x), reference_rope(x, np.asarray(positions), rotary_dim=6),
+            rtol=1e-5, atol=1e-5,
+        )  # fmt: skip
+    np.testing.assert_array_equal(rope.rotation(5)(queries), rope(queries))
+    with pytest.raises(
+        ValueError, match="x has 6 rows but the rotation was built for 5"
+    ):
+        rotation(random_x((6, 8)))
+    with pytest.raises(ValueError, match=r"positions must have shape \(5,\)"):
+        rope.rotation(5, positions=jnp.arange(4))
+    with pytest.raises(ValueError, match="position 16 is out of range"):
+        rope.rotation(2, positions=np.array([0, 16]))
+
+
 @pytest.mark.parametrize("wrap", ["jit", "vmap", "jit+vmap"])
 def test_error_policy_raises_for_traced_positions(wrap):
     rope = RotaryPositionalEmbedding(4, max_seq_len=8, out_of_range="error")

@@ -429,6 +429,20 @@ def test_positions_are_checked(models, strict_model):
     assert np.isnan(logits[4:]).all()
 
 
+def test_traced_positions_are_checked_once_for_all_layers(strict_model):
+    """Traced positions add one host check, not one per rotation of the queries and
+    keys of every layer."""
+    tokens = jnp.asarray(TOKENS)
+
+    def host_checks(positions):
+        jaxpr = jax.make_jaxpr(lambda m, t, p: m(t, token_positions=p))(
+            strict_model, tokens, positions
+        )
+        return str(jaxpr).count("pure_callback")
+
+    assert host_checks(jnp.arange(len(TOKENS))) == host_checks(None) + 1
+
+
 def test_sequences_longer_than_the_model_raise(models):
     model = models["llama"]
     long = jnp.zeros(25, jnp.int32)
