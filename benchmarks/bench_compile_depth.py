@@ -45,9 +45,10 @@ def unrolled_forward(model: TransformerLM, tokens: jax.Array) -> jax.Array:
     """The same computation with one traced copy of the layer per layer."""
     x = jax.vmap(model.embedding)(tokens)
     x = x * jnp.asarray(model.config.hidden_size**0.5, x.dtype)
+    rotation = model.rope.rotation(tokens.shape[0])
     for layer, window in enumerate(model._layer_windows()):
         block = jax.tree.map(lambda array, i=layer: array[i], model.blocks)
-        x = block(x, positions=None, window=window, rope=model.rope)
+        x = block(x, rotation=rotation, window=window)
     return jax.vmap(model.embedding.decode)(model.final_norm(x))
 
 
