@@ -1,20 +1,26 @@
-"""Token embeddings, tied decoding and rotary position embeddings for Equinox."""
+"""Token embeddings, tied decoding and rotary position embeddings for Equinox.
 
-from ._decode import EmbeddingDecode as EmbeddingDecode
-from ._embedding import (
-    Embedding as Embedding,
-    Initializer as Initializer,
-    default_embedding_init as default_embedding_init,
-)
-from ._indices import OutOfRange as OutOfRange
-from ._reversible import ReversibleEmbedding as ReversibleEmbedding
-from ._rope import (
-    RopeRotation as RopeRotation,
-    RotaryPositionalEmbedding as RotaryPositionalEmbedding,
-)
-from ._transformer import (
+- `eqx_embed.nn`: the core modules.
+- `eqx_embed.models`: `TransformerConfig` and `TransformerLM`, built from the core.
+- `eqx_embed.huggingface`: Hugging Face checkpoints, read and written with NumPy.
+
+Every public name of `nn` and `models` is also importable from `eqx_embed` itself.
+"""
+
+from . import models as models, nn as nn
+from .models import (
     TransformerConfig as TransformerConfig,
     TransformerLM as TransformerLM,
+)
+from .nn import (
+    Embedding as Embedding,
+    EmbeddingDecode as EmbeddingDecode,
+    Initializer as Initializer,
+    OutOfRange as OutOfRange,
+    ReversibleEmbedding as ReversibleEmbedding,
+    RopeRotation as RopeRotation,
+    RotaryPositionalEmbedding as RotaryPositionalEmbedding,
+    default_embedding_init as default_embedding_init,
 )
 
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 import os
 
-# keras_hub is a test oracle: it must run on JAX, set before it is imported.
+# keras is a test oracle: it must run on JAX, set before it is imported.
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import hypothesis  # noqa: E402

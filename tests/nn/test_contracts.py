@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import eqx_embed
-from eqx_embed._contracts import check_feature_size
+from eqx_embed.nn._contracts import check_feature_size
 
 NUM_EMBEDDINGS, EMBEDDING_SIZE = 10, 4
 

@@ -1,5 +1,5 @@
 """`EmbeddingDecode`, `ReversibleEmbedding` and weight tying, against NumPy in float64,
-keras_hub's `ReversibleEmbedding`, penzai, `flax.linen.Embed.attend`, `eqx.nn.Shared`
+keras' `ReversibleEmbedding`, penzai, `flax.linen.Embed.attend`, `eqx.nn.Shared`
 and hand-written functions of a single table."""
 
 import re
@@ -9,7 +9,7 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import jaxtyping
-import keras_hub
+import keras
 import numpy as np
 import optax
 import pytest
@@ -26,7 +26,7 @@ def normal(*shape, seed=0, dtype=np.float32):
 
 
 def reference_logits(table, hidden, cap=None):
-    """`hidden @ table.T` in float64, soft-capped as keras_hub does."""
+    """`hidden @ table.T` in float64, soft-capped as keras does."""
     logits = np.asarray(hidden, np.float64) @ np.asarray(table, np.float64).T
     return logits if cap is None else cap * np.tanh(logits / cap)
 
@@ -37,10 +37,10 @@ def apply_all(module, inputs):
 
 
 def keras_reversible(table, *, reverse_table=None, logit_soft_cap=None, **kwargs):
-    """keras_hub's layer on our tables; keras stores an untied reverse kernel
+    """keras' layer on our tables; keras stores an untied reverse kernel
     transposed, as `(embedding_size, num_embeddings)`."""
     n, e = table.shape
-    layer = keras_hub.layers.ReversibleEmbedding(
+    layer = keras.layers.ReversibleEmbedding(
         n,
         e,
         tie_weights=reverse_table is None,
@@ -139,11 +139,11 @@ def test_decode_in_float64_under_x64():
     assert not jax.config.jax_enable_x64
 
 
-# Parity with keras_hub and penzai
+# Parity with keras and penzai
 
 
 @pytest.mark.parametrize("cap", [None, 1.5, 30.0])
-def test_tied_matches_keras_hub(cap):
+def test_tied_matches_keras(cap):
     table = normal(13, 6)
     ours = eqx_embed.ReversibleEmbedding(weight=table, logit_soft_cap=cap)
     theirs = keras_reversible(table, logit_soft_cap=cap)
@@ -156,7 +156,7 @@ def test_tied_matches_keras_hub(cap):
 
 
 @pytest.mark.parametrize("cap", [None, 2.0])
-def test_untied_matches_keras_hub(cap):
+def test_untied_matches_keras(cap):
     table, reverse_table = normal(13, 6), normal(13, 6, seed=1)
     ours = eqx_embed.ReversibleEmbedding(
         weight=table,
@@ -176,7 +176,7 @@ def test_untied_matches_keras_hub(cap):
 
 
 @pytest.mark.parametrize("reverse_dtype", LOW_PRECISION)
-def test_reverse_dtype_matches_keras_hub_and_is_more_accurate(reverse_dtype):
+def test_reverse_dtype_matches_keras_and_is_more_accurate(reverse_dtype):
     table = normal(64, 256)
     hidden = normal(8, 256, seed=1)
     ours = eqx_embed.ReversibleEmbedding(

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from ._indices import OutOfRange, check_policy
+from ..nn._indices import OutOfRange, check_policy
 
 Family = Literal["llama", "mistral", "qwen2", "gemma", "gemma2", "gpt_neox"]
 """The architectures `TransformerLM` implements, by their Hugging Face `model_type`."""

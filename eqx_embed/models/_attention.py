@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._contracts import checked
+from ..nn._contracts import checked
+from ..nn._rope import RopeRotation
 from ._linear import Linear
-from ._rope import RopeRotation
 
 NO_WINDOW = jnp.iinfo(jnp.int32).max
 """The window of a layer that attends to every earlier token."""

@@ -18,7 +18,7 @@ import pytest
 
 import eqx_embed
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 TINY_LM = [
     "--steps", "4",
     "--batch-size", "2",
@@ -183,7 +183,7 @@ def test_train_tiny_lm_bpe_on_user_text(tmp_path):
     of the text, not by the tokens."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    sources = sorted(pathlib.Path(eqx_embed.__file__).parent.glob("*.py"))
+    sources = sorted(pathlib.Path(eqx_embed.__file__).parent.glob("nn/*.py"))
     for source in sources:
         (corpus / source.name).write_bytes(source.read_bytes())
     (corpus / ".hidden").write_text("never read")

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._contracts import checked
+from ..nn._contracts import checked
 
 
 class RMSNorm(eqx.Module):

@@ -17,7 +17,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "hf_checkpoint.py"
+EXAMPLE = pathlib.Path(__file__).parents[2] / "examples" / "hf_checkpoint.py"
 MAX_POSITIONS = 32
 BOS = "<s>"
 # Both sides run in float32 and agree to about 3e-7 here. Tighter than the 1e-3 that

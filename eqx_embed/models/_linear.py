@@ -3,8 +3,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._contracts import checked
-from ._embedding import decode_logits
+from ..nn._contracts import checked
+from ..nn._embedding import decode_logits
 
 _lecun_normal = jax.nn.initializers.variance_scaling(
     1.0, "fan_in", "normal", in_axis=1, out_axis=0

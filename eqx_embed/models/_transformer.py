@@ -20,14 +20,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
+from ..nn._contracts import checked
+from ..nn._indices import OutOfRange, check_indices
+from ..nn._reversible import ReversibleEmbedding
+from ..nn._rope import RotaryPositionalEmbedding
 from ._attention import NO_WINDOW
 from ._blocks import DecoderBlock, Norm, make_norm
 from ._config import TransformerConfig
-from ._contracts import checked
-from ._huggingface import read_config, read_weights, write_checkpoint
-from ._indices import OutOfRange, check_indices
-from ._reversible import ReversibleEmbedding
-from ._rope import RotaryPositionalEmbedding
 
 
 def _make_rope(config: TransformerConfig) -> RotaryPositionalEmbedding:
@@ -365,28 +364,14 @@ class TransformerLM(eqx.Module):
         The model. A config key or value that the model does not implement and that
         would change its output raises a `ValueError` naming it.
         """
-        config = read_config(
+        from ..huggingface import load_transformer
+
+        return load_transformer(
             path,
-            param_dtype=None if param_dtype is None else jnp.dtype(param_dtype).name,
-            activation_dtype=(
-                None if activation_dtype is None else jnp.dtype(activation_dtype).name
-            ),
+            param_dtype=param_dtype,
+            activation_dtype=activation_dtype,
             out_of_range=out_of_range,
         )
-        skeleton = eqx.filter_eval_shape(_random_parts, config, jax.random.key(0))
-        names = _named_leaves(skeleton)
-        arrays = read_weights(path, config, list(names))
-        leaves = []
-        for name, want in names.items():
-            array = arrays[name]
-            if array.shape != want.shape:
-                raise ValueError(
-                    f"The checkpoint's weight for {name} has shape {array.shape}, but "
-                    f"its config implies {want.shape}."
-                )
-            leaves.append(jnp.asarray(array, dtype=want.dtype))
-        parts = jax.tree.unflatten(jax.tree.structure(skeleton), leaves)
-        return cls(config, **parts)
 
     def to_huggingface(self, path: str | pathlib.Path) -> None:
         """Writes a Hugging Face checkpoint directory (`config.json` and
@@ -397,7 +382,6 @@ class TransformerLM(eqx.Module):
 
         - `path`: the directory, created if needed.
         """
-        parts = dict(
-            embedding=self.embedding, blocks=self.blocks, final_norm=self.final_norm
-        )
-        write_checkpoint(path, self.config, _named_leaves(parts))
+        from ..huggingface import save_transformer
+
+        save_transformer(self, path)

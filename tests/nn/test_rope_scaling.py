@@ -15,7 +15,7 @@ from transformers.models.gpt_neox import modeling_gpt_neox
 from transformers.models.llama import modeling_llama
 
 import eqx_embed
-from eqx_embed._rope_scaling import inverse_frequencies, parse_scaling
+from eqx_embed.nn._rope_scaling import inverse_frequencies, parse_scaling
 
 ORIGINAL = 32  # the original (pretraining) context of the scaled configs below
 HEADS = 2

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ..nn._contracts import checked
+from ..nn._rope import RopeRotation
 from ._attention import Attention
 from ._config import ACTIVATIONS, TransformerConfig
-from ._contracts import checked
 from ._linear import Linear
 from ._norms import LayerNorm, RMSNorm
-from ._rope import RopeRotation
 
 Norm = RMSNorm | LayerNorm
 

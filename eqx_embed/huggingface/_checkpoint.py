@@ -1,0 +1,233 @@
+"""The safetensors weights of a Hugging Face checkpoint to and from the model's arrays,
+by name, with NumPy alone.
+
+Weights travel as a flat dict keyed by the model's attribute paths
+(`"blocks.attention.query.weight"`), with the layers stacked along a leading axis as
+`TransformerLM` keeps them.
+"""
+
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..models._config import TransformerConfig
+from ._config_json import config_from_huggingface, config_to_huggingface
+from ._safetensors import checkpoint_files, read_safetensors
+
+
+def _layer_names(config: TransformerConfig) -> tuple[str, dict[str, str]]:
+    """The Hugging Face prefix of layer `i` (a format string) and the Hugging Face
+    names of the block's submodules."""
+    if config.family == "gpt_neox":
+        return "gpt_neox.layers.{}.", {
+            "attention_norm": "input_layernorm",
+            "attention.output": "attention.dense",
+            "mlp_norm": "post_attention_layernorm",
+            "mlp.up": "mlp.dense_h_to_4h",
+            "mlp.down": "mlp.dense_4h_to_h",
+            # Fused into attention.query_key_value in the file; see _split_qkv.
+            "attention.query": "attention.query",
+            "attention.key": "attention.key",
+            "attention.value": "attention.value",
+        }
+    names = {
+        "attention_norm": "input_layernorm",
+        "attention.query": "self_attn.q_proj",
+        "attention.key": "self_attn.k_proj",
+        "attention.value": "self_attn.v_proj",
+        "attention.output": "self_attn.o_proj",
+        "mlp_norm": "post_attention_layernorm",
+        "mlp.gate": "mlp.gate_proj",
+        "mlp.up": "mlp.up_proj",
+        "mlp.down": "mlp.down_proj",
+    }
+    if config.traits.sandwich_norms:
+        names.update(
+            attention_output_norm="post_attention_layernorm",
+            mlp_norm="pre_feedforward_layernorm",
+            mlp_output_norm="post_feedforward_layernorm",
+        )
+    return "model.layers.{}.", names
+
+
+def _top_names(config: TransformerConfig) -> dict[str, str]:
+    if config.family == "gpt_neox":
+        return {
+            "embedding.embedding": "gpt_neox.embed_in",
+            "embedding.reverse_embedding": "embed_out",
+            "final_norm": "gpt_neox.final_layer_norm",
+        }
+    return {
+        "embedding.embedding": "model.embed_tokens",
+        "embedding.reverse_embedding": "lm_head",
+        "final_norm": "model.norm",
+    }
+
+
+def _huggingface_name(name: str, config: TransformerConfig) -> str | list[str]:
+    """The Hugging Face name of the model's weight `name`, or, for a stacked block
+    weight, the list of per-layer names."""
+    module, leaf = name.rsplit(".", 1)
+    if module.startswith("blocks."):
+        prefix, names = _layer_names(config)
+        hf_module = names[module.removeprefix("blocks.")]
+        return [
+            f"{prefix.format(layer)}{hf_module}.{leaf}"
+            for layer in range(config.num_layers)
+        ]
+    return f"{_top_names(config)[module]}.{leaf}"
+
+
+def _split_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
+    """Replaces each of GPT-NeoX's fused `attention.query_key_value` weights and biases
+    by separate query, key and value tensors, in place. The fused rows are laid out
+    per head: `(heads, 3, head_dim)`, each head's query, key and value rows adjacent."""
+    fused = (".query_key_value.weight", ".query_key_value.bias")
+    for fused_name in [name for name in tensors if name.endswith(fused)]:
+        array = tensors.pop(fused_name)
+        per_head = array.reshape(config.num_heads, 3, -1, *array.shape[1:])
+        prefix, leaf = fused_name.rsplit(".query_key_value.", 1)
+        for index, part in enumerate(("query", "key", "value")):
+            tensors[f"{prefix}.{part}.{leaf}"] = per_head[:, index].reshape(
+                -1, *array.shape[1:]
+            )
+
+
+def _fuse_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
+    """The inverse of `_split_qkv`, in place."""
+    for query_name in [n for n in tensors if ".attention.query." in n]:
+        prefix, leaf = query_name.split(".attention.query.")
+        parts = [
+            tensors.pop(f"{prefix}.attention.{part}.{leaf}")
+            for part in ("query", "key", "value")
+        ]
+        per_head = np.stack(
+            [part.reshape(config.num_heads, -1, *part.shape[1:]) for part in parts],
+            axis=1,
+        )
+        tensors[f"{prefix}.attention.query_key_value.{leaf}"] = per_head.reshape(
+            -1, *parts[0].shape[1:]
+        )
+
+
+# Buffers that old checkpoints saved and that transformers recomputes.
+_RECOMPUTED_SUFFIXES = (
+    ".rotary_emb.inv_freq",
+    ".attention.bias",
+    ".attention.masked_bias",
+)
+
+
+def read_config(
+    path: str | pathlib.Path,
+    *,
+    param_dtype: str | None = None,
+    activation_dtype: str | None = None,
+    out_of_range: str = "nan",
+) -> TransformerConfig:
+    """The [`TransformerConfig`][eqx_embed.TransformerConfig] of the `config.json` in
+    the checkpoint directory `path`."""
+    config_file = pathlib.Path(path) / "config.json"
+    if not config_file.exists():
+        raise ValueError(f"{path} has no config.json.")
+    return config_from_huggingface(
+        json.loads(config_file.read_text()),
+        param_dtype=param_dtype,
+        activation_dtype=activation_dtype,
+        out_of_range=out_of_range,
+    )
+
+
+def read_weights(
+    path: str | pathlib.Path, config: TransformerConfig, names: list[str]
+) -> dict[str, np.ndarray]:
+    """The weights of the checkpoint directory `path`, by the model's weight names.
+
+    **Arguments:**
+
+    - `path`: the directory, with `*.safetensors` files (sharded ones listed in
+        `model.safetensors.index.json`).
+    - `config`: the model's config, as `read_config` returns it.
+    - `names`: the model's weight names (`"blocks.mlp.up.weight"`).
+
+    **Returns:**
+
+    A dict from each of `names` to a NumPy array, the layers of block weights stacked
+    along a leading axis. A weight missing from the files, or one in the files that
+    the model has no place for, raises a `ValueError` naming it.
+    """
+    directory = pathlib.Path(path)
+    tensors: dict[str, np.ndarray] = {}
+    for file in checkpoint_files(directory):
+        for name, array in read_safetensors(file).items():
+            if name in tensors:
+                raise ValueError(f"{name} is stored twice in {directory}.")
+            tensors[name] = array
+    for name in [n for n in tensors if n.endswith(_RECOMPUTED_SUFFIXES)]:
+        del tensors[name]
+    if config.family == "gpt_neox":
+        _split_qkv(tensors, config)
+    arrays = {}
+    for name in names:
+        hf_name = _huggingface_name(name, config)
+        hf_names = hf_name if isinstance(hf_name, list) else [hf_name]
+        missing = [n for n in hf_names if n not in tensors]
+        if missing:
+            raise ValueError(
+                f"The checkpoint has no {missing[0]} (for the model's {name}), which "
+                "its config implies."
+            )
+        layers = [tensors.pop(n) for n in hf_names]
+        arrays[name] = np.stack(layers) if isinstance(hf_name, list) else layers[0]
+    if config.tie_word_embeddings:
+        # transformers ties the decode to the embedding and ignores a stored copy.
+        tensors.pop(
+            _huggingface_name("embedding.reverse_embedding.weight", config), None
+        )
+    if tensors:
+        raise ValueError(
+            "The checkpoint has weights that its config does not imply, which this "
+            f"model would ignore: {sorted(tensors)}."
+        )
+    return arrays
+
+
+def write_checkpoint(
+    path: str | pathlib.Path,
+    config: TransformerConfig,
+    arrays: Mapping[str, Any],
+) -> None:
+    """Writes `config.json` and `model.safetensors` to the directory `path`.
+
+    **Arguments:**
+
+    - `path`: the directory, created if needed.
+    - `config`: the model's config.
+    - `arrays`: the model's weights by name, layers stacked, as `read_weights`
+        returns them. bfloat16 weights are written as float32 (exactly; safetensors'
+        NumPy API has no bfloat16), with `"dtype": "bfloat16"` in `config.json`.
+    """
+    from safetensors.numpy import save_file
+
+    values = config_to_huggingface(config)
+    tensors: dict[str, np.ndarray] = {}
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        if array.dtype == jnp.bfloat16:
+            array = array.astype(np.float32)
+        hf_name = _huggingface_name(name, config)
+        if isinstance(hf_name, list):
+            tensors.update(zip(hf_name, array, strict=True))
+        else:
+            tensors[hf_name] = array
+    if config.family == "gpt_neox":
+        _fuse_qkv(tensors, config)
+    directory = pathlib.Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(values, indent=2) + "\n")

@@ -1,0 +1,54 @@
+"""`TransformerLM` from and to a Hugging Face checkpoint directory."""
+
+import pathlib
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import DTypeLike
+
+from ..models._transformer import TransformerLM, _named_leaves, _random_parts
+from ..nn._indices import OutOfRange
+from ._checkpoint import read_config, read_weights, write_checkpoint
+
+
+def load_transformer(
+    path: str | pathlib.Path,
+    *,
+    param_dtype: DTypeLike | None = None,
+    activation_dtype: DTypeLike | None = None,
+    out_of_range: OutOfRange = "nan",
+) -> TransformerLM:
+    """The model of a Hugging Face checkpoint directory; see
+    [`TransformerLM.from_huggingface`][eqx_embed.TransformerLM.from_huggingface]."""
+    config = read_config(
+        path,
+        param_dtype=None if param_dtype is None else jnp.dtype(param_dtype).name,
+        activation_dtype=(
+            None if activation_dtype is None else jnp.dtype(activation_dtype).name
+        ),
+        out_of_range=out_of_range,
+    )
+    skeleton = eqx.filter_eval_shape(_random_parts, config, jax.random.key(0))
+    names = _named_leaves(skeleton)
+    arrays = read_weights(path, config, list(names))
+    leaves = []
+    for name, want in names.items():
+        array = arrays[name]
+        if array.shape != want.shape:
+            raise ValueError(
+                f"The checkpoint's weight for {name} has shape {array.shape}, but "
+                f"its config implies {want.shape}."
+            )
+        leaves.append(jnp.asarray(array, dtype=want.dtype))
+    parts = jax.tree.unflatten(jax.tree.structure(skeleton), leaves)
+    return TransformerLM(config, **parts)
+
+
+def save_transformer(model: TransformerLM, path: str | pathlib.Path) -> None:
+    """Writes `model` as a Hugging Face checkpoint directory; see
+    [`TransformerLM.to_huggingface`][eqx_embed.TransformerLM.to_huggingface]."""
+    parts = dict(
+        embedding=model.embedding, blocks=model.blocks, final_norm=model.final_norm
+    )
+    write_checkpoint(path, model.config, _named_leaves(parts))

@@ -1,0 +1,16 @@
+"""The core: token embeddings, tied decoding, the fused cross-entropy and rotary
+position embeddings. Imports nothing from `eqx_embed.models` or
+`eqx_embed.huggingface`."""
+
+from ._decode import EmbeddingDecode as EmbeddingDecode
+from ._embedding import (
+    Embedding as Embedding,
+    Initializer as Initializer,
+    default_embedding_init as default_embedding_init,
+)
+from ._indices import OutOfRange as OutOfRange
+from ._reversible import ReversibleEmbedding as ReversibleEmbedding
+from ._rope import (
+    RopeRotation as RopeRotation,
+    RotaryPositionalEmbedding as RotaryPositionalEmbedding,
+)
