@@ -2,8 +2,8 @@
 by name, with NumPy alone.
 
 Weights travel as a flat dict keyed by the model's attribute paths
-(`"blocks.attention.query.weight"`), with the layers stacked along a leading axis as
-`TransformerLM` keeps them.
+(`"blocks.attention.query_proj.weight"`), with the layers stacked along a leading axis
+as `TransformerLM` keeps them.
 """
 
 import json
@@ -25,21 +25,21 @@ def _layer_names(config: TransformerConfig) -> tuple[str, dict[str, str]]:
     if config.family == "gpt_neox":
         return "gpt_neox.layers.{}.", {
             "attention_norm": "input_layernorm",
-            "attention.output": "attention.dense",
+            "attention.output_proj": "attention.dense",
             "mlp_norm": "post_attention_layernorm",
             "mlp.up": "mlp.dense_h_to_4h",
             "mlp.down": "mlp.dense_4h_to_h",
             # Fused into attention.query_key_value in the file; see _split_qkv.
-            "attention.query": "attention.query",
-            "attention.key": "attention.key",
-            "attention.value": "attention.value",
+            "attention.query_proj": "attention.query",
+            "attention.key_proj": "attention.key",
+            "attention.value_proj": "attention.value",
         }
     names = {
         "attention_norm": "input_layernorm",
-        "attention.query": "self_attn.q_proj",
-        "attention.key": "self_attn.k_proj",
-        "attention.value": "self_attn.v_proj",
-        "attention.output": "self_attn.o_proj",
+        "attention.query_proj": "self_attn.q_proj",
+        "attention.key_proj": "self_attn.k_proj",
+        "attention.value_proj": "self_attn.v_proj",
+        "attention.output_proj": "self_attn.o_proj",
         "mlp_norm": "post_attention_layernorm",
         "mlp.gate": "mlp.gate_proj",
         "mlp.up": "mlp.up_proj",

@@ -33,10 +33,10 @@ class Attention(eqx.Module):
     Scores are computed and soft-maxed in float32.
     """
 
-    query: Linear
-    key: Linear
-    value: Linear
-    output: Linear
+    query_proj: Linear
+    key_proj: Linear
+    value_proj: Linear
+    output_proj: Linear
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
@@ -71,30 +71,30 @@ class Attention(eqx.Module):
         - `dtype`, `param_dtype`: compute and weight dtypes.
         - `key`: a `jax.random.PRNGKey`.
         """
-        query_key, key_key, value_key, output_key = jax.random.split(key, 4)
+        query_key, key_proj_key, value_key, output_key = jax.random.split(key, 4)
         common: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype)
-        self.query = Linear(
+        self.query_proj = Linear(
             hidden_size,
             num_heads * head_dim,
             use_bias=qkv_bias,
             key=query_key,
             **common,
         )
-        self.key = Linear(
+        self.key_proj = Linear(
             hidden_size,
             num_kv_heads * head_dim,
             use_bias=qkv_bias,
-            key=key_key,
+            key=key_proj_key,
             **common,
         )
-        self.value = Linear(
+        self.value_proj = Linear(
             hidden_size,
             num_kv_heads * head_dim,
             use_bias=qkv_bias,
             key=value_key,
             **common,
         )
-        self.output = Linear(
+        self.output_proj = Linear(
             num_heads * head_dim,
             hidden_size,
             use_bias=output_bias,
@@ -131,10 +131,12 @@ class Attention(eqx.Module):
         seq_len = x.shape[0]
         groups = self.num_heads // self.num_kv_heads
         queries = rotation(
-            self.query(x).reshape(seq_len, self.num_heads, self.head_dim)
+            self.query_proj(x).reshape(seq_len, self.num_heads, self.head_dim)
         )
-        keys = rotation(self.key(x).reshape(seq_len, self.num_kv_heads, self.head_dim))
-        values = self.value(x).reshape(seq_len, self.num_kv_heads, self.head_dim)
+        keys = rotation(
+            self.key_proj(x).reshape(seq_len, self.num_kv_heads, self.head_dim)
+        )
+        values = self.value_proj(x).reshape(seq_len, self.num_kv_heads, self.head_dim)
         queries = queries.reshape(seq_len, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum(
             "qkgd,skd->kgqs", queries, keys, preferred_element_type=jnp.float32
@@ -146,4 +148,6 @@ class Attention(eqx.Module):
         scores = jnp.where(mask, scores, -jnp.inf)
         weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
         attended = jnp.einsum("kgqs,skd->qkgd", weights, values)
-        return self.output(attended.reshape(seq_len, self.num_heads * self.head_dim))
+        return self.output_proj(
+            attended.reshape(seq_len, self.num_heads * self.head_dim)
+        )

@@ -125,9 +125,9 @@ def reference_logits(
     for layer, window in enumerate(config.layer_windows):
         attention = blocks.attention
         h = norm(blocks.attention_norm, x, layer)
-        q = rope(linear(attention.query, h, layer).reshape(seq, heads, head_dim))
-        k = rope(linear(attention.key, h, layer).reshape(seq, kv_heads, head_dim))
-        v = linear(attention.value, h, layer).reshape(seq, kv_heads, head_dim)
+        q = rope(linear(attention.query_proj, h, layer).reshape(seq, heads, head_dim))
+        k = rope(linear(attention.key_proj, h, layer).reshape(seq, kv_heads, head_dim))
+        v = linear(attention.value_proj, h, layer).reshape(seq, kv_heads, head_dim)
         k = np.repeat(k, heads // kv_heads, axis=1)
         v = np.repeat(v, heads // kv_heads, axis=1)
         scores = np.einsum("qhd,khd->hqk", q, k)
@@ -141,7 +141,7 @@ def reference_logits(
         weights = np.exp(scores - scores.max(-1, keepdims=True))
         weights /= weights.sum(-1, keepdims=True)
         attended = np.einsum("hqk,khd->qhd", weights, v).reshape(seq, -1)
-        attended = linear(attention.output, attended, layer)
+        attended = linear(attention.output_proj, attended, layer)
         if blocks.attention_output_norm is not None:
             attended = norm(blocks.attention_output_norm, attended, layer)
         if config.parallel_residual:
@@ -364,7 +364,7 @@ def test_layers_are_stacked_and_scanned():
     for layers in (2, 6):
         config = dataclasses.replace(CONFIGS["gemma2"], num_layers=layers)
         model = eqx.filter_eval_shape(TransformerLM, config, key=jax.random.key(0))
-        assert model.blocks.attention.query.weight.shape == (layers, 64, 32)
+        assert model.blocks.attention.query_proj.weight.shape == (layers, 64, 32)
         jaxpr = jax.make_jaxpr(lambda m, t: m(t))(model, jnp.asarray(TOKENS)).jaxpr
         sizes[layers] = len(jaxpr.eqns)
         assert "scan" in {eqn.primitive.name for eqn in jaxpr.eqns}
@@ -463,7 +463,9 @@ def test_modules_that_disagree_with_the_config_raise(models):
     config = model.config
     with pytest.raises(ValueError, match=r"embedding\.embedding\.weight has shape"):
         TransformerLM(dataclasses.replace(config, vocab_size=41), **parts)
-    with pytest.raises(ValueError, match=r"blocks\.attention\.key\.weight has shape"):
+    with pytest.raises(
+        ValueError, match=r"blocks\.attention\.key_proj\.weight has shape"
+    ):
         TransformerLM(dataclasses.replace(config, num_kv_heads=4), **parts)
     with pytest.raises(ValueError, match="static settings"):
         TransformerLM(dataclasses.replace(config, norm_eps=1e-3), **parts)
