@@ -117,7 +117,7 @@ def reference_logits(
         inner = act(linear(mlp.gate, h, layer)) * linear(mlp.up, h, layer)
         return linear(mlp.down, inner, layer)
 
-    x = f64(model.embedding.embedding.weight)[tokens]
+    x = f64(model.embedding.weight)[tokens]
     if config.family == "gemma2":
         x = x * np.sqrt(config.hidden_size)
     blocks = model.blocks
@@ -301,7 +301,7 @@ def test_tied_table_is_one_leaf_and_its_gradient_sums_both_uses(models):
     model = models["llama"]
     trainable = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
     assert sum(leaf.shape == (VOCAB, 32) for leaf in trainable) == 1
-    table = model.embedding.embedding.weight
+    table = model.embedding.weight
     untied = TransformerLM(
         dataclasses.replace(model.config, tie_word_embeddings=False),
         embedding=ReversibleEmbedding(
@@ -322,7 +322,7 @@ def test_tied_table_is_one_leaf_and_its_gradient_sums_both_uses(models):
     tied_loss, tied_grads = gradient(model)
     untied_loss, untied_grads = gradient(untied)
     np.testing.assert_allclose(untied_loss, tied_loss, atol=1e-6)
-    tied_grad = tied_grads.embedding.embedding.weight
+    tied_grad = tied_grads.embedding.weight
     untied_grads = untied_grads.embedding
     np.testing.assert_allclose(
         tied_grad,
@@ -479,7 +479,7 @@ def test_modules_that_disagree_with_the_config_raise(models):
 
 def test_the_weight_tying_trap_is_detected(models):
     model = models["gpt_neox"]  # untied
-    table = model.embedding.embedding.weight
+    table = model.embedding.weight
     trapped = eqx.tree_at(lambda e: e.reverse_embedding.weight, model.embedding, table)
     with pytest.raises(ValueError, match="same array stored twice"):
         TransformerLM(
