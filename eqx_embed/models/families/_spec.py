@@ -137,7 +137,7 @@ class ConfigKeys:
             )
         return value
 
-    def take_positive(self, key: str) -> float | None:
+    def take_positive(self, key: str) -> float | int | None:
         """`take`, for a key that must hold a positive finite number."""
         value = self.take(key)
         if value is not None:
@@ -148,7 +148,7 @@ class ConfigKeys:
         """Takes the boolean `key`, which must be absent or false."""
         if self.take_bool(key):
             raise ValueError(
-                f"config.json has {key}=true, which this model does not implement "
+                f"config.json has {key}=True, which this model does not implement "
                 f"({why})."
             )
 
