@@ -202,7 +202,7 @@ def write_rms_attention(config: TransformerConfig) -> dict[str, Any]:
         num_key_value_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         rope_theta=config.rope_theta,
-        rope_scaling=_rope_scaling(config),
+        rope_scaling=rope_scaling_dict(config),
         rms_norm_eps=config.norm_eps,
     )
     if config.partial_rotary_factor != 1.0:
@@ -210,7 +210,8 @@ def write_rms_attention(config: TransformerConfig) -> dict[str, Any]:
     return values
 
 
-def _rope_scaling(config: TransformerConfig) -> dict[str, Any] | None:
+def rope_scaling_dict(config: TransformerConfig) -> dict[str, Any] | None:
+    """`rope_scaling` as `config.json` holds it."""
     return None if config.rope_scaling is None else config.rope_scaling.to_dict()
 
 

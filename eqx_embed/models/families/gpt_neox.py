@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._spec import ConfigKeys, FamilySpec, Presets, WeightNames, read_attention_bias
+from ._spec import (
+    ConfigKeys,
+    FamilySpec,
+    Presets,
+    WeightNames,
+    read_attention_bias,
+    rope_scaling_dict,
+)
 
 if TYPE_CHECKING:
     from .._config import TransformerConfig
@@ -32,9 +39,7 @@ def write_config(config: TransformerConfig) -> dict[str, Any]:
     return dict(
         rotary_emb_base=config.rope_theta,
         rotary_pct=config.partial_rotary_factor,
-        rope_scaling=(
-            None if config.rope_scaling is None else config.rope_scaling.to_dict()
-        ),
+        rope_scaling=rope_scaling_dict(config),
         layer_norm_eps=config.norm_eps,
         hidden_act=config.hidden_act,
         attention_bias=config.attention_bias,
