@@ -331,8 +331,9 @@ class TransformerConfig:
 
     @property
     def spec(self) -> FamilySpec:
-        """The family's [spec](../guides/huggingface.md#adding-a-family): its presets
-        and Hugging Face names."""
+        """The family's spec: its presets and Hugging Face names (the
+        [Hugging Face guide](../guides/huggingface.md#families-and-adding-one) lists
+        what a spec holds)."""
         return family_spec(self.family)
 
     @property
