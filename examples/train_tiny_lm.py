@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-bytes",
         type=integer(1),
         default=4_000_000,
-        help="at most this much text trains (the first documents)",
+        help="at most this much text trains, from the first documents on",
     )
     add("--eval-bytes", type=integer(1), default=65_536, help="held-out bytes scored")
     add("--seed", type=integer(0), default=0, help="seeds model, batches, samples")
