@@ -612,7 +612,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             tokenizer.side_files(),
         )
     source = "the Python standard library" if args.text is None else args.text
-    title = f"{num_params:,}-parameter TransformerLM on {source} ({tokenizer.kind}s)"
+    title = (
+        f"{num_params:,}-parameter TransformerLM on {source} ({tokenizer.kind} tokens)"
+    )
     plot_history(history, baselines, out / "loss.png", title)
     print(
         f"wrote {out / 'checkpoint.eqx'}, {out / 'checkpoint.json'}, {out / 'loss.png'}"
