@@ -432,6 +432,28 @@ def test_loss_plot_without_an_evaluation_has_a_title(tmp_path, monkeypatch):
     close(figure)
 
 
+def test_train_tiny_lm_finishes_a_save_that_ctrl_c_interrupts(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of writing `checkpoint.eqx` waits for the save."""
+    import signal
+
+    serialise = eqx.tree_serialise_leaves
+
+    def interrupted_half_way(file, tree):
+        file.write(b"\x93NUMPY")
+        signal.raise_signal(signal.SIGINT)
+        file.seek(0)
+        serialise(file, tree)
+
+    monkeypatch.setattr(eqx, "tree_serialise_leaves", interrupted_half_way)
+    settings = [*TINY_LM, "--steps", "2", "--num-samples", "1", "--out", str(tmp_path)]
+    train_tiny_lm.main(settings)
+    monkeypatch.undo()
+    record = _checkpointing.read_record(tmp_path)
+    assert record["step"] == 2
+    model, _ = load_run(tmp_path)
+    assert model.config.vocab_size == 256
+
+
 def test_interrupts_deferred_restores_the_handler():
     import signal
 
