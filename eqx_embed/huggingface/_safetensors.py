@@ -182,11 +182,17 @@ def read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
                 "long, too short for the 8-byte header length."
             )
         (header_size,) = struct.unpack("<Q", prefix)
-        if header_size > min(MAX_HEADER_SIZE, file_size - 8):
+        if header_size > MAX_HEADER_SIZE:
             raise ValueError(
                 f"{file} is not a valid safetensors file: its header length, "
                 f"{header_size} bytes, exceeds safetensors' limit of "
-                f"{MAX_HEADER_SIZE} or the {file_size - 8} bytes after it."
+                f"{MAX_HEADER_SIZE}."
+            )
+        if header_size > file_size - 8:
+            raise ValueError(
+                f"{file} is not a valid safetensors file: its header length, "
+                f"{header_size} bytes, runs past the end of the file "
+                f"({file_size} bytes)."
             )
         header = _parse_json(handle.read(header_size), file, "the safetensors header")
         layout = _tensor_layout(header, file_size - 8 - header_size, file)
@@ -237,18 +243,22 @@ def checkpoint_files(directory: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _replaced_files(directory: pathlib.Path) -> list[pathlib.Path]:
-    """The index and shards of a sharded checkpoint in `directory`, index first; an
-    index that cannot be read is replaced alone."""
+    """The index and shards of a sharded checkpoint in `directory`, index first. Only
+    `*.safetensors` files the index lists count as shards, so that an index cannot
+    name other files for removal; an index that cannot be read is replaced alone."""
     index = directory / INDEX_NAME
     if not os.path.lexists(index):
         return []
     try:
-        shards = set(_weight_map(index).values()) - {WEIGHTS_NAME}
+        listed = set(_weight_map(index).values())
     except ValueError:
-        shards = set()
-    return [index] + [
-        directory / name for name in sorted(shards) if os.path.lexists(directory / name)
+        listed = set()
+    shards = [
+        directory / name
+        for name in sorted(listed - {WEIGHTS_NAME})
+        if name.endswith(".safetensors") and os.path.lexists(directory / name)
     ]
+    return [index, *shards]
 
 
 def _temporary_file(directory: pathlib.Path, name: str) -> pathlib.Path:

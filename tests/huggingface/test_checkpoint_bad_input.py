@@ -126,15 +126,22 @@ def test_writing_over_a_sharded_checkpoint_replaces_it(tmp_path):
     )
 
 
-def test_writing_leaves_shards_the_index_does_not_list(checkpoint):
+def test_writing_leaves_files_that_are_no_listed_shards(checkpoint):
+    """Files the old index does not list as shards stay, and so do files it lists
+    that are no safetensors file: an index cannot have other files removed."""
     directory, _ = checkpoint
     shard_checkpoint(directory)
     save_file({"x": np.ones(2, "f4")}, directory / "adapter.safetensors")
+    (directory / "tokenizer.json").write_text("{}")
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = "tokenizer.json"
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     tiny_model(2).to_huggingface(directory)
     assert sorted(path.name for path in directory.iterdir()) == [
         "adapter.safetensors",
         "config.json",
         "model.safetensors",
+        "tokenizer.json",
     ]
 
 
@@ -300,7 +307,10 @@ F32_NORM = dict(dtype="F32", shape=[16], data_offsets=[0, 64])
         (b"\x10\x00\x00", "too short for the 8-byte header length"),
         (safetensors_bytes(b"{}", header_size=2**62), "exceeds safetensors' limit"),
         (safetensors_bytes(b"{}", header_size=2**64 - 1), "exceeds safetensors' limit"),
-        (safetensors_bytes(b"{}", header_size=3), "or the 2 bytes after it"),
+        (
+            safetensors_bytes(b"{}", header_size=3),
+            "runs past the end of the file (10 bytes)",
+        ),
         (safetensors_bytes(b"{\xff}"), "not valid UTF-8 JSON"),
         (safetensors_bytes(b"{"), "not valid UTF-8 JSON"),
         (safetensors_bytes([1]), "header is a JSON list"),
