@@ -20,12 +20,14 @@ if TYPE_CHECKING:
 
 
 def read_config(keys: ConfigKeys) -> dict[str, Any]:
+    # transformers ignores head_dim for GPT-NeoX: it must agree or be absent.
     head_dim = keys.take("head_dim")
-    heads_span = keys.given["hidden_size"] // keys.given["num_attention_heads"]
-    if head_dim not in (None, heads_span):
+    hidden_size = keys.given["hidden_size"]
+    num_heads = keys.given["num_attention_heads"]
+    if head_dim is not None and head_dim * num_heads != hidden_size:
         raise ValueError(
-            f"config.json has head_dim={head_dim}, but GPT-NeoX's heads are "
-            f"hidden_size // num_attention_heads = {heads_span} wide."
+            f"config.json has head_dim={head_dim!r}, but GPT-NeoX's heads are "
+            f"hidden_size / num_attention_heads = {hidden_size} / {num_heads} wide."
         )
     return dict(
         **read_attention_bias(keys),
