@@ -34,7 +34,7 @@ def load_transformer(
     skeleton = eqx.filter_eval_shape(_random_parts, config, jax.random.key(0))
     names = _named_leaves(skeleton)
     arrays = read_weights(path, config, list(names))
-    if UNTIED_HEAD in arrays:
+    if config.tie_word_embeddings and UNTIED_HEAD in arrays:
         # transformers 5 loads such a checkpoint untied, warning as here.
         warnings.warn(
             f"{path}: config.json has tie_word_embeddings=true, but the files store a "

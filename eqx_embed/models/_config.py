@@ -1,9 +1,8 @@
 """The static description of a decoder-only transformer: `TransformerConfig`."""
 
 import dataclasses
-import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +30,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
-
-NORMS: tuple[NormKind, ...] = typing.get_args(NormKind)
+NORMS: tuple[NormKind, ...] = get_args(NormKind)
 
 # The fields a family presets when they are left None.
 _PRESET_FIELDS = tuple(field.name for field in dataclasses.fields(Presets))

@@ -4,8 +4,10 @@ silently different model. Issue 11, items 5 and 6."""
 
 import json
 import math
+import warnings
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -158,8 +160,31 @@ def test_a_different_stored_head_is_loaded_untied_as_transformers_does(
     assert np.abs(expected - tied_logits).max() > 0.1  # the head matters
 
 
+def test_an_untied_config_loads_the_same_model_without_a_warning(
+    tied_checkpoint, tmp_path
+):
+    different = tied_checkpoint / "different"
+    values = json.loads((different / "config.json").read_text())
+    (tmp_path / "config.json").write_text(
+        json.dumps({**values, "tie_word_embeddings": False})
+    )
+    (tmp_path / "model.safetensors").symlink_to(different / "model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        untied = TransformerLM.from_huggingface(tmp_path)
+    with pytest.warns(UserWarning, match="loaded untied"):
+        from_tied = TransformerLM.from_huggingface(different)
+    assert untied.config == from_tied.config
+    for leaf, other in zip(
+        jax.tree.leaves(untied), jax.tree.leaves(from_tied), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(other))
+
+
 def test_a_stored_copy_of_the_embedding_stays_tied(tied_checkpoint):
-    model = TransformerLM.from_huggingface(tied_checkpoint / "copy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = TransformerLM.from_huggingface(tied_checkpoint / "copy")
     assert model.config.tie_word_embeddings
     assert model.embedding.reverse_embedding is None
     tokens = jnp.array([1, 5, 9, 30], dtype=jnp.int32)
