@@ -36,6 +36,8 @@ def test_the_tiny_configs_are_valid():
     # The cases below fail for the one value they change, not for the rest.
     for model_type in ("llama", "mistral", "qwen2", "gemma", "gemma2", "gpt_neox"):
         assert config_from_huggingface(tiny(model_type)).family == model_type
+    # transformers' own default, which it writes to config.json, means false.
+    assert config_from_huggingface(tiny("gemma2", use_bidirectional_attention=None))
 
 
 @pytest.mark.parametrize(
@@ -51,6 +53,8 @@ def test_the_tiny_configs_are_valid():
         ("gemma2", "use_bidirectional_attention", "false"),
         ("gpt_neox", "use_parallel_residual", "false"),
         ("gpt_neox", "attention_bias", "no"),
+        ("gemma", "tie_word_embeddings", None),
+        ("llama", "mlp_bias", None),
     ],
 )
 def test_a_boolean_given_as_anything_else_raises(model_type, key, value):

@@ -127,11 +127,15 @@ class ConfigKeys:
             )
         return self.values.pop(key)
 
-    def take_bool(self, key: str) -> bool | None:
-        """`take`, for a key that must hold a JSON boolean (`"false"` is a string,
-        which Python would count as true)."""
+    def take_bool(self, key: str, *, nullable: bool = False) -> bool | None:
+        """`take`, for a key that must hold a JSON boolean: not `"false"`, a string
+        that Python would count as true, and not `null` unless `nullable` (which
+        transformers would count as false even where its default is true)."""
+        given = key in self.values
         value = self.take(key)
-        if value is not None and not isinstance(value, bool):
+        if value is None and (nullable or not given):
+            return None
+        if not isinstance(value, bool):
             raise ValueError(
                 f"config.json has {key}={value!r}; it must be true or false."
             )
@@ -145,8 +149,9 @@ class ConfigKeys:
         return value
 
     def expect_false(self, key: str, why: str) -> None:
-        """Takes the boolean `key`, which must be absent or false."""
-        if self.take_bool(key):
+        """Takes the boolean `key`, which must be absent, `null` (transformers' own
+        default for some keys) or false."""
+        if self.take_bool(key, nullable=True):
             raise ValueError(
                 f"config.json has {key}=True, which this model does not implement "
                 f"({why})."
