@@ -9,8 +9,13 @@ Every public name of `nn` and `models` is also importable from `eqx_embed` itsel
 
 from . import models as models, nn as nn
 from .models import (
+    Rules as Rules,
     TransformerConfig as TransformerConfig,
     TransformerLM as TransformerLM,
+    model_partition_specs as model_partition_specs,
+    shard_batch as shard_batch,
+    shard_model as shard_model,
+    sharding_rules as sharding_rules,
 )
 from .nn import (
     Embedding as Embedding,

@@ -62,12 +62,11 @@ def table_axes(table: Array) -> tuple[AxisNames, AxisNames]:
 
 
 def row_sharding(table: Array) -> PartitionSpec | None:
-    """The `out_sharding` of one row gathered from `table` (its embedding axis's), or
-    `None` where the mesh does not ask for one."""
+    """The `out_sharding` of one row gathered from `table`: whole (its batch of rows
+    is split as the token ids are, which may use the table's embedding axes too, as
+    under FSDP), or `None` where the mesh does not ask for one."""
     rows, columns = table_axes(table)
-    if not rows and not columns:
-        return None
-    return PartitionSpec(columns or None)
+    return PartitionSpec(None) if rows or columns else None
 
 
 def vocab_parallel_lse_and_target_logit(
@@ -82,9 +81,13 @@ def vocab_parallel_lse_and_target_logit(
     logit per token) for a table whose rows are split over explicit mesh axes, without
     gathering the table. Other arguments: as `local`'s. Returns what `local` would on
     the whole table."""
-    vocab_axes, _ = table_axes(table)
+    vocab_axes, embedding_axes = table_axes(table)
     if not vocab_axes:
         return local(table, hidden, targets, blocking)
+    if embedding_axes:
+        # FSDP: each device's rows are gathered whole where they are used (their
+        # gradient is scattered back by the transpose).
+        table = jax.sharding.reshard(table, PartitionSpec(vocab_axes, None))
     mesh = jax.sharding.get_abstract_mesh()
     shards = 1
     for name in vocab_axes:
