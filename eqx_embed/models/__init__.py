@@ -2,7 +2,6 @@
 Checkpoint interop lives in `eqx_embed.huggingface`, imported only when used."""
 
 from ._config import TransformerConfig as TransformerConfig
-from ._transformer import TransformerLM as TransformerLM
 from ._sharding import (
     Rules as Rules,
     model_partition_specs as model_partition_specs,
@@ -10,3 +9,4 @@ from ._sharding import (
     shard_model as shard_model,
     sharding_rules as sharding_rules,
 )
+from ._transformer import TransformerLM as TransformerLM

@@ -105,7 +105,10 @@ def _leaf_axes(name: str, ndim: int) -> tuple[str | None, ...]:
 
 
 def _spec(
-    name: str, shape: tuple[int, ...], logical: Sequence[str | None], rules: Rules,
+    name: str,
+    shape: tuple[int, ...],
+    logical: Sequence[str | None],
+    rules: Rules,
     mesh: Mesh | AbstractMesh,
 ) -> PartitionSpec:
     entries = []
@@ -139,7 +142,7 @@ def _spec(
                 f"{devices} devices on mesh axes {mesh_axes} do not divide; pad it to "
                 f"a multiple of {devices} or change the rule for {axis!r}."
             )
-        entries.append(None if not mesh_axes else mesh_axes)
+        entries.append(mesh_axes or None)
     return PartitionSpec(*entries)
 
 

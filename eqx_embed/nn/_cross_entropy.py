@@ -50,7 +50,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._embedding import is_low_precision
 from ._vocab_parallel import (
-    explicit_spec,
+    explicit_sharding,
     sharded_like,
     varying_like,
     vocab_parallel_lse_and_target_logit,
@@ -189,7 +189,7 @@ def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit)
         # Summed over the tokens, which may be split over a mesh axis: the rows'
         # gradient takes the table's layout.
         d_rows = _contract(
-            d_logits, hidden_compute, 0, 0, blocking, explicit_spec(d_table)
+            d_logits, hidden_compute, 0, 0, blocking, explicit_sharding(d_table)
         )
         # The blocks run from the last one: the rows that the shifted last block
         # shares with the block before are overwritten by that block. Writing

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jaxtyping import Array
 
 AxisNames = tuple[str, ...]
@@ -64,9 +64,9 @@ def table_axes(table: Array) -> tuple[AxisNames, AxisNames]:
 def row_sharding(table: Array) -> PartitionSpec | None:
     """The `out_sharding` of one row gathered from `table`: whole (its batch of rows
     is split as the token ids are, which may use the table's embedding axes too, as
-    under FSDP), or `None` where the mesh does not ask for one."""
-    rows, columns = table_axes(table)
-    return PartitionSpec(None) if rows or columns else None
+    under FSDP), or `None` where the mesh has no explicit axes to resolve."""
+    sharding = explicit_sharding(table)
+    return None if sharding is None else sharding.update(spec=PartitionSpec(None))
 
 
 def vocab_parallel_lse_and_target_logit(
@@ -87,8 +87,11 @@ def vocab_parallel_lse_and_target_logit(
     if embedding_axes:
         # FSDP: each device's rows are gathered whole where they are used (their
         # gradient is scattered back by the transpose).
-        table = jax.sharding.reshard(table, PartitionSpec(vocab_axes, None))
-    mesh = jax.sharding.get_abstract_mesh()
+        gathered = PartitionSpec(vocab_axes, None)
+        table = jax.sharding.reshard(
+            table, explicit_sharding(table).update(spec=gathered)
+        )
+    mesh = jax.typeof(table).sharding.mesh
     shards = 1
     for name in vocab_axes:
         shards *= mesh.shape[name]
@@ -116,6 +119,7 @@ def vocab_parallel_lse_and_target_logit(
         per_shard,
         in_specs=(PartitionSpec(vocab_axes), PartitionSpec(), PartitionSpec()),
         out_specs=(PartitionSpec(), PartitionSpec()),
+        mesh=mesh,
         axis_names=set(vocab_axes),
     )(table, hidden, targets)
     in_range = (targets >= 0) & (targets < table.shape[0])
@@ -131,17 +135,17 @@ def varying_like(x: Array, reference: Array) -> Array:
     return lax.pcast(x, missing, to="varying") if missing else x
 
 
-def explicit_spec(reference: Array) -> PartitionSpec | None:
-    """`reference`'s layout where the mesh has explicit axes (an `out_sharding` for
+def explicit_sharding(reference: Array) -> NamedSharding | None:
+    """`reference`'s layout where its mesh has explicit axes (an `out_sharding` for
     results that must match it), else `None`."""
     sharding = getattr(jax.typeof(reference), "sharding", None)
     if sharding is None or AxisType.Explicit not in sharding.mesh.axis_types:
         return None
-    return sharding.spec
+    return sharding
 
 
 def sharded_like(x: Array, reference: Array) -> Array:
     """`x`, resharded to `reference`'s explicit layout (same rank), so that it can be
     added to `reference`. A no-op without explicit mesh axes."""
-    spec = explicit_spec(reference)
-    return x if spec is None else jax.sharding.reshard(x, spec)
+    sharding = explicit_sharding(reference)
+    return x if sharding is None else jax.sharding.reshard(x, sharding)

@@ -103,7 +103,8 @@ def test_a_batch_split_over_the_vocabulary_axis_is_refused():
     rules = sharding_rules(data=("data", "vocab"), vocab="vocab")
     tokens = jax.numpy.zeros((8, 4), jax.numpy.int32)
     with pytest.raises(
-        ValueError, match=r"batch\['tokens'\] cannot be split over the mesh axes \['vocab'\]"
+        ValueError,
+        match=r"batch\['tokens'\] cannot be split over the mesh axes \['vocab'\]",
     ):
         # Refused before anything is placed: one device shows it.
         shard_batch(
@@ -165,4 +166,6 @@ def test_training_on_a_mesh_follows_one_device(run_on_devices):
     reference = results.pop("one_device")
     assert len(reference) == 20 and reference[-1] < reference[0]
     for layout, losses in results.items():
-        assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-5, layout
+        assert (
+            max(abs(a - b) for a, b in zip(losses, reference, strict=True)) <= 1e-5
+        ), layout
