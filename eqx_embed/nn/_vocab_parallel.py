@@ -61,7 +61,7 @@ def table_axes(table: Array) -> tuple[AxisNames, AxisNames]:
     return rows, columns
 
 
-def row_sharding(table: Array) -> PartitionSpec | None:
+def row_sharding(table: Array) -> NamedSharding | None:
     """The `out_sharding` of one row gathered from `table`: whole (its batch of rows
     is split as the token ids are, which may use the table's embedding axes too, as
     under FSDP), or `None` where the mesh has no explicit axes to resolve."""
