@@ -105,7 +105,6 @@ def measure_in_subprocess() -> dict:
 
 def main() -> list:
     import jax
-
     from _harness import Row, machine_description
 
     print(machine_description())

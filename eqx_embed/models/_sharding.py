@@ -76,7 +76,7 @@ def sharding_rules(
     **Returns:**
 
     A dictionary from each logical axis name to a tuple of mesh axis names, for
-    [`shard_model`][eqx_embed.models.shard_model]; edit it to taste.
+    [`shard_model`][eqx_embed.shard_model]; edit it to taste.
     """
     data = () if data is None else (data,) if isinstance(data, str) else tuple(data)
     fsdp_axes = () if fsdp is None else (fsdp,)
@@ -153,7 +153,7 @@ def model_partition_specs(model: Any, mesh: Mesh | AbstractMesh, rules: Rules) -
 
     - `model`: a [`TransformerLM`][eqx_embed.TransformerLM] (or any of its parts).
     - `mesh`: the `jax.sharding.Mesh` the rules refer to.
-    - `rules`: from [`sharding_rules`][eqx_embed.models.sharding_rules].
+    - `rules`: from [`sharding_rules`][eqx_embed.sharding_rules].
 
     **Returns:**
 
@@ -183,12 +183,12 @@ def shard_model(model: Any, mesh: Mesh, rules: Rules) -> Any:
 
     - `model`: a [`TransformerLM`][eqx_embed.TransformerLM] (or any of its parts).
     - `mesh`: a `jax.sharding.Mesh`, as from `jax.make_mesh`.
-    - `rules`: from [`sharding_rules`][eqx_embed.models.sharding_rules].
+    - `rules`: from [`sharding_rules`][eqx_embed.sharding_rules].
 
     **Returns:**
 
     The same model, its arrays sharded. Raises as
-    [`model_partition_specs`][eqx_embed.models.model_partition_specs].
+    [`model_partition_specs`][eqx_embed.model_partition_specs].
     """
     specs = model_partition_specs(model, mesh, rules)
     arrays, static = eqx.partition(model, eqx.is_array)
@@ -210,7 +210,7 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
 
     - `batch`: a pytree of arrays with a common leading batch axis (token ids,
         targets, masks), on the host or on devices.
-    - `mesh`, `rules`: as for [`shard_model`][eqx_embed.models.shard_model].
+    - `mesh`, `rules`: as for [`shard_model`][eqx_embed.shard_model].
 
     **Returns:**
 

@@ -62,17 +62,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def process_flags(index: int, coordinator: str) -> list[str]:
+    return [
+        "--num-processes", "2",
+        "--process-id", str(index),
+        "--coordinator", coordinator,
+    ]  # fmt: skip
+
+
 def test_two_processes_match_one(tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
     outs = [tmp_path / "process0", tmp_path / "process1"]
     processes = [
-        launch(
-            out,
-            "--num-processes", "2",
-            "--process-id", str(index),
-            "--coordinator", coordinator,
-            devices=2,
-        )  # fmt: skip
+        launch(out, *process_flags(index, coordinator), devices=2)
         for index, out in enumerate(outs)
     ]
     finish(processes)
