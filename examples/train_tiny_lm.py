@@ -426,8 +426,18 @@ def add_process_options(parser: argparse.ArgumentParser) -> None:
         "process computes each global batch, feeds its share of the rows, and "
         "process 0 writes the outputs",
     )
-    group.add_argument("--num-processes", type=integer(1), default=1)
-    group.add_argument("--process-id", type=integer(0), default=0)
+    group.add_argument(
+        "--num-processes",
+        type=integer(1),
+        default=1,
+        help="how many processes run together (jax.distributed)",
+    )
+    group.add_argument(
+        "--process-id",
+        type=integer(0),
+        default=0,
+        help="this process's index, from 0; process 0 coordinates and writes",
+    )
     group.add_argument(
         "--coordinator",
         default="127.0.0.1:12355",
