@@ -209,6 +209,60 @@ def test_bfloat16_accumulates_in_float32(table_dtype):
     )
 
 
+@pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_masked_rows_with_non_finite_hidden_states_contribute_nothing(poison, cap):
+    """A NaN or an infinity in a row that `where` masks out reaches neither the loss
+    nor any gradient: the reference sees finite values in those rows, which the mask
+    discards."""
+    table, hidden, targets, weights = make_inputs(37)
+    where = jnp.arange(TOKENS) % 3 != 0
+    poisoned = jnp.where(where[:, None], hidden, poison)
+    losses, (d_table, d_hidden) = fused_loss_and_grads(
+        table, poisoned, targets, weights, cap=cap, where=where, block_size=8
+    )
+    expected, _, expected_d_table, expected_d_hidden = reference(
+        table, hidden, targets, where=where, cap=cap, weights=weights
+    )
+    assert_close(losses, expected)
+    assert_close(d_table, expected_d_table)
+    assert_close(d_hidden, expected_d_hidden)
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_masked_non_finite_rows_contribute_nothing_under_vmap(poison):
+    table, _, _, _ = make_inputs(23)
+    keys = jax.random.split(jax.random.key(2), 2)
+    hidden = jax.random.normal(keys[0], (3, 5, WIDTH))
+    targets = jax.random.randint(keys[1], (3, 5), 0, 23)
+    where = jnp.arange(15).reshape(3, 5) % 4 != 1
+    poisoned = jnp.where(where[..., None], hidden, poison)
+    weights = jnp.linspace(0.5, 2.0, 15).reshape(3, 5)
+
+    @eqx.filter_jit
+    def run(module, hidden):
+        def total(pair):
+            module, hidden = pair
+            losses = jax.vmap(
+                lambda h, t, w: module.cross_entropy(h, t, where=w, block_size=8)
+            )(hidden, targets, where)
+            return jnp.sum(weights * losses), losses
+
+        return eqx.filter_grad(total, has_aux=True)((module, hidden))
+
+    (d_module, d_hidden), losses = run(decoder(table), poisoned)
+    expected, _, expected_d_table, expected_d_hidden = reference(
+        table,
+        hidden.reshape(15, WIDTH),
+        targets.reshape(15),
+        where=where.reshape(15),
+        weights=weights.reshape(15),
+    )
+    assert_close(losses.reshape(15), expected)
+    assert_close(d_module.weight, expected_d_table)
+    assert_close(d_hidden.reshape(15, WIDTH), expected_d_hidden)
+
+
 def test_vmap_over_sequences():
     table, _, _, _ = make_inputs(23)
     keys = jax.random.split(jax.random.key(1), 3)
