@@ -473,13 +473,13 @@ def test_error_policy_raises_eagerly_under_jit_and_vmap(bad):
     message = rf"target {bad} is out of range for a table of 11 rows"
     with pytest.raises(ValueError, match=message):
         module.cross_entropy(hidden, targets)
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(eqx.EquinoxRuntimeError, match=message):
         jax.block_until_ready(
             eqx.filter_jit(lambda m, h, t: m.cross_entropy(h, t))(
                 module, hidden, targets
             )
         )
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(eqx.EquinoxRuntimeError, match=message):
         jax.block_until_ready(
             jax.vmap(lambda h, t: module.cross_entropy(h, t))(
                 jnp.stack([hidden, hidden]), jnp.stack([targets, targets])

@@ -249,7 +249,7 @@ def test_reversible_lookup_follows_the_out_of_range_policy_under_jit():
     nan = eqx_embed.ReversibleEmbedding(weight=table)
     np.testing.assert_array_equal(np.isnan(apply_all(nan, ids)).all(1), [0, 1, 1])
     error = eqx_embed.ReversibleEmbedding(weight=table, out_of_range="error")
-    with pytest.raises(Exception, match="token id 8 is out of range for a table of 8"):
+    with pytest.raises(eqx.EquinoxRuntimeError, match="token id 8 is out of range for a table of 8"):
         jax.block_until_ready(apply_all(error, ids))
 
 
