@@ -21,7 +21,7 @@ import numpy as np
 
 
 def tolerance(dtype, reduction: int = 1, *, scale: float = 1.0) -> dict[str, float]:
-    """`rtol` and `atol` for `np.testing.assert_allclose(ours, theirs, **tolerance(...))`
+    """`rtol` and `atol` for `np.testing.assert_allclose(ours, theirs, **tolerance())`
     when `ours` and `theirs` compute the same values in `dtype` by different programs.
 
     **Arguments:**

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _tolerances import tolerance
+
 from eqx_embed import TransformerConfig, TransformerLM
 
 VOCAB = 16

@@ -55,7 +55,9 @@ WIDE = [2**32 + 5, 2**40 + 7, -(2**32) + 3, 2**63 - 1, -(2**63)]
 def test_numpy_int64_ids_never_wrap_without_x64(wide):
     assert not jax.config.jax_enable_x64
     assert np.isnan(np.asarray(embedding("nan")(np.int64(wide)))).all()
-    with pytest.raises(ValueError, match=f"token id {wide} is out of range for a table"):
+    with pytest.raises(
+        ValueError, match=f"token id {wide} is out of range for a table"
+    ):
         embedding("error")(np.int64(wide))
     wrapped = int(np.int64(wide).astype(np.int32)) % ROWS  # the row a cast would read
     padded = eqx_embed.Embedding(weight=jnp.asarray(table()), padding_idx=wrapped)
@@ -88,7 +90,9 @@ def test_wide_positions_never_wrap():
     with jax.enable_x64(True):
         traced = jnp.asarray(positions)
         got = eqx.filter_jit(lambda r, x, p: r(x, positions=p))(rope, x, traced)
-        np.testing.assert_array_equal(got[0], rope(jnp.asarray(x[:1]), positions=[1])[0])
+        np.testing.assert_array_equal(
+            got[0], rope(jnp.asarray(x[:1]), positions=[1])[0]
+        )
         assert np.isnan(np.asarray(got[1])).all()
         with pytest.raises(eqx.EquinoxRuntimeError, match=f"position {2**32 + 1} is"):
             jax.block_until_ready(
@@ -106,7 +110,9 @@ def test_wide_targets_never_wrap():
     # Masked out, the same target is ignored, under both policies.
     where = np.array([True, False, True])
     for policy in ["nan", "error"]:
-        masked = decoder(policy).cross_entropy(jnp.asarray(hidden), targets, where=where)
+        masked = decoder(policy).cross_entropy(
+            jnp.asarray(hidden), targets, where=where
+        )
         assert np.isfinite(masked).all() and masked[1] == 0
     with jax.enable_x64(True):
         fn = eqx.filter_jit(lambda m, h, t: m.cross_entropy(h, t))
@@ -163,9 +169,9 @@ def test_error_under_jit_and_vmap_is_an_equinox_runtime_error(transform):
             strict, ids
         ),
         "vmap": lambda: jax.vmap(jax.vmap(strict))(ids),
-        "filter_jit+vmap": lambda: eqx.filter_jit(jax.vmap(lambda i: lookup(strict, i)))(
-            ids
-        ),
+        "filter_jit+vmap": lambda: eqx.filter_jit(
+            jax.vmap(lambda i: lookup(strict, i))
+        )(ids),
     }[transform]
     with pytest.raises(eqx.EquinoxRuntimeError) as caught:
         jax.block_until_ready(fn())
@@ -186,6 +192,4 @@ def test_error_under_jit_names_positions_and_targets_too():
     hidden = jnp.ones((2, 3, WIDTH))
     targets = jnp.array([[1, 2, 3], [4, -100, 5]])
     with pytest.raises(eqx.EquinoxRuntimeError, match="target -100 is out of range"):
-        jax.block_until_ready(
-            jax.vmap(decoder("error").cross_entropy)(hidden, targets)
-        )
+        jax.block_until_ready(jax.vmap(decoder("error").cross_entropy)(hidden, targets))
