@@ -41,3 +41,23 @@ def tolerance(dtype, reduction: int = 1, *, scale: float = 1.0) -> dict[str, flo
     """
     bound = reduction * float(np.finfo(dtype).eps)
     return dict(rtol=bound, atol=bound * scale)
+
+
+def matmul_tolerance(left, right, dtype=np.float32, *, after: int = 0):
+    """`tolerance` for `left @ right.T` (and what follows it) by two programs.
+
+    **Arguments:**
+
+    - `left`, `right`: the operands, of shapes `(..., width)` and `(rows, width)`.
+    - `dtype`: the dtype the products are accumulated in.
+    - `after`: the roundings that follow the product (a soft cap's divide, tanh and
+        multiply: say 4).
+
+    **Returns:**
+
+    `tolerance(dtype, width + after, scale=max(|left| @ |right|.T))`.
+    """
+    left = np.abs(np.asarray(left, np.float64))
+    right = np.abs(np.asarray(right, np.float64))
+    scale = float((left @ right.T).max(initial=0.0))
+    return tolerance(dtype, right.shape[-1] + after, scale=scale)

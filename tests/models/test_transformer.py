@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _tolerances import tolerance
 from jaxtyping import TypeCheckError
 
 from eqx_embed import ReversibleEmbedding, TransformerConfig, TransformerLM
@@ -162,6 +163,14 @@ def reference_logits(
 
 
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=12)
+# Two programs of the same model (jit and eager, scanned and unrolled, tied and
+# untied) round differently. An output's chain of roundings: per layer, sums over
+# the hidden size (projections, norm), the sequence (attention) and the
+# intermediate size (MLP), then the decode's sum over the hidden size; the terms
+# are of order one after each norm.
+SAME_MODEL = tolerance(
+    np.float32, SMALL["num_layers"] * (3 * 32 + 12 + 48) + 32, scale=4.0
+)
 
 
 # --- The config -----------------------------------------------------------------
@@ -263,7 +272,7 @@ def test_batching_and_jit_match_single_calls(models):
     batch = np.stack([TOKENS, TOKENS[::-1]])
     batched = eqx.filter_jit(jax.vmap(model.__call__))(jnp.asarray(batch))
     for row, tokens in zip(batched, batch, strict=True):
-        np.testing.assert_allclose(row, model(jnp.asarray(tokens)), atol=1e-5)
+        np.testing.assert_allclose(row, model(jnp.asarray(tokens)), **SAME_MODEL)
 
 
 def test_a_shift_of_every_position_changes_nothing(models):
@@ -321,13 +330,13 @@ def test_tied_table_is_one_leaf_and_its_gradient_sums_both_uses(models):
     gradient = eqx.filter_jit(eqx.filter_value_and_grad(loss))
     tied_loss, tied_grads = gradient(model)
     untied_loss, untied_grads = gradient(untied)
-    np.testing.assert_allclose(untied_loss, tied_loss, atol=1e-6)
+    np.testing.assert_allclose(untied_loss, tied_loss, **SAME_MODEL)
     tied_grad = tied_grads.embedding.embedding.weight
     untied_grads = untied_grads.embedding
     np.testing.assert_allclose(
         tied_grad,
         untied_grads.embedding.weight + untied_grads.reverse_embedding.weight,
-        atol=1e-6,
+        **SAME_MODEL,
     )
     assert np.abs(untied_grads.embedding.weight).max() > 0
     assert np.abs(untied_grads.reverse_embedding.weight).max() > 0
@@ -377,7 +386,7 @@ def test_unrolling_the_layer_scan_changes_nothing_but_the_program(models):
     jaxpr = str(jax.make_jaxpr(lambda m, t: m(t))(unrolled, jnp.asarray(TOKENS)))
     assert "unroll=2" in jaxpr
     np.testing.assert_allclose(
-        unrolled(jnp.asarray(TOKENS)), model(jnp.asarray(TOKENS)), rtol=1e-6, atol=1e-6
+        unrolled(jnp.asarray(TOKENS)), model(jnp.asarray(TOKENS)), **SAME_MODEL
     )
 
 

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import optax
 import pytest
-from _tolerances import tolerance
+from _tolerances import matmul_tolerance, tolerance
 from hypothesis import given
 from penzai import pz
 
@@ -34,9 +34,8 @@ def reference_logits(table, hidden, cap=None):
 
 def logit_tolerance(table, hidden, dtype=np.float32):
     """For logits of two programs: dot products of the embedding width, then the soft
-    cap's divide, tanh and multiply (a few roundings more)."""
-    scale = (np.abs(np.asarray(hidden, np.float64)) @ np.abs(np.asarray(table)).T).max()
-    return tolerance(dtype, table.shape[1] + 4, scale=scale)
+    cap's divide, tanh and multiply."""
+    return matmul_tolerance(hidden, table, dtype, after=4)
 
 
 def apply_all(module, inputs):
