@@ -230,10 +230,10 @@ class RotaryPositionalEmbedding(eqx.Module):
             # A static slice, not a gather: it fuses into the rotation.
             cos, sin = self.cos[:seq_len], self.sin[:seq_len]
         else:
-            if jnp.shape(positions) != (seq_len,):
+            if np.shape(positions) != (seq_len,):
                 raise ValueError(
                     f"positions must have shape ({seq_len},), one per token, got "
-                    f"shape {jnp.shape(positions)}."
+                    f"shape {np.shape(positions)}."
                 )
             # Positions known now raise now, whatever the policy for traced ones.
             known_now = not isinstance(positions, jax.core.Tracer)

@@ -64,7 +64,9 @@ def test_every_integer_dtype_and_python_sequences_are_accepted(model, as_input):
     if not isinstance(as_input(TOKENS), list | tuple):
         batch = jnp.stack([jnp.asarray(as_input(TOKENS))] * 2)
         np.testing.assert_allclose(
-            eqx.filter_jit(jax.vmap(model))(batch)[1], expected, **CLOSE
+            eqx.filter_jit(lambda m, b: jax.vmap(m)(b))(model, batch)[1],
+            expected,
+            **CLOSE,
         )
 
 

@@ -170,8 +170,8 @@ def test_error_under_jit_and_vmap_is_an_equinox_runtime_error(transform):
         ),
         "vmap": lambda: jax.vmap(jax.vmap(strict))(ids),
         "filter_jit+vmap": lambda: eqx.filter_jit(
-            jax.vmap(lambda i: lookup(strict, i))
-        )(ids),
+            lambda m, i: jax.vmap(jax.vmap(m))(i)
+        )(strict, ids),
     }[transform]
     with pytest.raises(eqx.EquinoxRuntimeError) as caught:
         jax.block_until_ready(fn())
