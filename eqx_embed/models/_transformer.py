@@ -18,15 +18,25 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArray
+from jaxtyping import (
+    Array,
+    ArrayLike,
+    Bool,
+    DTypeLike,
+    Float,
+    Int,
+    Integer,
+    PRNGKeyArray,
+)
 
 from ..nn._contracts import checked
-from ..nn._indices import OutOfRange, check_indices
+from ..nn._indices import IntegerSequence, OutOfRange, check_indices
 from ..nn._reversible import ReversibleEmbedding
 from ..nn._rope import RotaryPositionalEmbedding
 from ._attention import NO_WINDOW
 from ._blocks import DecoderBlock, Norm, make_norm
 from ._config import TransformerConfig
+from ._sharding import on_auto_axes
 
 
 def _make_rope(config: TransformerConfig) -> RotaryPositionalEmbedding:
@@ -205,9 +215,9 @@ class TransformerLM(eqx.Module):
     @checked
     def hidden_states(
         self,
-        tokens: Int[ArrayLike, " seq"],
+        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
-        token_positions: Int[ArrayLike, " seq"] | None = None,
+        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
     ) -> Float[Array, "seq hidden_size"]:
         """The hidden states after the final norm, before the decode.
 
@@ -224,14 +234,9 @@ class TransformerLM(eqx.Module):
         Shape `(seq, hidden_size)`, in the activation dtype.
         """
         config = self.config
-        seq_len = tokens.shape[0]
-        if seq_len > config.max_position_embeddings:
-            raise ValueError(
-                f"tokens has {seq_len} tokens but the model supports at most "
-                f"max_position_embeddings={config.max_position_embeddings}."
-            )
-        # Checked here, before the per-token lookup traces them, so that bad ids known
-        # now raise now.
+        # Checked here, in their own dtype and with the embedding's policy, before the
+        # per-token lookup traces them, so that bad ids known now raise now. They come
+        # back as int32 in [0, vocab_size], which the lookup accepts unchanged.
         tokens = check_indices(
             tokens,
             size=config.vocab_size,
@@ -239,6 +244,17 @@ class TransformerLM(eqx.Module):
             name="token id",
             negative_from_end=True,
         )
+        if tokens.ndim != 1:
+            raise ValueError(
+                f"tokens must be one sequence of ids, shape (seq,), got shape "
+                f"{tokens.shape}; use jax.vmap for a batch."
+            )
+        seq_len = tokens.shape[0]
+        if seq_len > config.max_position_embeddings:
+            raise ValueError(
+                f"tokens has {seq_len} tokens but the model supports at most "
+                f"max_position_embeddings={config.max_position_embeddings}."
+            )
         # Positions are checked and their table rows gathered once, for every layer.
         rotation = self.rope.rotation(seq_len, positions=token_positions)
         x = jax.vmap(self.embedding)(tokens)
@@ -246,26 +262,29 @@ class TransformerLM(eqx.Module):
             x = x * jnp.asarray(config.hidden_size**0.5, dtype=x.dtype)
         parameters, structure = eqx.partition(self.blocks, eqx.is_array)
 
-        def layer(x, parameters_and_window):
-            parameters, window = parameters_and_window
-            block = eqx.combine(parameters, structure)
-            return (
-                block(x, rotation=rotation, window=window),
-                None,
-            )
+        def layers(x, parameters, rotation):
+            def layer(x, parameters_and_window):
+                parameters, window = parameters_and_window
+                block = eqx.combine(parameters, structure)
+                return block(x, rotation=rotation, window=window), None
 
-        x, _ = jax.lax.scan(
-            layer, x, (parameters, self._layer_windows()), unroll=config.scan_unroll
-        )
+            x, _ = jax.lax.scan(
+                layer, x, (parameters, self._layer_windows()), unroll=config.scan_unroll
+            )
+            return x
+
+        # The blocks' FSDP gathers and tensor-parallel reductions are GSPMD's to
+        # place, also under explicit mesh axes.
+        x = on_auto_axes(layers, x)(x, parameters, rotation)
         return self.final_norm(x)
 
     @jax.named_scope("eqx_embed.TransformerLM")
     @checked
     def __call__(
         self,
-        tokens: Int[ArrayLike, " seq"],
+        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
-        token_positions: Int[ArrayLike, " seq"] | None = None,
+        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq vocab_size"]:
         """The logits of the next token after each prefix of one sequence.
@@ -286,11 +305,11 @@ class TransformerLM(eqx.Module):
     @checked
     def loss(
         self,
-        tokens: Int[ArrayLike, " seq"],
-        targets: Int[ArrayLike, " seq"],
+        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
+        targets: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
         where: Bool[ArrayLike, " seq"] | None = None,
-        token_positions: Int[ArrayLike, " seq"] | None = None,
+        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
         z_loss: float = 0.0,
     ) -> Float[Array, " seq"]:
         """Per-token training loss through the fused decode cross-entropy, which never
@@ -316,10 +335,10 @@ class TransformerLM(eqx.Module):
     @checked
     def score(
         self,
-        tokens: Int[ArrayLike, " seq"],
-        next_tokens: Int[ArrayLike, " seq"],
+        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
+        next_tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
-        token_positions: Int[ArrayLike, " seq"] | None = None,
+        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
     ) -> Float[Array, " seq"]:
         """Log-probabilities of given continuations:
         `log p(next_tokens[i] | tokens[: i + 1])`.
