@@ -6,6 +6,7 @@ from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArra
 from ._contracts import check_feature_size, checked
 from ._cross_entropy import fused_cross_entropy, fused_log_sum_exp
 from ._embedding import Embedding, decode_logits
+from ._reduced_cross_entropy import fused_weighted_cross_entropy
 from ._indices import check_indices
 
 
@@ -161,6 +162,83 @@ class EmbeddingDecode(eqx.Module):
             dtype=self.dtype,
             logit_soft_cap=self.logit_soft_cap,
             block_size=block_size,
+        )
+
+    @jax.named_scope("eqx_embed.EmbeddingDecode.mean_cross_entropy")
+    @checked
+    def mean_cross_entropy(
+        self,
+        hidden: Float[Array, "tokens embedding_size"],
+        targets: Int[ArrayLike, " tokens"],
+        *,
+        where: Bool[ArrayLike, " tokens"] | None = None,
+        weights: Float[ArrayLike, " tokens"] | None = None,
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> Float[Array, ""]:
+        """The training loss: the mean over the tokens where `where` is True of
+        [`cross_entropy`][eqx_embed.EmbeddingDecode.cross_entropy] (or, given
+        `weights`, their weighted sum), as one scalar, with both gradients computed
+        in the forward pass (Liger's fused linear cross-entropy): three matmuls, as
+        the plain loss, where the per-token `cross_entropy` needs four, and no
+        `(tokens, num_embeddings)` array. Values and targets' policy as
+        `cross_entropy`.
+
+        Pass all the tokens of a batch at once, flattened to `(tokens,
+        embedding_size)`: under `jax.vmap` each example would make a table gradient
+        of its own (and a mean of per-example means is not the mean over tokens).
+
+        **Arguments:**
+
+        - `hidden`: the hidden states, shape `(tokens, embedding_size)`.
+        - `targets`: the target token ids, shape `(tokens,)`, checked as for
+            `cross_entropy`.
+        - `where`: optional, shape `(tokens,)`: only these tokens count, and the
+            mean divides by their number (by 1 when there are none, so that a batch
+            of padding gives 0, not NaN). Masked-out targets are ignored.
+        - `weights`: optional, shape `(tokens,)`: the result is then
+            `sum(weights * losses)` over the tokens `where` keeps, without
+            division (`weights = 1 / global_count` gives a mean over several
+            calls, as in gradient accumulation). Differentiable.
+        - `z_loss`: as for `cross_entropy`.
+        - `chunk_size`: tokens per chunk, each against the whole vocabulary.
+            Positive. The temporaries grow with `chunk_size * num_embeddings`;
+            defaults to about 4M logits per chunk (128 tokens for a 32k
+            vocabulary).
+
+        **Returns:**
+
+        A scalar, float32 (float64 for a float64 compute dtype).
+        """
+        self._check_hidden_block(hidden)
+        if not z_loss >= 0:
+            raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
+        targets = jnp.asarray(targets)
+        if weights is None:
+            weights = jnp.ones(targets.shape, jnp.float32)
+            count = targets.shape[0] if where is None else jnp.sum(where)
+            weights = weights / jnp.maximum(count, 1)
+        if where is not None:
+            where = jnp.asarray(where)
+            weights = jnp.where(where, weights, 0)
+            # Masked-out targets are never looked up, so they may be anything.
+            targets = jnp.where(where, targets, 0)
+        targets = check_indices(
+            targets,
+            size=self.embedding.num_embeddings,
+            out_of_range=self.embedding.out_of_range,
+            name="target",
+            negative_from_end=False,
+        )
+        return fused_weighted_cross_entropy(
+            self.weight,
+            hidden,
+            targets,
+            weights,
+            z_loss=z_loss,
+            dtype=self.dtype,
+            logit_soft_cap=self.logit_soft_cap,
+            chunk_size=chunk_size,
         )
 
     @jax.named_scope("eqx_embed.EmbeddingDecode.log_sum_exp")
