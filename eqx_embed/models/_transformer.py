@@ -358,9 +358,9 @@ class TransformerLM(eqx.Module):
         if token_positions is None:
             hidden = jax.vmap(self.hidden_states)(tokens)
         else:
-            hidden = jax.vmap(
-                lambda t, p: self.hidden_states(t, token_positions=p)
-            )(tokens, jnp.asarray(token_positions))
+            hidden = jax.vmap(lambda t, p: self.hidden_states(t, token_positions=p))(
+                tokens, jnp.asarray(token_positions)
+            )
 
         def flat(x):
             return None if x is None else jnp.reshape(jnp.asarray(x), batch * seq)

@@ -6,8 +6,8 @@ from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArra
 from ._contracts import check_feature_size, checked
 from ._cross_entropy import fused_cross_entropy, fused_log_sum_exp
 from ._embedding import Embedding, decode_logits
-from ._reduced_cross_entropy import fused_weighted_cross_entropy
 from ._indices import check_indices
+from ._reduced_cross_entropy import fused_weighted_cross_entropy
 
 
 class EmbeddingDecode(eqx.Module):

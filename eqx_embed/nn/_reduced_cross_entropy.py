@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from ._cross_entropy import _blocking, _Blocking, _contract
+from ._cross_entropy import _Blocking, _blocking, _contract
 
 DEFAULT_CHUNK_ELEMENTS = 2**22
 """The default chunk holds about this many logits: `chunk_size * vocabulary`."""

@@ -150,7 +150,8 @@ def test_bfloat16_accumulates_in_float32(table_dtype):
     # Only the bfloat16 rounding of the logits' gradient before its two products
     # is left: the sums are in float32.
     assert_close(value, np.sum(weights * losses), tol=1e-4)
-    for actual, expected in [(d_table, expected_d_table), (d_hidden, expected_d_hidden)]:
+    pairs = [(d_table, expected_d_table), (d_hidden, expected_d_hidden)]
+    for actual, expected in pairs:
         scale = np.max(np.abs(expected))
         np.testing.assert_allclose(
             np.asarray(actual, np.float64), expected, atol=2e-2 * scale
@@ -215,4 +216,3 @@ def test_tied_reversible_embedding_gets_both_gradients():
     )
     np.add.at(d_table, np.asarray(tokens), d_embedded)
     assert_close(grads.embedding.weight, d_table)
-
