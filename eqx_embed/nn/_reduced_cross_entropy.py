@@ -39,7 +39,7 @@ from jaxtyping import Array, Float, Int
 
 from ._cross_entropy import _Blocking, _blocking, _contract
 
-DEFAULT_CHUNK_ELEMENTS = 2**22
+DEFAULT_CHUNK_ELEMENTS = 2**24
 """The default chunk holds about this many logits: `chunk_size * vocabulary`."""
 
 
