@@ -313,4 +313,3 @@ class RopeRotation(eqx.Module):
         if passed.shape[-1]:
             rotated = jnp.concatenate([rotated, passed], axis=-1)
         return rotated
-
