@@ -1,12 +1,20 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArray
+from jaxtyping import (
+    Array,
+    ArrayLike,
+    Bool,
+    DTypeLike,
+    Float,
+    Integer,
+    PRNGKeyArray,
+)
 
 from ._contracts import check_feature_size, checked
 from ._cross_entropy import fused_cross_entropy, fused_log_sum_exp
 from ._embedding import Embedding, decode_logits
-from ._indices import check_indices
+from ._indices import IntegerSequence, check_indices
 from ._reduced_cross_entropy import fused_weighted_cross_entropy
 
 
@@ -93,7 +101,7 @@ class EmbeddingDecode(eqx.Module):
     def cross_entropy(
         self,
         hidden: Float[Array, "tokens embedding_size"],
-        targets: Int[ArrayLike, " tokens"],
+        targets: Integer[ArrayLike, " tokens"] | IntegerSequence,
         *,
         where: Bool[ArrayLike, " tokens"] | None = None,
         z_loss: float = 0.0,
@@ -147,17 +155,16 @@ class EmbeddingDecode(eqx.Module):
         self._check_hidden_block(hidden)
         if not z_loss >= 0:
             raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
-        targets = jnp.asarray(targets)
         if where is not None:
             where = jnp.asarray(where)
-            # Masked-out targets are never looked up, so they may be anything.
-            targets = jnp.where(where, targets, 0)
+        # Masked-out targets are never looked up, so they may be anything.
         targets = check_indices(
             targets,
             size=self.embedding.num_embeddings,
             out_of_range=self.embedding.out_of_range,
             name="target",
             negative_from_end=False,
+            where=where,
         )
         return fused_cross_entropy(
             self.weight,
@@ -175,7 +182,7 @@ class EmbeddingDecode(eqx.Module):
     def mean_cross_entropy(
         self,
         hidden: Float[Array, "tokens embedding_size"],
-        targets: Int[ArrayLike, " tokens"],
+        targets: Integer[ArrayLike, " tokens"] | IntegerSequence,
         *,
         where: Bool[ArrayLike, " tokens"] | None = None,
         weights: Float[ArrayLike, " tokens"] | None = None,
@@ -213,8 +220,8 @@ class EmbeddingDecode(eqx.Module):
             `benchmarks/bench_fused_loss.py --sweep-block-size`, up to 512).
             The temporaries are a few `(chunk_size, num_embeddings)`
             float32 arrays plus a float32 accumulator of the table's shape (for
-            a float32 table, the gradient itself): 1,018 MiB at 8,192 tokens,
-            width 2,048 and a float32 128k vocabulary (2,021 MiB for bfloat16),
+            a float32 table, the gradient itself): 1,067 MiB at 8,192 tokens,
+            width 2,048 and a float32 128k vocabulary (2,070 MiB for bfloat16),
             where `cross_entropy` needs 144 MiB and the plain loss 8 GiB. Use
             `cross_entropy` where memory matters more than speed.
 
@@ -225,23 +232,25 @@ class EmbeddingDecode(eqx.Module):
         self._check_hidden_block(hidden)
         if not z_loss >= 0:
             raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
-        targets = jnp.asarray(targets)
-        if weights is None:
-            weights = jnp.ones(targets.shape, jnp.float32)
-            count = targets.shape[0] if where is None else jnp.sum(where)
-            weights = weights / jnp.maximum(count, 1)
         if where is not None:
             where = jnp.asarray(where)
-            weights = jnp.where(where, weights, 0)
-            # Masked-out targets are never looked up, so they may be anything.
-            targets = jnp.where(where, targets, 0)
+        # Masked-out targets are never looked up, so they may be anything.
         targets = check_indices(
             targets,
             size=self.embedding.num_embeddings,
             out_of_range=self.embedding.out_of_range,
             name="target",
             negative_from_end=False,
+            where=where,
         )
+        if weights is None:
+            count = targets.shape[0] if where is None else jnp.sum(where)
+            weights = jnp.ones(targets.shape, jnp.float32) / jnp.maximum(count, 1)
+        if where is not None:
+            weights = jnp.where(where, weights, 0)
+            # A NaN or an infinity in a masked-out row must not reach the table's
+            # gradient (its zero weight times a NaN softmax is NaN).
+            hidden = jnp.where(where[:, None], hidden, 0)
         return fused_weighted_cross_entropy(
             self.weight,
             hidden,
