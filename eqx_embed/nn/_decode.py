@@ -1,3 +1,5 @@
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -96,6 +98,25 @@ class EmbeddingDecode(eqx.Module):
             owner="table's embedding_size",
         )
 
+    def _check_loss_inputs(
+        self, hidden: Array, targets: Any, where: Any, z_loss: float
+    ) -> tuple[Array, Array | None]:
+        self._check_hidden_block(hidden)
+        if not z_loss >= 0:
+            raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
+        if where is not None:
+            where = jnp.asarray(where)
+        # Masked-out targets are never looked up, so they may be anything.
+        targets = check_indices(
+            targets,
+            size=self.embedding.num_embeddings,
+            out_of_range=self.embedding.out_of_range,
+            name="target",
+            negative_from_end=False,
+            where=where,
+        )
+        return targets, where
+
     @jax.named_scope("eqx_embed.EmbeddingDecode.cross_entropy")
     @checked
     def cross_entropy(
@@ -152,20 +173,7 @@ class EmbeddingDecode(eqx.Module):
         [`mean_cross_entropy`][eqx_embed.EmbeddingDecode.mean_cross_entropy] is
         faster (three matmuls instead of four).
         """
-        self._check_hidden_block(hidden)
-        if not z_loss >= 0:
-            raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
-        if where is not None:
-            where = jnp.asarray(where)
-        # Masked-out targets are never looked up, so they may be anything.
-        targets = check_indices(
-            targets,
-            size=self.embedding.num_embeddings,
-            out_of_range=self.embedding.out_of_range,
-            name="target",
-            negative_from_end=False,
-            where=where,
-        )
+        targets, where = self._check_loss_inputs(hidden, targets, where, z_loss)
         return fused_cross_entropy(
             self.weight,
             hidden,
@@ -229,20 +237,7 @@ class EmbeddingDecode(eqx.Module):
 
         A scalar, float32 (float64 for a float64 compute dtype).
         """
-        self._check_hidden_block(hidden)
-        if not z_loss >= 0:
-            raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
-        if where is not None:
-            where = jnp.asarray(where)
-        # Masked-out targets are never looked up, so they may be anything.
-        targets = check_indices(
-            targets,
-            size=self.embedding.num_embeddings,
-            out_of_range=self.embedding.out_of_range,
-            name="target",
-            negative_from_end=False,
-            where=where,
-        )
+        targets, where = self._check_loss_inputs(hidden, targets, where, z_loss)
         if weights is None:
             count = targets.shape[0] if where is None else jnp.sum(where)
             weights = jnp.ones(targets.shape, jnp.float32) / jnp.maximum(count, 1)

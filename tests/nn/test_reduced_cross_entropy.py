@@ -216,3 +216,18 @@ def test_tied_reversible_embedding_gets_both_gradients():
     )
     np.add.at(d_table, np.asarray(tokens), d_embedded)
     assert_close(grads.embedding.weight, d_table)
+
+
+def test_non_finite_masked_rows_are_inert():
+    table, hidden, targets, _ = make_inputs(17)
+    where = np.arange(TOKENS) % 3 != 2
+    poisoned = hidden.at[2].set(jnp.nan).at[5].set(jnp.inf)
+    value, (d_table, d_hidden) = reduced_and_grads(
+        table, poisoned, targets, where=where, chunk_size=5
+    )
+    losses, _, expected_d_table, expected_d_hidden = reference(
+        table, hidden, targets, where=where, weights=mean_weights(where)
+    )
+    assert_close(value, np.sum(mean_weights(where) * losses))
+    assert_close(d_table, expected_d_table)
+    assert_close(d_hidden, expected_d_hidden)
