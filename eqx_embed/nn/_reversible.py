@@ -170,3 +170,4 @@ class ReversibleEmbedding(eqx.Module):
     # their gradients reach the lookup table.
     cross_entropy = _on_the_decoder(EmbeddingDecode.cross_entropy)
     log_sum_exp = _on_the_decoder(EmbeddingDecode.log_sum_exp)
+    mean_cross_entropy = _on_the_decoder(EmbeddingDecode.mean_cross_entropy)
