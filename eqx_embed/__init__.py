@@ -19,6 +19,7 @@ from .models import (
 from .nn import (
     Embedding as Embedding,
     EmbeddingDecode as EmbeddingDecode,
+    EmbeddingOptions as EmbeddingOptions,
     Initializer as Initializer,
     OutOfRange as OutOfRange,
     ReversibleEmbedding as ReversibleEmbedding,

@@ -25,67 +25,18 @@ from ._safetensors import (
 )
 
 
-def _layer_names(config: TransformerConfig) -> tuple[str, dict[str, str]]:
-    """The Hugging Face prefix of layer `i` (a format string) and the Hugging Face
-    names of the block's submodules."""
-    if config.family == "gpt_neox":
-        return "gpt_neox.layers.{}.", {
-            "attention_norm": "input_layernorm",
-            "attention.output_proj": "attention.dense",
-            "mlp_norm": "post_attention_layernorm",
-            "mlp.up": "mlp.dense_h_to_4h",
-            "mlp.down": "mlp.dense_4h_to_h",
-            # Fused into attention.query_key_value in the file; see _split_qkv.
-            "attention.query_proj": "attention.query",
-            "attention.key_proj": "attention.key",
-            "attention.value_proj": "attention.value",
-        }
-    names = {
-        "attention_norm": "input_layernorm",
-        "attention.query_proj": "self_attn.q_proj",
-        "attention.key_proj": "self_attn.k_proj",
-        "attention.value_proj": "self_attn.v_proj",
-        "attention.output_proj": "self_attn.o_proj",
-        "mlp_norm": "post_attention_layernorm",
-        "mlp.gate": "mlp.gate_proj",
-        "mlp.up": "mlp.up_proj",
-        "mlp.down": "mlp.down_proj",
-    }
-    if config.traits.sandwich_norms:
-        names.update(
-            attention_output_norm="post_attention_layernorm",
-            mlp_norm="pre_feedforward_layernorm",
-            mlp_output_norm="post_feedforward_layernorm",
-        )
-    return "model.layers.{}.", names
-
-
-def _top_names(config: TransformerConfig) -> dict[str, str]:
-    if config.family == "gpt_neox":
-        return {
-            "embedding.embedding": "gpt_neox.embed_in",
-            "embedding.reverse_embedding": "embed_out",
-            "final_norm": "gpt_neox.final_layer_norm",
-        }
-    return {
-        "embedding.embedding": "model.embed_tokens",
-        "embedding.reverse_embedding": "lm_head",
-        "final_norm": "model.norm",
-    }
-
-
 def _huggingface_name(name: str, config: TransformerConfig) -> str | list[str]:
     """The Hugging Face name of the model's weight `name`, or, for a stacked block
-    weight, the list of per-layer names."""
+    weight, the list of per-layer names, from the family's spec."""
+    names = config.spec.weight_names
     module, leaf = name.rsplit(".", 1)
     if module.startswith("blocks."):
-        prefix, names = _layer_names(config)
-        hf_module = names[module.removeprefix("blocks.")]
+        hf_module = names.layer[module.removeprefix("blocks.")]
         return [
-            f"{prefix.format(layer)}{hf_module}.{leaf}"
+            f"{names.layer_prefix.format(layer)}{hf_module}.{leaf}"
             for layer in range(config.num_layers)
         ]
-    return f"{_top_names(config)[module]}.{leaf}"
+    return f"{names.top[module]}.{leaf}"
 
 
 def _split_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
@@ -119,6 +70,9 @@ def _fuse_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None
             -1, *parts[0].shape[1:]
         )
 
+
+# The model's name of the decode head, which a tied model does not have.
+UNTIED_HEAD = "embedding.reverse_embedding.weight"
 
 # Buffers that old checkpoints saved and that transformers recomputes.
 _RECOMPUTED_SUFFIXES = (
@@ -172,7 +126,9 @@ def read_weights(
 
     A dict from each of `names` to a NumPy array, the layers of block weights stacked
     along a leading axis. A weight missing from the files, or one in the files that
-    the model has no place for, raises a `ValueError` naming it.
+    the model has no place for, raises a `ValueError` naming it. A tied config whose
+    files also store a decode head that differs from the embedding: that head as
+    well, under `UNTIED_HEAD`.
     """
     directory = pathlib.Path(path)
     tensors: dict[str, np.ndarray] = {}
@@ -190,7 +146,7 @@ def read_weights(
             tensors[name] = array
     for name in [n for n in tensors if n.endswith(_RECOMPUTED_SUFFIXES)]:
         del tensors[name]
-    if config.family == "gpt_neox":
+    if config.spec.weight_names.fused_qkv:
         _split_qkv(tensors, config)
     arrays = {}
     for name in names:
@@ -205,10 +161,13 @@ def read_weights(
         layers = [tensors.pop(n) for n in hf_names]
         arrays[name] = np.stack(layers) if isinstance(hf_name, list) else layers[0]
     if config.tie_word_embeddings:
-        # transformers ties the decode to the embedding and ignores a stored copy.
-        tensors.pop(
-            _huggingface_name("embedding.reverse_embedding.weight", config), None
-        )
+        head = tensors.pop(_huggingface_name(UNTIED_HEAD, config), None)
+        # A copy of the embedding is the tied head; a different head is returned too,
+        # to be loaded untied, as transformers does: never dropped.
+        if head is not None and not np.array_equal(
+            head, arrays["embedding.embedding.weight"]
+        ):
+            arrays[UNTIED_HEAD] = head
     if tensors:
         raise ValueError(
             f"The checkpoint in {directory} has weights that its config does not "
@@ -244,7 +203,7 @@ def write_checkpoint(
             tensors.update(zip(hf_name, array, strict=True))
         else:
             tensors[hf_name] = array
-    if config.family == "gpt_neox":
+    if config.spec.weight_names.fused_qkv:
         _fuse_qkv(tensors, config)
     tensors = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
     write_checkpoint_files(pathlib.Path(path), tensors, values)

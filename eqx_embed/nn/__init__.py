@@ -5,6 +5,7 @@ position embeddings. Imports nothing from `eqx_embed.models` or
 from ._decode import EmbeddingDecode as EmbeddingDecode
 from ._embedding import (
     Embedding as Embedding,
+    EmbeddingOptions as EmbeddingOptions,
     Initializer as Initializer,
     default_embedding_init as default_embedding_init,
 )
