@@ -117,8 +117,10 @@ class TransformerLM(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
         embedding: ReversibleEmbedding | None = None,
-        blocks: DecoderBlock | None = None,
-        final_norm: Norm | None = None,
+        # Typed as any module, not as the private `DecoderBlock` and `Norm`: they come
+        # from a built model, and `__check_init__` checks them against `config`.
+        blocks: eqx.Module | None = None,
+        final_norm: eqx.Module | None = None,
     ):
         """**Arguments:**
 
