@@ -20,7 +20,6 @@ if "on_package" not in vars(HippogriffeExtension) and not hasattr(
     HippogriffeExtension.on_package = _on_package
 
 
-
 def on_env(env, *, config, files):
     """Classes' base `equinox.Module` links to Equinox's own documentation (the build
     fetches no inventory, so tell autorefs where it is)."""

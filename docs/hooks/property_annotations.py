@@ -25,4 +25,3 @@ class PropertyAnnotations(griffe.Extension):
             # Shapes in double quotes, as in the signatures.
             text = wadler_lindig.pformat(returns, width=9999)
             attr.annotation = text.replace("'", '"')
-

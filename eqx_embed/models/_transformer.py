@@ -27,6 +27,7 @@ from ..nn._rope import RotaryPositionalEmbedding
 from ._attention import NO_WINDOW
 from ._blocks import DecoderBlock, Norm, make_norm
 from ._config import TransformerConfig
+from ._eager import compiled_when_eager
 
 
 def _make_rope(config: TransformerConfig) -> RotaryPositionalEmbedding:
@@ -203,6 +204,7 @@ class TransformerLM(eqx.Module):
         windows = [NO_WINDOW if w is None else w for w in self.config.layer_windows]
         return jnp.asarray(windows, dtype=jnp.int32)
 
+    @compiled_when_eager
     @jax.named_scope("eqx_embed.TransformerLM.hidden_states")
     @checked
     def hidden_states(
@@ -261,6 +263,7 @@ class TransformerLM(eqx.Module):
         )
         return self.final_norm(x)
 
+    @compiled_when_eager
     @jax.named_scope("eqx_embed.TransformerLM")
     @checked
     def __call__(
@@ -285,6 +288,7 @@ class TransformerLM(eqx.Module):
         hidden = self.hidden_states(tokens, token_positions=token_positions)
         return jax.vmap(self.embedding.decode)(hidden)
 
+    @compiled_when_eager
     @checked
     def loss(
         self,
@@ -315,6 +319,7 @@ class TransformerLM(eqx.Module):
         hidden = self.hidden_states(tokens, token_positions=token_positions)
         return self.embedding.cross_entropy(hidden, targets, where=where, z_loss=z_loss)
 
+    @compiled_when_eager
     @checked
     def score(
         self,
