@@ -5,9 +5,9 @@ from Python, one at a time: about a second per call for a tiny model whose compi
 forward takes a millisecond. `compiled_when_eager` compiles such a call instead, once
 per argument shapes, dtypes and static settings (the model's config, Python
 arguments), as `eqx.filter_jit` does, and reuses the program for every later call of
-the same shapes. Inside the user's own transformation it is a nested `jit`, which
-costs nothing under `jit` (XLA inlines it) and makes an eager `jax.vmap(model)` run
-compiled too.
+the same shapes. Inside the user's own transformation (`jit`, `grad`, `vmap`,
+`make_jaxpr`), the method runs as written, so the program the user traces is the one
+they wrote: wrap an eager `jax.vmap(model)` in `eqx.filter_jit` to compile it.
 """
 
 import functools
@@ -25,17 +25,18 @@ def _is_traced(tree) -> bool:
 
 
 def compiled_when_eager(method: Method) -> Method:
-    """Runs `method(self, ...)` through `eqx.filter_jit`.
+    """Runs `method(self, ...)` through `eqx.filter_jit` when no argument (`self`'s
+    arrays included) is traced.
 
-    Except for an eager call under the `"error"` index policy, which stays eager:
-    there, concrete token ids and positions raise a `ValueError` at once, which a
-    compiled call could only report when it runs, as a runtime error.
+    Under the `"error"` index policy the call stays eager: there, concrete token ids
+    and positions raise a `ValueError` at once, which a compiled call could only
+    report when it runs, as a runtime error.
     """
     compiled = eqx.filter_jit(method)
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        if self.config.out_of_range == "error" and not _is_traced((self, args, kwargs)):
+        if self.config.out_of_range == "error" or _is_traced((self, args, kwargs)):
             return method(self, *args, **kwargs)
         return compiled(self, *args, **kwargs)
 

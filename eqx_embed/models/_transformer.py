@@ -104,6 +104,45 @@ class TransformerLM(eqx.Module):
     `out_of_range` policy, as for [`Embedding`][eqx_embed.Embedding]), positions
     against the RoPE tables, and the sequence length against
     `max_position_embeddings`.
+
+    Called outside any transformation, the public methods compile themselves once per
+    shape (and config), so that a notebook's eager calls run at compiled speed. (Under
+    `out_of_range="error"`, eager calls stay eager, so that bad ids known at once raise
+    at once.)
+
+    **Raises:**
+
+    - `ValueError`: both or neither of `key` and the modules; modules that disagree with
+        the config (the first mismatch named); a sequence longer than
+        `max_position_embeddings`; an out-of-range token id or position under
+        `out_of_range="error"`; from `from_huggingface`, a config key or value the model
+        does not implement.
+    - `jaxtyping.TypeCheckError`: a batch passed to a per-sequence call (use
+        `jax.vmap`), float token ids, `targets` of another length than `tokens`.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    config = eqx_embed.TransformerConfig(
+        "llama",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+    )
+    model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
+    tokens = jnp.array([1, 2, 3, 4, 5])
+    logits = model(tokens)
+    loss = model.loss(tokens[:-1], tokens[1:]).mean()
+    batch_logits = jax.vmap(model)(jnp.stack([tokens, tokens]))
+    assert logits.shape == (5, 256) and batch_logits.shape == (2, 5, 256)
+    ```
     """
 
     embedding: ReversibleEmbedding
@@ -345,6 +384,7 @@ class TransformerLM(eqx.Module):
         return -self.loss(tokens, next_tokens, token_positions=token_positions)
 
     @classmethod
+    @checked
     def from_huggingface(
         cls,
         path: str | pathlib.Path,
@@ -380,6 +420,7 @@ class TransformerLM(eqx.Module):
             out_of_range=out_of_range,
         )
 
+    @checked
     def to_huggingface(self, path: str | pathlib.Path) -> None:
         """Writes a Hugging Face checkpoint directory (`config.json` and
         `model.safetensors`) that `transformers.AutoModelForCausalLM.from_pretrained`

@@ -27,6 +27,7 @@ TokenId = Integer[Array, ""] | Integer[np.ndarray, ""] | np.integer | int
 
 # A function rather than `jax.nn.initializers.normal(stddev=1.0)` (same draws), so that
 # it has a docstring of its own in the API docs.
+@checked
 def default_embedding_init(
     key: PRNGKeyArray, shape: tuple[int, ...], dtype: Any = jnp.float32
 ) -> Array:
@@ -46,6 +47,28 @@ def default_embedding_init(
     **Returns:**
 
     An array of standard normal draws.
+
+    **Raises:**
+
+    - `jaxtyping.TypeCheckError` for a `shape` that is not a tuple of integers.
+
+    **Example:**
+
+    ```python
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    table = eqx_embed.default_embedding_init(jax.random.key(0), (100, 16))
+    # The same draws as equinox.nn.Embedding's from the same key.
+    peer = eqx.nn.Embedding(100, 16, key=jax.random.key(0))
+    assert jnp.array_equal(table, peer.weight)
+    # For a tied table, flax's default keeps the initial logits of order one.
+    tied = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+    embedding = eqx_embed.Embedding(100, 16, init=tied, key=jax.random.key(0))
+    ```
     """
     return jax.random.normal(key, shape, dtype)
 
@@ -91,6 +114,31 @@ class Embedding(eqx.Module):
 
     Batch it with `jax.vmap`, over as many axes as you like:
     `jax.vmap(jax.vmap(embedding))(tokens)` for `tokens` of shape `(batch, seq)`.
+
+    **Raises:**
+
+    - `ValueError` at construction, naming the argument: sizes that are not positive,
+        a `weight` that is not 2-D or disagrees with the sizes given, a `padding_idx`
+        outside the table, an unknown `out_of_range`, an `init` that returns the wrong
+        shape. When called: an out-of-range token id under `out_of_range="error"`; a
+        query of the wrong width (`attend`); `mask` without a `padding_idx`.
+    - `jaxtyping.TypeCheckError` when called with anything but one integer token id (a
+        batch: use `jax.vmap`; a float).
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    embedding = eqx_embed.Embedding(100, 16, key=jax.random.key(0))
+    row = embedding(jnp.array(7))
+    rows = jax.vmap(jax.vmap(embedding))(jnp.array([[1, 2, 3], [4, 5, 6]]))
+    assert row.shape == (16,) and rows.shape == (2, 3, 16)
+    assert jnp.isnan(embedding(jnp.array(100))).all()  # outside the table: NaNs
+    ```
     """
 
     weight: Float[Array, "num_embeddings embedding_size"]
