@@ -1,8 +1,9 @@
 """Eager calls that run compiled.
 
-A `TransformerLM` called outside `jit` would dispatch every primitive of every layer
-from Python, one at a time: about a second per call for a tiny model whose compiled
-forward takes a millisecond. `compiled_when_eager` compiles such a call instead, once
+A `TransformerLM` called outside `jit` would dispatch its primitives from Python one
+at a time, and trace and compile its inner `jit`s (the scan over layers) again on
+every call: seconds per call for a tiny model whose compiled forward takes a
+millisecond (`benchmarks/bench_eager.py`). `compiled_when_eager` compiles such a call instead, once
 per argument shapes, dtypes and static settings (the model's config, Python
 arguments), as `eqx.filter_jit` does, and reuses the program for every later call of
 the same shapes. Inside the user's own transformation (`jit`, `grad`, `vmap`,

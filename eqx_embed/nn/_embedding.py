@@ -193,7 +193,10 @@ class Embedding(eqx.Module):
         - `out_of_range`: what a token id outside `[-num_embeddings, num_embeddings)`
             gives: `"nan"` (the default, a row of NaNs, free under `jit`, as flax) or
             `"error"` (an error naming the id and the table size, under `jit` too).
-            Ids in `[-num_embeddings, 0)` count from the end, as in flax and equinox.
+            Ids in `[-num_embeddings, 0)` count from the end, as in flax and equinox
+            (so Hugging Face's `-100` ignore label reads a real row of a table of 100
+            rows or more: mask it). A one-row table is no exception, unlike flax's,
+            which returns its row for every id.
         """
         check_policy(out_of_range)
         if weight is None:
@@ -277,7 +280,9 @@ class Embedding(eqx.Module):
             negative_from_end=True,
         )
         if self.num_embeddings == 1:
-            # A one-row table needs no gather, only a select (as flax).
+            # A one-row table needs no gather, only a select. Unlike flax's, whose
+            # select returns the row for every id, ids other than 0 and -1 read NaNs
+            # here, as they would from any table.
             row = jnp.where((token == 0) | (token == -1), self.weight[0], jnp.nan)
         else:
             row = gather_rows(self.weight, token, negative_from_end=True)
