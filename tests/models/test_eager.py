@@ -99,3 +99,11 @@ def test_shape_errors_still_name_the_argument(model):
     too_long = jnp.zeros(CONFIG.max_position_embeddings + 1, dtype=jnp.int32)
     with pytest.raises(ValueError, match="max_position_embeddings=16"):
         model(too_long)
+
+
+def test_known_positions_still_raise_at_once(model):
+    too_far = jnp.arange(len(TOKENS)) + 10  # the tables hold 16 positions
+    with pytest.raises(ValueError, match="position 16 is out of range"):
+        model(TOKENS, token_positions=too_far)
+    logits = eqx.filter_jit(model)(TOKENS, token_positions=too_far)
+    assert np.isnan(logits[6:]).all()  # traced: the "nan" policy
