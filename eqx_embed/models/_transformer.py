@@ -129,19 +129,15 @@ class TransformerLM(eqx.Module):
     import eqx_embed
 
     config = eqx_embed.TransformerConfig(
-        "llama",
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
+        "qwen2", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=1,
+        num_heads=2, max_position_embeddings=64,
     )
     model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
     tokens = jnp.array([1, 2, 3, 4, 5])
     logits = model(tokens)
     loss = model.loss(tokens[:-1], tokens[1:]).mean()
     batch_logits = jax.vmap(model)(jnp.stack([tokens, tokens]))
-    assert logits.shape == (5, 256) and batch_logits.shape == (2, 5, 256)
+    assert logits.shape == (5, 128) and batch_logits.shape == (2, 5, 128)
     ```
     """
 
