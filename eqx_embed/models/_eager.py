@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 
 from ..nn._indices import check_indices
 
@@ -25,6 +26,10 @@ Method = TypeVar("Method", bound=Callable)
 
 def _is_traced(tree) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+def _as_array(value):
+    return jnp.asarray(value) if isinstance(value, list | tuple) else value
 
 
 def compiled_when_eager(method: Method) -> Method:
@@ -42,6 +47,10 @@ def compiled_when_eager(method: Method) -> Method:
     def call(self, *args, **kwargs):
         if self.config.out_of_range == "error" or _is_traced((self, args, kwargs)):
             return method(self, *args, **kwargs)
+        # Python sequences of ids as arrays: `filter_jit` would take them as static
+        # values and compile once per distinct sequence.
+        args = tuple(_as_array(arg) for arg in args)
+        kwargs = {name: _as_array(value) for name, value in kwargs.items()}
         positions = kwargs.get("token_positions")
         if positions is not None:
             # Positions known now raise now, whatever the policy (as the model's RoPE
