@@ -17,7 +17,6 @@ from typing import TypeVar
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 
 from ..nn._indices import check_indices
 
@@ -28,8 +27,10 @@ def _is_traced(tree) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
 
 
-def _as_array(value):
-    return jnp.asarray(value) if isinstance(value, list | tuple) else value
+def _has_sequences(args, kwargs) -> bool:
+    """Whether an argument is a Python list or tuple (of ids), which `filter_jit`
+    would take as a static value, compiling once per distinct sequence."""
+    return any(isinstance(value, list | tuple) for value in (*args, *kwargs.values()))
 
 
 def compiled_when_eager(method: Method) -> Method:
@@ -38,19 +39,20 @@ def compiled_when_eager(method: Method) -> Method:
 
     Under the `"error"` index policy the call stays eager: there, concrete token ids
     and positions raise a `ValueError` at once, which a compiled call could only
-    report when it runs, as a runtime error. Under `"nan"`, concrete positions are
-    checked before the call, as they would be eagerly.
+    report when it runs, as a runtime error. Python sequences of ids stay eager too
+    (as static values they would compile once per sequence). Under `"nan"`,
+    concrete positions are checked before the call, as they would be eagerly.
     """
     compiled = eqx.filter_jit(method)
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        if self.config.out_of_range == "error" or _is_traced((self, args, kwargs)):
+        if (
+            self.config.out_of_range == "error"
+            or _has_sequences(args, kwargs)
+            or _is_traced((self, args, kwargs))
+        ):
             return method(self, *args, **kwargs)
-        # Python sequences of ids as arrays: `filter_jit` would take them as static
-        # values and compile once per distinct sequence.
-        args = tuple(_as_array(arg) for arg in args)
-        kwargs = {name: _as_array(value) for name, value in kwargs.items()}
         positions = kwargs.get("token_positions")
         if positions is not None:
             # Positions known now raise now, whatever the policy (as the model's RoPE
