@@ -37,6 +37,7 @@ from ._attention import NO_WINDOW
 from ._blocks import DecoderBlock, Norm, make_norm
 from ._config import TransformerConfig
 from ._eager import compiled_when_eager
+from ._sharding import on_auto_axes
 
 
 def _make_rope(config: TransformerConfig) -> RotaryPositionalEmbedding:
@@ -300,17 +301,20 @@ class TransformerLM(eqx.Module):
             x = x * jnp.asarray(config.hidden_size**0.5, dtype=x.dtype)
         parameters, structure = eqx.partition(self.blocks, eqx.is_array)
 
-        def layer(x, parameters_and_window):
-            parameters, window = parameters_and_window
-            block = eqx.combine(parameters, structure)
-            return (
-                block(x, rotation=rotation, window=window),
-                None,
-            )
+        def layers(x, parameters, rotation):
+            def layer(x, parameters_and_window):
+                parameters, window = parameters_and_window
+                block = eqx.combine(parameters, structure)
+                return block(x, rotation=rotation, window=window), None
 
-        x, _ = jax.lax.scan(
-            layer, x, (parameters, self._layer_windows()), unroll=config.scan_unroll
-        )
+            x, _ = jax.lax.scan(
+                layer, x, (parameters, self._layer_windows()), unroll=config.scan_unroll
+            )
+            return x
+
+        # The blocks' FSDP gathers and tensor-parallel reductions are GSPMD's to
+        # place, also under explicit mesh axes.
+        x = on_auto_axes(layers, x)(x, parameters, rotation)
         return self.final_norm(x)
 
     @compiled_when_eager
