@@ -375,6 +375,67 @@ class TransformerLM(eqx.Module):
 
     @compiled_when_eager
     @checked
+    def mean_loss(
+        self,
+        tokens: Integer[ArrayLike, "batch seq"],
+        targets: Integer[ArrayLike, "batch seq"],
+        *,
+        where: Bool[ArrayLike, "batch seq"] | None = None,
+        weights: Float[ArrayLike, "batch seq"] | None = None,
+        token_positions: Int[ArrayLike, "batch seq"] | None = None,
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> Float[Array, ""]:
+        """The training loss of a whole batch: the mean cross-entropy over every
+        token of every sequence that `where` keeps, one scalar, through
+        [`ReversibleEmbedding.mean_cross_entropy`][eqx_embed.ReversibleEmbedding.mean_cross_entropy]
+        (gradients in the forward pass: three matmuls, no logits in memory).
+
+        Unlike the other methods, this takes the batch, not one sequence: the trunk
+        runs under `jax.vmap` here, and the batch's tokens are flattened into one
+        reduction, so the mean is over tokens (not a mean of per-sequence means)
+        and there is one table gradient, not one per sequence. Do not `jax.vmap`
+        it; call it on `(batch, seq)` (a batch of one for a single sequence).
+
+        **Arguments:**
+
+        - `tokens`: the input token ids, shape `(batch, seq)`.
+        - `targets`: the token expected after each prefix, shape `(batch, seq)`.
+        - `where`: which tokens count, shape `(batch, seq)`; the mean divides by
+            their number (by 1 when there are none).
+        - `weights`: optional per-token weights, shape `(batch, seq)`: the result
+            is then `sum(weights * losses)`, without division.
+        - `token_positions`: as for `hidden_states`, one row per sequence.
+        - `z_loss`: the weight of the `log(Z)**2` regulariser.
+        - `chunk_size`: tokens per chunk of the fused loss; see
+            `EmbeddingDecode.mean_cross_entropy`.
+
+        **Returns:**
+
+        A float32 scalar.
+        """
+        tokens = jnp.asarray(tokens)
+        batch, seq = tokens.shape
+        if token_positions is None:
+            hidden = jax.vmap(self.hidden_states)(tokens)
+        else:
+            hidden = jax.vmap(lambda t, p: self.hidden_states(t, token_positions=p))(
+                tokens, jnp.asarray(token_positions)
+            )
+
+        def flat(x):
+            return None if x is None else jnp.reshape(jnp.asarray(x), batch * seq)
+
+        return self.embedding.mean_cross_entropy(
+            hidden.reshape(batch * seq, hidden.shape[-1]),
+            flat(targets),
+            where=flat(where),
+            weights=flat(weights),
+            z_loss=z_loss,
+            chunk_size=chunk_size,
+        )
+
+    @checked
     def score(
         self,
         tokens: Integer[ArrayLike, " seq"] | IntegerSequence,

@@ -20,7 +20,8 @@ softmax needs the final log-sum-exp, so the forward pass still needs two passes 
 the vocabulary, and its table gradient would be stored at the size of the table and
 be right only for a cotangent that is the same for every token (a mean or a sum), not
 for per-token losses weighted by the caller. The fourth matmul is paid back by never
-writing or reading the two logit-sized arrays.
+writing or reading the two logit-sized arrays. (For a loss reduced with weights known
+up front, `_reduced_cross_entropy.py` walks token chunks instead: three matmuls.)
 
 A vocabulary that is not a multiple of the block is not padded (padding would copy
 the table): the last block starts at `vocabulary - block_size` instead and the columns
