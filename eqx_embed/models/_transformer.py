@@ -435,6 +435,7 @@ class TransformerLM(eqx.Module):
             chunk_size=chunk_size,
         )
 
+    @compiled_when_eager
     @checked
     def score(
         self,
