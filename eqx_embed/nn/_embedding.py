@@ -90,7 +90,25 @@ class EmbeddingOptions(TypedDict, total=False):
     and the key, as a `TypedDict`: what
     [`ReversibleEmbedding`][eqx_embed.ReversibleEmbedding] takes as
     `**embedding_options` and passes on to its lookup table unchanged. Each is
-    documented on `Embedding.__init__`."""
+    documented on `Embedding.__init__`.
+
+    **Raises:**
+
+    - Nothing itself: it is a type. `Embedding` raises `ValueError` for bad values.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import eqx_embed
+
+    options: eqx_embed.EmbeddingOptions = dict(padding_idx=0, dtype=jnp.bfloat16)
+    table = eqx_embed.ReversibleEmbedding(16, 8, key=jax.random.key(0), **options)
+    assert table.embedding.padding_idx == 0
+    assert table(3).dtype == jnp.bfloat16
+    ```
+    """
 
     dtype: DTypeLike | None
     param_dtype: DTypeLike | None
