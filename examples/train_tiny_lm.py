@@ -317,35 +317,34 @@ def held_out_bits_per_byte(model, windows, num_bytes: int, batch_size: int) -> f
     return nats / math.log(2) / num_bytes
 
 
-@eqx.filter_jit
 def sample_continuations(model, window, filled, keys, *, length, temperature):
-    """Samples `length` tokens after a prompt, once per key.
+    """Samples `length` tokens after a prompt, once per key, with
+    `TransformerLM.generate` (a KV cache: each new token costs one token's pass, not
+    the whole window's).
 
     `window` is a fixed-size buffer of the model's context length whose first `filled`
-    tokens are the prompt. Each step runs the model over the whole window (causal
-    attention makes the unfilled tail irrelevant), samples after the last filled
-    token, and appends; once the window is full it slides by one. RoPE scores depend
-    on position differences only, so the slid window reads as the original did. The
-    shapes never change, so the loop compiles once.
+    tokens are the prompt. The model reads at most that many positions, so sampling
+    goes in chunks: each continues the last half-window of text with a half-window of
+    new tokens. Every chunk has the same shapes, so `generate` compiles once. The
+    rows are sampled together; `keys[0]` seeds them (the number of keys sets how many).
     """
-    size = window.shape[0]
-
-    def sample_one(key):
-        def add_token(i, state):
-            window, filled, sampled, key = state
-            key, subkey = jax.random.split(key)
-            logits = model(window)[filled - 1]
-            token = jax.random.categorical(subkey, logits / temperature)
-            token = token.astype(window.dtype)
-            slid = jnp.roll(window, -1).at[-1].set(token)
-            window = jnp.where(filled == size, slid, window.at[filled].set(token))
-            return window, jnp.minimum(filled + 1, size), sampled.at[i].set(token), key
-
-        sampled = jnp.zeros(length, window.dtype)
-        state = (window, filled, sampled, key)
-        return jax.lax.fori_loop(0, length, add_token, state)[2]
-
-    return jax.vmap(sample_one)(keys)
+    context = window.shape[0]
+    keep, new = context // 2, context - context // 2
+    text = np.tile(np.asarray(window)[: int(filled)], (len(keys), 1))
+    start = text.shape[1]
+    for chunk in range(-(-length // new)):
+        prompt = text[:, -keep:]
+        prompts = np.zeros((len(keys), keep), dtype=np.int32)
+        prompts[:, : prompt.shape[1]] = prompt
+        sampled = model.generate(
+            prompts,
+            prompt_lengths=np.full(len(keys), prompt.shape[1]),
+            max_new_tokens=new,
+            temperature=temperature,
+            key=jax.random.fold_in(keys[0], chunk),
+        )
+        text = np.concatenate([text, np.asarray(sampled)], axis=1)
+    return jnp.asarray(text[:, start : start + length])
 
 
 # --- Checkpoints and outputs ----------------------------------------------------------

@@ -34,7 +34,9 @@ def segment_runs(segment_ids: Int[Array, " seq"]) -> tuple[jax.Array, jax.Array]
     id before it, so that `[0, 0, 1, 1, 0]` is three documents) and its position in
     its run, `0, 1, ...` restarting at every change."""
     index = jnp.arange(segment_ids.shape[0])
-    starts = jnp.concatenate([jnp.ones((1,), bool), segment_ids[1:] != segment_ids[:-1]])
+    starts = jnp.concatenate(
+        [jnp.ones((1,), bool), segment_ids[1:] != segment_ids[:-1]]
+    )
     runs = jnp.cumsum(starts) - 1
     run_start = jax.lax.cummax(jnp.where(starts, index, 0))
     return runs, index - run_start
@@ -279,7 +281,8 @@ class Attention(eqx.Module):
         mask = jnp.concatenate([cached_mask, jnp.ones((1,), bool)])
         weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
         weights = weights.astype(cached_values.dtype)
-        attended = jnp.einsum(
-            "kgs,skd->kgd", weights[..., :-1], cached_values
-        ) + weights[..., -1:] * value[0][:, None, :]
+        attended = (
+            jnp.einsum("kgs,skd->kgd", weights[..., :-1], cached_values)
+            + weights[..., -1:] * value[0][:, None, :]
+        )
         return self._output(attended[None]), key, value

@@ -205,7 +205,11 @@ class DecoderBlock(eqx.Module):
         return self._residual(x, attend)[0]
 
     def prefill(
-        self, x: Float[Array, "seq hidden_size"], *, rotation: RopeRotation, window: Window
+        self,
+        x: Float[Array, "seq hidden_size"],
+        *,
+        rotation: RopeRotation,
+        window: Window,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """As `__call__`, also returning this layer's keys and values."""
 

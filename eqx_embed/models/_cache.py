@@ -68,7 +68,10 @@ class KVCache(eqx.Module):
 
 
 def prefill(
-    model, prompts: Int[Array, "batch seq"], lengths: Int[Array, " batch"], capacity: int
+    model,
+    prompts: Int[Array, "batch seq"],
+    lengths: Int[Array, " batch"],
+    capacity: int,
 ) -> tuple[Float[Array, "batch vocab"], KVCache]:
     """Runs right-padded prompts (row `b`'s tokens are `prompts[b, :lengths[b]]`)
     and fills a cache with them; the logits after each prompt's last token."""
@@ -119,9 +122,9 @@ def decode_step(
         x, (new_keys, new_values) = model._scan_layers(x, layer, xs=(keys, values))
         return model.embedding.decode(model.final_norm(x[0])), new_keys, new_values
 
-    logits, new_keys, new_values = jax.vmap(one, in_axes=(0, 0, 1, 1), out_axes=(0, 1, 1))(
-        tokens, cache.lengths, cache.keys, cache.values
-    )
+    logits, new_keys, new_values = jax.vmap(
+        one, in_axes=(0, 0, 1, 1), out_axes=(0, 1, 1)
+    )(tokens, cache.lengths, cache.keys, cache.values)
     # One scatter of a row per sequence and layer: the cache is updated in place.
     rows = jnp.arange(tokens.shape[0])
     slot = cache.lengths % slots
