@@ -367,8 +367,9 @@ def continue_prompt(args: argparse.Namespace) -> dict[str, str]:
         )
     )[0]
     if eos is not None:
+        # As transformers: the EOS is kept, the padding after it dropped.
         ended = np.flatnonzero(np.isin(new, eos))
-        new = new[: ended[0]] if len(ended) else new
+        new = new[: ended[0] + 1] if len(ended) else new
     text = tokenizer.decode(prompt.tolist() + new.tolist())
     print(text)
     return dict(generated=text)
