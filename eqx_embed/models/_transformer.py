@@ -19,10 +19,19 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArray
+from jaxtyping import (
+    Array,
+    ArrayLike,
+    Bool,
+    DTypeLike,
+    Float,
+    Int,
+    Integer,
+    PRNGKeyArray,
+)
 
 from ..nn._contracts import checked
-from ..nn._indices import OutOfRange, check_indices
+from ..nn._indices import IntegerSequence, OutOfRange, check_indices
 from ..nn._reversible import ReversibleEmbedding
 from ..nn._rope import RotaryPositionalEmbedding
 from ._attention import NO_WINDOW, segment_runs
@@ -230,17 +239,14 @@ class TransformerLM(eqx.Module):
             unroll=self.config.scan_unroll,
         )
 
-    def _embed(self, tokens: Int[ArrayLike, " seq"]) -> Float[Array, "seq hidden"]:
-        """Checks a sequence's length and ids; its (scaled) embeddings."""
+    def _embed(
+        self, tokens: Integer[ArrayLike, " seq"] | IntegerSequence
+    ) -> Float[Array, "seq hidden"]:
+        """Checks a sequence's ids and length; its (scaled) embeddings."""
         config = self.config
-        seq_len = tokens.shape[0]
-        if seq_len > config.max_position_embeddings:
-            raise ValueError(
-                f"tokens has {seq_len} tokens but the model supports at most "
-                f"max_position_embeddings={config.max_position_embeddings}."
-            )
-        # Checked here, before the per-token lookup traces them, so that bad ids known
-        # now raise now.
+        # Checked here, in their own dtype and with the embedding's policy, before the
+        # per-token lookup traces them, so that bad ids known now raise now. They come
+        # back as int32 in [0, vocab_size], which the lookup accepts unchanged.
         tokens = check_indices(
             tokens,
             size=config.vocab_size,
@@ -248,6 +254,17 @@ class TransformerLM(eqx.Module):
             name="token id",
             negative_from_end=True,
         )
+        if tokens.ndim != 1:
+            raise ValueError(
+                f"tokens must be one sequence of ids, shape (seq,), got shape "
+                f"{tokens.shape}; use jax.vmap for a batch."
+            )
+        seq_len = tokens.shape[0]
+        if seq_len > config.max_position_embeddings:
+            raise ValueError(
+                f"tokens has {seq_len} tokens but the model supports at most "
+                f"max_position_embeddings={config.max_position_embeddings}."
+            )
         x = jax.vmap(self.embedding)(tokens)
         if config.traits.scale_embeddings:
             x = x * jnp.asarray(config.hidden_size**0.5, dtype=x.dtype)
@@ -257,10 +274,10 @@ class TransformerLM(eqx.Module):
     @checked
     def hidden_states(
         self,
-        tokens: Int[ArrayLike, " seq"],
+        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
-        token_positions: Int[ArrayLike, " seq"] | None = None,
-        segment_ids: Int[ArrayLike, " seq"] | None = None,
+        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
+        segment_ids: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
     ) -> Float[Array, "seq hidden_size"]:
         """The hidden states after the final norm, before the decode.
 
@@ -281,8 +298,8 @@ class TransformerLM(eqx.Module):
 
         Shape `(seq, hidden_size)`, in the activation dtype.
         """
-        seq_len = tokens.shape[0]
         x = self._embed(tokens)
+        seq_len = x.shape[0]
         runs = None
         if segment_ids is not None:
             segment_ids = jnp.asarray(segment_ids)
@@ -307,10 +324,10 @@ class TransformerLM(eqx.Module):
     @checked
     def __call__(
         self,
-        tokens: Int[ArrayLike, " seq"],
+        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
-        token_positions: Int[ArrayLike, " seq"] | None = None,
-        segment_ids: Int[ArrayLike, " seq"] | None = None,
+        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
+        segment_ids: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq vocab_size"]:
         """The logits of the next token after each prefix of one sequence.
@@ -333,12 +350,12 @@ class TransformerLM(eqx.Module):
     @checked
     def loss(
         self,
-        tokens: Int[ArrayLike, " seq"],
-        targets: Int[ArrayLike, " seq"],
+        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
+        targets: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
         where: Bool[ArrayLike, " seq"] | None = None,
-        token_positions: Int[ArrayLike, " seq"] | None = None,
-        segment_ids: Int[ArrayLike, " seq"] | None = None,
+        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
+        segment_ids: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
         z_loss: float = 0.0,
     ) -> Float[Array, " seq"]:
         """Per-token training loss through the fused decode cross-entropy, which never
@@ -367,11 +384,11 @@ class TransformerLM(eqx.Module):
     @checked
     def score(
         self,
-        tokens: Int[ArrayLike, " seq"],
-        next_tokens: Int[ArrayLike, " seq"],
+        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
+        next_tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
-        token_positions: Int[ArrayLike, " seq"] | None = None,
-        segment_ids: Int[ArrayLike, " seq"] | None = None,
+        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
+        segment_ids: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
     ) -> Float[Array, " seq"]:
         """Log-probabilities of given continuations:
         `log p(next_tokens[i] | tokens[: i + 1])`.
@@ -396,9 +413,9 @@ class TransformerLM(eqx.Module):
 
     def prefill(
         self,
-        prompts: Int[ArrayLike, "batch seq"],
+        prompts: Integer[ArrayLike, "batch seq"],
         *,
-        prompt_lengths: Int[ArrayLike, " batch"] | None = None,
+        prompt_lengths: Integer[ArrayLike, " batch"] | None = None,
         capacity: int,
     ) -> tuple[Float[Array, "batch vocab_size"], KVCache]:
         """Runs a batch of prompts once and caches their keys and values.
@@ -426,7 +443,7 @@ class TransformerLM(eqx.Module):
         return prefill(self, prompts, lengths, capacity)
 
     def decode_step(
-        self, cache: KVCache, tokens: Int[ArrayLike, " batch"]
+        self, cache: KVCache, tokens: Integer[ArrayLike, " batch"]
     ) -> tuple[Float[Array, "batch vocab_size"], KVCache]:
         """Appends one token to every row of the cache, at position `cache.lengths`.
 
@@ -458,9 +475,9 @@ class TransformerLM(eqx.Module):
 
     def generate(
         self,
-        prompts: Int[ArrayLike, "batch seq"],
+        prompts: Integer[ArrayLike, "batch seq"],
         *,
-        prompt_lengths: Int[ArrayLike, " batch"] | None = None,
+        prompt_lengths: Integer[ArrayLike, " batch"] | None = None,
         max_new_tokens: int,
         temperature: float | int = 0.0,
         top_k: int | None = None,
@@ -549,7 +566,10 @@ class TransformerLM(eqx.Module):
 
         **Arguments:**
 
-        - `path`: the directory, created if needed.
+        - `path`: the directory, created if needed. A checkpoint already there
+            (`model.safetensors`, or a sharded one's index and shards) is replaced;
+            other files stay. Each file is written to a temporary name and renamed,
+            `config.json` last.
         """
         from ..huggingface import save_transformer
 

@@ -7,14 +7,14 @@ from jaxtyping import (
     Bool,
     DTypeLike,
     Float,
-    Int,
+    Integer,
     PRNGKeyArray,
 )
 
 from ._contracts import checked
 from ._decode import EmbeddingDecode
 from ._embedding import Embedding, Initializer, TokenId, default_embedding_init
-from ._indices import OutOfRange
+from ._indices import IntegerSequence, OutOfRange
 
 
 class ReversibleEmbedding(eqx.Module):
@@ -165,7 +165,7 @@ class ReversibleEmbedding(eqx.Module):
     def cross_entropy(
         self,
         hidden: Float[Array, "tokens embedding_size"],
-        targets: Int[ArrayLike, " tokens"],
+        targets: Integer[ArrayLike, " tokens"] | IntegerSequence,
         *,
         where: Bool[ArrayLike, " tokens"] | None = None,
         z_loss: float = 0.0,
