@@ -21,7 +21,7 @@ of the model shares it, so that `jax.nn.dot_product_attention` gets it as its st
 `local_window_size`; a traced scalar (`NO_WINDOW` for none) when it varies by layer."""
 
 
-def causal_window_mask(seq_len: int, window: Int[Array, ""]) -> jax.Array:
+def causal_window_mask(seq_len: int, window: int | Int[Array, ""]) -> jax.Array:
     """`mask[query, key]`: whether `key` is at most `window - 1` tokens before `query`
     (by sequence index, as Hugging Face masks, whatever the positions)."""
     query = jnp.arange(seq_len)[:, None]
