@@ -39,6 +39,7 @@ from ._blocks import DecoderBlock, Norm, make_norm
 from ._cache import KVCache, decode_step, prefill
 from ._config import TransformerConfig
 from ._generate import check_prompts, generate
+from ._sharding import on_auto_axes
 
 
 def _make_rope(config: TransformerConfig) -> RotaryPositionalEmbedding:
@@ -218,11 +219,14 @@ class TransformerLM(eqx.Module):
             [NO_WINDOW if w is None else w for w in windows], dtype=jnp.int32
         )
 
-    def _scan_layers(self, x: Any, layer: Callable, xs: Any = None):
+    def _scan_layers(
+        self, x: Any, layer: Callable, xs: Any = None, *, blocks: Any = None
+    ):
         """Scans `layer(block, x, window, xs_slice) -> (x, per_layer_output)` over
         the stacked blocks (and `xs`, per-layer data with a leading layer axis);
         returns the final `x` and the stacked outputs."""
-        parameters, structure = eqx.partition(self.blocks, eqx.is_array)
+        blocks = self.blocks if blocks is None else blocks
+        parameters, structure = eqx.partition(blocks, eqx.is_array)
         windows = self._layer_windows()
         static_window = not isinstance(windows, jax.Array)
 
@@ -314,10 +318,19 @@ class TransformerLM(eqx.Module):
         # Positions are checked and their table rows gathered once, for every layer.
         rotation = self.rope.rotation(seq_len, positions=token_positions)
 
-        def layer(block, x, window, _):
-            return block(x, rotation=rotation, window=window, segment_ids=runs), None
+        parameters, structure = eqx.partition(self.blocks, eqx.is_array)
 
-        x, _ = self._scan_layers(x, layer)
+        def layers(x, parameters, rotation, runs):
+            def layer(block, x, window, _):
+                out = block(x, rotation=rotation, window=window, segment_ids=runs)
+                return out, None
+
+            blocks = eqx.combine(parameters, structure)
+            return self._scan_layers(x, layer, blocks=blocks)[0]
+
+        # The blocks' FSDP gathers and tensor-parallel reductions are GSPMD's to
+        # place, also under explicit mesh axes.
+        x = on_auto_axes(layers, x)(x, parameters, rotation, runs)
         return self.final_norm(x)
 
     @jax.named_scope("eqx_embed.TransformerLM")
@@ -380,6 +393,67 @@ class TransformerLM(eqx.Module):
             tokens, token_positions=token_positions, segment_ids=segment_ids
         )
         return self.embedding.cross_entropy(hidden, targets, where=where, z_loss=z_loss)
+
+    @checked
+    def mean_loss(
+        self,
+        tokens: Integer[ArrayLike, "batch seq"],
+        targets: Integer[ArrayLike, "batch seq"],
+        *,
+        where: Bool[ArrayLike, "batch seq"] | None = None,
+        weights: Float[ArrayLike, "batch seq"] | None = None,
+        token_positions: Int[ArrayLike, "batch seq"] | None = None,
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> Float[Array, ""]:
+        """The training loss of a whole batch: the mean cross-entropy over every
+        token of every sequence that `where` keeps, one scalar, through
+        [`ReversibleEmbedding.mean_cross_entropy`][eqx_embed.ReversibleEmbedding.mean_cross_entropy]
+        (gradients in the forward pass: three matmuls, no logits in memory).
+
+        Unlike the other methods, this takes the batch, not one sequence: the trunk
+        runs under `jax.vmap` here, and the batch's tokens are flattened into one
+        reduction, so the mean is over tokens (not a mean of per-sequence means)
+        and there is one table gradient, not one per sequence. Do not `jax.vmap`
+        it; call it on `(batch, seq)` (a batch of one for a single sequence).
+
+        **Arguments:**
+
+        - `tokens`: the input token ids, shape `(batch, seq)`.
+        - `targets`: the token expected after each prefix, shape `(batch, seq)`.
+        - `where`: which tokens count, shape `(batch, seq)`; the mean divides by
+            their number (by 1 when there are none).
+        - `weights`: optional per-token weights, shape `(batch, seq)`: the result
+            is then `sum(weights * losses)`, without division.
+        - `token_positions`: as for `hidden_states`, one row per sequence.
+        - `z_loss`: the weight of the `log(Z)**2` regulariser.
+        - `chunk_size`: tokens per chunk of the fused loss; see
+            `EmbeddingDecode.mean_cross_entropy`.
+
+        **Returns:**
+
+        A float32 scalar.
+        """
+        tokens = jnp.asarray(tokens)
+        batch, seq = tokens.shape
+        if token_positions is None:
+            hidden = jax.vmap(self.hidden_states)(tokens)
+        else:
+            hidden = jax.vmap(lambda t, p: self.hidden_states(t, token_positions=p))(
+                tokens, jnp.asarray(token_positions)
+            )
+
+        def flat(x):
+            return None if x is None else jnp.reshape(jnp.asarray(x), batch * seq)
+
+        return self.embedding.mean_cross_entropy(
+            hidden.reshape(batch * seq, hidden.shape[-1]),
+            flat(targets),
+            where=flat(where),
+            weights=flat(weights),
+            z_loss=z_loss,
+            chunk_size=chunk_size,
+        )
 
     @checked
     def score(

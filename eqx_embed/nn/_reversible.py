@@ -192,6 +192,40 @@ class ReversibleEmbedding(eqx.Module):
         )
 
     @checked
+    def mean_cross_entropy(
+        self,
+        hidden: Float[Array, "tokens embedding_size"],
+        targets: Integer[ArrayLike, " tokens"] | IntegerSequence,
+        *,
+        where: Bool[ArrayLike, " tokens"] | None = None,
+        weights: Float[ArrayLike, " tokens"] | None = None,
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> Float[Array, ""]:
+        """The training loss, the mean (or weighted sum) of the cross-entropy with
+        its gradients computed in the forward pass; see
+        [`EmbeddingDecode.mean_cross_entropy`][eqx_embed.EmbeddingDecode.mean_cross_entropy].
+        Tied, the gradients from the decode reach the lookup table.
+
+        **Arguments:**
+
+        - `hidden`, `targets`, `where`, `weights`, `z_loss`, `chunk_size`: as for
+            `EmbeddingDecode.mean_cross_entropy`.
+
+        **Returns:**
+
+        A scalar.
+        """
+        return self.decoder.mean_cross_entropy(
+            hidden,
+            targets,
+            where=where,
+            weights=weights,
+            z_loss=z_loss,
+            chunk_size=chunk_size,
+        )
+
+    @checked
     def log_sum_exp(
         self,
         hidden: Float[Array, "tokens embedding_size"],
