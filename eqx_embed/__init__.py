@@ -9,6 +9,7 @@ Every public name of `nn` and `models` is also importable from `eqx_embed` itsel
 
 from . import models as models, nn as nn
 from .models import (
+    KVCache as KVCache,
     TransformerConfig as TransformerConfig,
     TransformerLM as TransformerLM,
     model_partition_specs as model_partition_specs,

@@ -7,6 +7,7 @@ PyTorch nor `transformers`, and prints the perplexity of a text under it.
     python examples/hf_checkpoint.py CHECKPOINT --text FILE       # tokenizer.json
     python examples/hf_checkpoint.py CHECKPOINT --token-ids FILE  # ints, or a .npy
     python examples/hf_checkpoint.py --demo                       # no checkpoint
+    python examples/hf_checkpoint.py CHECKPOINT --generate "PROMPT"
 
 `--text` encodes the file with the `tokenizers` tokenizer in `CHECKPOINT/tokenizer.json`
 (or `--tokenizer FILE`), special tokens included as the tokenizer's post-processor adds
@@ -18,6 +19,13 @@ random Llama with `TransformerLM.to_huggingface` and a byte-level BPE tokenizer 
 on this file's source to a temporary directory, then scores this file's source with it.
 It needs only the `[examples]` extra. The weights are random, so expect a perplexity
 of the order of the 512-token vocabulary.
+
+`--generate PROMPT` continues the prompt instead of scoring a text: it encodes it
+with the tokenizer, runs `TransformerLM.generate` (a KV cache, one compiled loop;
+greedy unless `--temperature` is positive) for `--max-new-tokens` tokens, stopping at
+the checkpoint's `eos_token_id` if its `generation_config.json` or `config.json` names
+one, and prints the prompt and its continuation. `--demo --generate PROMPT` does so
+with the tiny random demo checkpoint (no download; expect gibberish).
 
 **Windows.** A model takes at most `max_position_embeddings` tokens, so a long text is
 scored in windows of `--window` tokens (default: that maximum). Window `k` reads the
@@ -36,6 +44,7 @@ beginning-of-sequence token, that is the whole text).
 """
 
 import argparse
+import json
 import math
 import pathlib
 import sys
@@ -236,6 +245,23 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "checkpoint's)",
     )
     parser.add_argument(
+        "--generate",
+        metavar="PROMPT",
+        help="continue PROMPT (encoded with the tokenizer) instead of scoring a text",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=32, help="tokens --generate adds"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="--generate's sampling temperature (default 0: greedy)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="--generate's sampling seed"
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
         help="score this file's source with a tiny random checkpoint written to a "
@@ -247,9 +273,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
             parser.error("--demo makes its own checkpoint, tokenizer and text.")
     elif args.checkpoint is None:
         parser.error("give a checkpoint directory, or --demo.")
-    elif args.text is None and args.token_ids is None:
-        parser.error("give --text or --token-ids.")
-    for name in ("window", "stride", "batch_size"):
+    elif args.generate is None and args.text is None and args.token_ids is None:
+        parser.error("give --text, --token-ids or --generate.")
+    if args.generate is not None and (args.text or args.token_ids):
+        parser.error("--generate continues a prompt; it takes no --text/--token-ids.")
+    for name in ("window", "stride", "batch_size", "max_new_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}.")
@@ -296,20 +324,74 @@ def score(args: argparse.Namespace) -> dict[str, float]:
     return results
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def eos_token_ids(checkpoint: pathlib.Path) -> list[int] | None:
+    """The EOS id(s) named by the checkpoint's generation or model config, if any."""
+    for name in ("generation_config.json", "config.json"):
+        path = checkpoint / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return [eos] if isinstance(eos, int) else list(eos)
+    return None
+
+
+def continue_prompt(args: argparse.Namespace) -> dict[str, str]:
+    """Loads the checkpoint, continues `args.generate` and prints it."""
+    from tokenizers import Tokenizer
+
+    model = eqx_embed.TransformerLM.from_huggingface(
+        args.checkpoint, param_dtype=args.dtype, activation_dtype=args.dtype
+    )
+    tokenizer_file = args.tokenizer or args.checkpoint / TOKENIZER_FILE
+    if not tokenizer_file.exists():
+        raise SystemExit(f"{tokenizer_file} does not exist: pass --tokenizer.")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    prompt = np.array(tokenizer.encode(args.generate).ids, dtype=np.int32)
+    if not len(prompt):
+        raise SystemExit("--generate: the prompt encodes to no tokens.")
+    check_token_ids(prompt, model.config.vocab_size)
+    room = model.config.max_position_embeddings
+    if len(prompt) + args.max_new_tokens > room:
+        raise SystemExit(
+            f"--generate: {len(prompt)} prompt tokens plus --max-new-tokens "
+            f"{args.max_new_tokens} exceed max_position_embeddings ({room})."
+        )
+    eos = eos_token_ids(args.checkpoint)
+    new = np.asarray(
+        model.generate(
+            prompt[None],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            key=jax.random.key(args.seed) if args.temperature > 0 else None,
+            eos_token_id=eos,
+        )
+    )[0]
+    if eos is not None:
+        # As transformers: the EOS is kept, the padding after it dropped.
+        ended = np.flatnonzero(np.isin(new, eos))
+        new = new[: ended[0] + 1] if len(ended) else new
+    text = tokenizer.decode(prompt.tolist() + new.tolist())
+    print(text)
+    return dict(generated=text)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float] | dict[str, str]:
     args = parse_arguments(argv)
+    run = score if args.generate is None else continue_prompt
     if not args.demo:
-        return score(args)
+        return run(args)
     with tempfile.TemporaryDirectory() as directory:
         source = pathlib.Path(__file__)
         write_demo_checkpoint(pathlib.Path(directory), source.read_text())
-        args.checkpoint, args.text = pathlib.Path(directory), source
+        args.checkpoint = pathlib.Path(directory)
         print(
-            "--demo: a tiny Llama with RANDOM, untrained weights, scoring this file. "
-            "Its perplexity is of the order of its vocabulary size and says nothing "
-            "about any real model; give a checkpoint directory for that."
+            "--demo: a tiny Llama with RANDOM, untrained weights. Its perplexity is of "
+            "the order of its vocabulary size and its continuations are noise; they "
+            "say nothing about any real model: give a checkpoint directory for that."
         )
-        return score(args)
+        if args.generate is None:
+            args.text = source
+        return run(args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ tokenizers are in `_tokenizers.py`.
 """
 
 import argparse
+import dataclasses
 import gzip
 import lzma
 import math
@@ -254,39 +255,39 @@ def held_out_bits_per_byte(
     return nats / math.log(2) / num_bytes
 
 
-@eqx.filter_jit
 def sample_continuations(model, window, filled, keys, *, length, temperature):
     """Samples `length` tokens after a prompt, once per key (at `temperature` 0, the
-    likeliest token every time).
+    likeliest token every time), with `TransformerLM.generate` (a KV cache: each new
+    token costs one token's pass, not the whole window's).
 
     `window` is a fixed-size buffer of the model's context length whose first `filled`
-    tokens are the prompt. Each step runs the model over the whole window (causal
-    attention makes the unfilled tail irrelevant), samples after the last filled
-    token, and appends; once the window is full it slides by one. RoPE scores depend
-    on position differences only, so the slid window reads as the original did. The
-    shapes never change, so the loop compiles once.
+    tokens are the prompt. Each new token reads at most the last `context` tokens, as
+    if the window slid by one token per step: with RoPE, attention depends on
+    position differences only, so that is a sliding-window attention of `context`
+    tokens. The same weights under a config with that window (and RoPE tables for
+    every position) generate it in one compiled loop, keeping only `context` keys
+    and values per layer. The rows are sampled together, seeded by `keys[0]` (the
+    number of keys sets how many).
     """
-    size = window.shape[0]
-
-    def sample_one(key):
-        def add_token(i, state):
-            window, filled, sampled, key = state
-            key, subkey = jax.random.split(key)
-            logits = model(window)[filled - 1]
-            if temperature == 0:  # Greedy: the likeliest token.
-                token = jnp.argmax(logits)
-            else:
-                token = jax.random.categorical(subkey, logits / temperature)
-            token = token.astype(window.dtype)
-            slid = jnp.roll(window, -1).at[-1].set(token)
-            window = jnp.where(filled == size, slid, window.at[filled].set(token))
-            return window, jnp.minimum(filled + 1, size), sampled.at[i].set(token), key
-
-        sampled = jnp.zeros(length, window.dtype)
-        state = (window, filled, sampled, key)
-        return jax.lax.fori_loop(0, length, add_token, state)[2]
-
-    return jax.vmap(sample_one)(keys)
+    context, filled = window.shape[0], int(filled)
+    config = dataclasses.replace(
+        model.config,
+        sliding_window=context,
+        max_position_embeddings=max(filled + length, context),
+    )
+    sliding = eqx_embed.TransformerLM(
+        config,
+        embedding=model.embedding,
+        blocks=model.blocks,
+        final_norm=model.final_norm,
+    )
+    prompts = np.tile(np.asarray(window)[:filled], (len(keys), 1))
+    return sliding.generate(
+        prompts,
+        max_new_tokens=length,
+        temperature=temperature,
+        key=keys[0] if temperature > 0 else None,
+    )
 
 
 # --- Checkpoints and outputs ----------------------------------------------------------

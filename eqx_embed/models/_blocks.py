@@ -10,6 +10,7 @@ parallel (GPT-NeoX)                         x = x + attention(norm(x)) + mlp(nor
 ```
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -19,7 +20,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..nn._contracts import checked
 from ..nn._rope import RopeRotation
-from ._attention import Attention
+from ._attention import Attention, Window
 from ._config import ACTIVATIONS, TransformerConfig
 from ._linear import Linear
 from ._norms import LayerNorm, RMSNorm
@@ -159,6 +160,22 @@ class DecoderBlock(eqx.Module):
         self.mlp_output_norm = make_norm(config) if sandwich else None
         self.parallel_residual = config.parallel_residual
 
+    def _residual(
+        self, x: jax.Array, attend: Callable[[jax.Array], tuple[jax.Array, Any]]
+    ) -> tuple[jax.Array, Any]:
+        """The layer around `attend(normed x) -> (attended, extra)`; returns the new
+        hidden states and `extra`."""
+        attended, extra = attend(self.attention_norm(x))
+        if self.attention_output_norm is not None:
+            attended = self.attention_output_norm(attended)
+        if self.parallel_residual:
+            return x + attended + self.mlp(self.mlp_norm(x)), extra
+        x = x + attended
+        transformed = self.mlp(self.mlp_norm(x))
+        if self.mlp_output_norm is not None:
+            transformed = self.mlp_output_norm(transformed)
+        return x + transformed, extra
+
     @jax.named_scope("eqx_embed.DecoderBlock")
     @checked
     def __call__(
@@ -166,26 +183,64 @@ class DecoderBlock(eqx.Module):
         x: Float[Array, "seq hidden_size"],
         *,
         rotation: RopeRotation,
-        window: Int[Array, ""],
+        window: Window,
+        segment_ids: Int[Array, " seq"] | None = None,
     ) -> Float[Array, "seq hidden_size"]:
         """**Arguments:**
 
         - `x`: the hidden states of one sequence.
-        - `rotation`, `window`: as for `Attention`.
+        - `rotation`, `window`, `segment_ids`: as for `Attention`.
 
         **Returns:**
 
         The hidden states after this layer.
         """
-        attended = self.attention(
-            self.attention_norm(x), rotation=rotation, window=window
-        )
-        if self.attention_output_norm is not None:
-            attended = self.attention_output_norm(attended)
-        if self.parallel_residual:
-            return x + attended + self.mlp(self.mlp_norm(x))
-        x = x + attended
-        transformed = self.mlp(self.mlp_norm(x))
-        if self.mlp_output_norm is not None:
-            transformed = self.mlp_output_norm(transformed)
-        return x + transformed
+
+        def attend(normed):
+            out = self.attention(
+                normed, rotation=rotation, window=window, segment_ids=segment_ids
+            )
+            return out, None
+
+        return self._residual(x, attend)[0]
+
+    def prefill(
+        self,
+        x: Float[Array, "seq hidden_size"],
+        *,
+        rotation: RopeRotation,
+        window: Window,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """As `__call__`, also returning this layer's keys and values."""
+
+        def attend(normed):
+            out, keys, values = self.attention.prefill(
+                normed, rotation=rotation, window=window
+            )
+            return out, (keys, values)
+
+        return self._residual(x, attend)
+
+    def decode(
+        self,
+        x: Float[Array, "1 hidden_size"],
+        *,
+        rotation: RopeRotation,
+        cached_keys: jax.Array,
+        cached_values: jax.Array,
+        cached_mask: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """One new token through the layer, attending to the cache (see
+        `Attention.decode`); also returns its key and value."""
+
+        def attend(normed):
+            out, key, value = self.attention.decode(
+                normed,
+                rotation=rotation,
+                cached_keys=cached_keys,
+                cached_values=cached_values,
+                cached_mask=cached_mask,
+            )
+            return out, (key, value)
+
+        return self._residual(x, attend)

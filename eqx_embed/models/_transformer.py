@@ -13,6 +13,7 @@ What differs between layers (Gemma 2's alternating sliding window) is scanned da
 """
 
 import pathlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -33,10 +34,12 @@ from ..nn._contracts import checked
 from ..nn._indices import IntegerSequence, OutOfRange, check_indices
 from ..nn._reversible import ReversibleEmbedding
 from ..nn._rope import RotaryPositionalEmbedding
-from ._attention import NO_WINDOW
+from ._attention import NO_WINDOW, segment_runs
 from ._blocks import DecoderBlock, Norm, make_norm
+from ._cache import KVCache, decode_step, prefill
 from ._config import TransformerConfig
 from ._eager import compiled_when_eager
+from ._generate import check_prompts, generate
 from ._sharding import on_auto_axes
 
 
@@ -245,33 +248,43 @@ class TransformerLM(eqx.Module):
                 )
             seen[id(leaf)] = name
 
-    def _layer_windows(self) -> Int[Array, " num_layers"]:
-        windows = [NO_WINDOW if w is None else w for w in self.config.layer_windows]
-        return jnp.asarray(windows, dtype=jnp.int32)
+    def _layer_windows(self) -> int | None | Int[Array, " num_layers"]:
+        """The window shared by every layer, static, or one traced per layer."""
+        windows = self.config.layer_windows
+        if len(set(windows)) == 1:
+            return windows[0]
+        return jnp.asarray(
+            [NO_WINDOW if w is None else w for w in windows], dtype=jnp.int32
+        )
 
-    @compiled_when_eager
-    @jax.named_scope("eqx_embed.TransformerLM.hidden_states")
-    @checked
-    def hidden_states(
-        self,
-        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
-        *,
-        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
-    ) -> Float[Array, "seq hidden_size"]:
-        """The hidden states after the final norm, before the decode.
+    def _scan_layers(
+        self, x: Any, layer: Callable, xs: Any = None, *, blocks: Any = None
+    ):
+        """Scans `layer(block, x, window, xs_slice) -> (x, per_layer_output)` over
+        the stacked blocks (and `xs`, per-layer data with a leading layer axis);
+        returns the final `x` and the stacked outputs."""
+        blocks = self.blocks if blocks is None else blocks
+        parameters, structure = eqx.partition(blocks, eqx.is_array)
+        windows = self._layer_windows()
+        static_window = not isinstance(windows, jax.Array)
 
-        **Arguments:**
+        def step(x, scanned):
+            parameters, window, xs_slice = scanned
+            if static_window:
+                window = windows
+            return layer(eqx.combine(parameters, structure), x, window, xs_slice)
 
-        - `tokens`: the token ids of one sequence, at most `max_position_embeddings`
-            of them.
-        - `token_positions`: the position of each token, in
-            `[0, max_position_embeddings)`. Defaults to `0 .. seq-1`. The causal
-            mask and sliding windows go by index in the sequence, as in Hugging Face.
+        return jax.lax.scan(
+            step,
+            x,
+            (parameters, None if static_window else windows, xs),
+            unroll=self.config.scan_unroll,
+        )
 
-        **Returns:**
-
-        Shape `(seq, hidden_size)`, in the activation dtype.
-        """
+    def _embed(
+        self, tokens: Integer[ArrayLike, " seq"] | IntegerSequence
+    ) -> Float[Array, "seq hidden"]:
+        """Checks a sequence's ids and length; its (scaled) embeddings."""
         config = self.config
         # Checked here, in their own dtype and with the embedding's policy, before the
         # per-token lookup traces them, so that bad ids known now raise now. They come
@@ -294,27 +307,69 @@ class TransformerLM(eqx.Module):
                 f"tokens has {seq_len} tokens but the model supports at most "
                 f"max_position_embeddings={config.max_position_embeddings}."
             )
-        # Positions are checked and their table rows gathered once, for every layer.
-        rotation = self.rope.rotation(seq_len, positions=token_positions)
         x = jax.vmap(self.embedding)(tokens)
         if config.scale_embeddings:
             x = x * jnp.asarray(config.hidden_size**0.5, dtype=x.dtype)
+        return x
+
+    @compiled_when_eager
+    @jax.named_scope("eqx_embed.TransformerLM.hidden_states")
+    @checked
+    def hidden_states(
+        self,
+        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
+        *,
+        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
+        segment_ids: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
+    ) -> Float[Array, "seq hidden_size"]:
+        """The hidden states after the final norm, before the decode.
+
+        **Arguments:**
+
+        - `tokens`: the token ids of one sequence, at most `max_position_embeddings`
+            of them.
+        - `token_positions`: the position of each token, in
+            `[0, max_position_embeddings)`. Defaults to `0 .. seq-1`, or, with
+            `segment_ids`, to `0, 1, ...` restarting at every change of segment. The
+            causal mask and sliding windows go by index in the sequence, as in
+            Hugging Face.
+        - `segment_ids`: for packed sequences, an integer per token; a token attends
+            only to the tokens since the last change of id (so documents packed one
+            after another never see each other).
+
+        **Returns:**
+
+        Shape `(seq, hidden_size)`, in the activation dtype.
+        """
+        x = self._embed(tokens)
+        seq_len = x.shape[0]
+        runs = None
+        if segment_ids is not None:
+            segment_ids = jnp.asarray(segment_ids)
+            if segment_ids.shape != (seq_len,):
+                raise ValueError(
+                    f"segment_ids must have shape ({seq_len},), one per token, got "
+                    f"shape {segment_ids.shape}."
+                )
+            runs, run_positions = segment_runs(segment_ids)
+            if token_positions is None:
+                token_positions = run_positions
+        # Positions are checked and their table rows gathered once, for every layer.
+        rotation = self.rope.rotation(seq_len, positions=token_positions)
+
         parameters, structure = eqx.partition(self.blocks, eqx.is_array)
 
-        def layers(x, parameters, rotation):
-            def layer(x, parameters_and_window):
-                parameters, window = parameters_and_window
-                block = eqx.combine(parameters, structure)
-                return block(x, rotation=rotation, window=window), None
+        def layers(x, parameters, rotation, runs):
+            def layer(block, x, window, _):
+                out = block(x, rotation=rotation, window=window, segment_ids=runs)
+                return out, None
 
-            x, _ = jax.lax.scan(
-                layer, x, (parameters, self._layer_windows()), unroll=config.scan_unroll
-            )
-            return x
+            blocks = eqx.combine(parameters, structure)
+            return self._scan_layers(x, layer, blocks=blocks)[0]
 
         # The blocks' FSDP gathers and tensor-parallel reductions are GSPMD's to
         # place, also under explicit mesh axes.
-        x = on_auto_axes(layers, x)(x, parameters, rotation)
+        x = on_auto_axes(layers, x)(x, parameters, rotation, runs)
         return self.final_norm(x)
 
     @compiled_when_eager
@@ -325,13 +380,14 @@ class TransformerLM(eqx.Module):
         tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
         token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
+        segment_ids: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq vocab_size"]:
         """The logits of the next token after each prefix of one sequence.
 
         **Arguments:**
 
-        - `tokens`, `token_positions`: as for `hidden_states`.
+        - `tokens`, `token_positions`, `segment_ids`: as for `hidden_states`.
         - `key`: ignored; for compatibility with the rest of the Equinox API.
 
         **Returns:**
@@ -339,7 +395,9 @@ class TransformerLM(eqx.Module):
         Shape `(seq, vocab_size)`, in the activation dtype (soft-capped for
         Gemma 2).
         """
-        hidden = self.hidden_states(tokens, token_positions=token_positions)
+        hidden = self.hidden_states(
+            tokens, token_positions=token_positions, segment_ids=segment_ids
+        )
         return jax.vmap(self.embedding.decode)(hidden)
 
     @compiled_when_eager
@@ -351,6 +409,7 @@ class TransformerLM(eqx.Module):
         *,
         where: Bool[ArrayLike, " seq"] | None = None,
         token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
+        segment_ids: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
         z_loss: float = 0.0,
     ) -> Float[Array, " seq"]:
         """Per-token training loss through the fused decode cross-entropy, which never
@@ -362,7 +421,8 @@ class TransformerLM(eqx.Module):
         - `targets`: the token expected after each prefix (usually `tokens` shifted
             by one).
         - `where`: which tokens count; the others get a loss of 0.
-        - `token_positions`: as for `hidden_states`.
+        - `token_positions`, `segment_ids`: as for `hidden_states`. A packed row's
+            losses equal those of each document run alone.
         - `z_loss`: the weight of the `log(Z)**2` regulariser.
 
         **Returns:**
@@ -370,7 +430,9 @@ class TransformerLM(eqx.Module):
         The float32 cross-entropy of each token, shape `(seq,)`. Average it over
         `where` yourself.
         """
-        hidden = self.hidden_states(tokens, token_positions=token_positions)
+        hidden = self.hidden_states(
+            tokens, token_positions=token_positions, segment_ids=segment_ids
+        )
         return self.embedding.cross_entropy(hidden, targets, where=where, z_loss=z_loss)
 
     @compiled_when_eager
@@ -443,6 +505,7 @@ class TransformerLM(eqx.Module):
         next_tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
         token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
+        segment_ids: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
     ) -> Float[Array, " seq"]:
         """Log-probabilities of given continuations:
         `log p(next_tokens[i] | tokens[: i + 1])`.
@@ -451,14 +514,131 @@ class TransformerLM(eqx.Module):
 
         - `tokens`: the token ids of one sequence.
         - `next_tokens`: the token to score after each prefix.
-        - `token_positions`: as for `hidden_states`.
+        - `token_positions`, `segment_ids`: as for `hidden_states`.
 
         **Returns:**
 
         float32 log-probabilities, shape `(seq,)`. Their negated mean over a text is
         the log of its perplexity.
         """
-        return -self.loss(tokens, next_tokens, token_positions=token_positions)
+        return -self.loss(
+            tokens,
+            next_tokens,
+            token_positions=token_positions,
+            segment_ids=segment_ids,
+        )
+
+    def prefill(
+        self,
+        prompts: Integer[ArrayLike, "batch seq"],
+        *,
+        prompt_lengths: Integer[ArrayLike, " batch"] | None = None,
+        capacity: int,
+    ) -> tuple[Float[Array, "batch vocab_size"], KVCache]:
+        """Runs a batch of prompts once and caches their keys and values.
+
+        **Arguments:**
+
+        - `prompts`: right-padded token ids; row `b`'s prompt is
+            `prompts[b, :prompt_lengths[b]]`.
+        - `prompt_lengths`: each prompt's length, in `[1, seq]`. Defaults to `seq`.
+        - `capacity`: the most tokens (prompt included) a row will hold, at least
+            `seq`, at most `max_position_embeddings`.
+
+        **Returns:**
+
+        The logits after each prompt's last token, and the
+        [`KVCache`][eqx_embed.KVCache] to pass to `decode_step`.
+        """
+        prompts, lengths, capacity = check_prompts(
+            prompts,
+            prompt_lengths,
+            capacity,
+            new_tokens=0,
+            max_positions=self.config.max_position_embeddings,
+        )
+        return prefill(self, prompts, lengths, capacity)
+
+    def decode_step(
+        self, cache: KVCache, tokens: Integer[ArrayLike, " batch"]
+    ) -> tuple[Float[Array, "batch vocab_size"], KVCache]:
+        """Appends one token to every row of the cache, at position `cache.lengths`.
+
+        **Arguments:**
+
+        - `cache`: from `prefill` or a previous `decode_step`, with room left: a row
+            may hold at most `cache.capacity` tokens (checked when its lengths are
+            concrete; a traced row past it would overwrite its oldest token).
+        - `tokens`: one token id per row.
+
+        **Returns:**
+
+        The logits after each new token (equal to the full forward's at that
+        position) and the advanced cache.
+        """
+        tokens = jnp.asarray(tokens)
+        if tokens.shape != cache.lengths.shape:
+            raise ValueError(
+                f"tokens must have shape {cache.lengths.shape}, one per row of the "
+                f"cache, got shape {tokens.shape}."
+            )
+        if not isinstance(cache.lengths, jax.core.Tracer) and bool(
+            jnp.any(cache.lengths >= cache.capacity)
+        ):
+            raise ValueError(
+                f"The cache is full: a row holds capacity={cache.capacity} tokens."
+            )
+        return decode_step(self, cache, tokens)
+
+    def generate(
+        self,
+        prompts: Integer[ArrayLike, "batch seq"],
+        *,
+        prompt_lengths: Integer[ArrayLike, " batch"] | None = None,
+        max_new_tokens: int,
+        temperature: float | int = 0.0,
+        top_k: int | None = None,
+        top_p: float | int | None = None,
+        key: PRNGKeyArray | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        capacity: int | None = None,
+    ) -> Int[Array, "batch max_new_tokens"]:
+        """Continues a batch of prompts with a KV cache, in one compiled loop per
+        shape that stops as soon as every row has produced an EOS.
+
+        **Arguments:**
+
+        - `prompts`, `prompt_lengths`: as for `prefill` (right-padded).
+        - `max_new_tokens`: how many tokens to generate per row.
+        - `temperature`: `0` for greedy decoding (the argmax), otherwise the
+            softmax temperature of sampling.
+        - `top_k`, `top_p`: when sampling, keep only the `top_k` most likely tokens
+            and then the smallest set whose probability reaches `top_p` in `(0, 1]`.
+        - `key`: a `jax.random.PRNGKey`, required when sampling.
+        - `eos_token_id`: a token id (or several) that ends a row.
+        - `pad_token_id`: what fills a row after its EOS. Defaults to the (first)
+            `eos_token_id`, or 0.
+        - `capacity`: the cache's length; defaults to `seq + max_new_tokens`.
+
+        **Returns:**
+
+        The new tokens, shape `(batch, max_new_tokens)`. Every argument is checked
+        (a `ValueError` naming it) before anything is compiled.
+        """
+        return generate(
+            self,
+            prompts,
+            prompt_lengths=prompt_lengths,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            key=key,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            capacity=capacity,
+        )
 
     @classmethod
     @checked

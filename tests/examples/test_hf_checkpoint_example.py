@@ -297,3 +297,33 @@ def test_text_without_a_tokenizer_is_named(checkpoint, tmp_path):
     )
     with pytest.raises(SystemExit, match=f"{re.escape(str(missing))} does not exist"):
         example.score(args)
+
+
+def test_generate_continues_a_prompt_as_transformers_does(
+    hf_model, checkpoint, tmp_path
+):
+    tokenizer = train_tokenizer(add_bos=False)
+    tokenizer_file = tmp_path / "no_bos.json"
+    tokenizer.save(str(tokenizer_file))
+    prompt = "Scores a text"
+    arguments = [str(checkpoint), "--generate", prompt, "--tokenizer"]
+    result = example.main([*arguments, str(tokenizer_file), "--max-new-tokens", "20"])
+
+    ids = tokenizer.encode(prompt).ids
+    with torch.no_grad():
+        expected = hf_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=20,
+            pad_token_id=0,
+        )[0]
+    assert len(expected) > len(ids) + 1
+    assert result["generated"] == tokenizer.decode(expected.tolist())
+
+
+def test_demo_generates_without_a_checkpoint():
+    result = example.main(
+        ["--demo", "--generate", "def main(", "--max-new-tokens", "6"]
+    )
+    assert result["generated"].startswith("def main(")

@@ -1,0 +1,73 @@
+"""Greedy `TransformerLM.generate` against `transformers`' `generate(do_sample=False)`,
+token for token, for every family loaded from a tiny random checkpoint."""
+
+import numpy as np
+import pytest
+import torch
+from test_huggingface import CASES, VOCAB, build
+
+from eqx_embed import TransformerLM
+
+NEW_TOKENS = 40
+LENGTHS = np.array([7, 3, 5])
+PROMPTS = np.random.default_rng(1).integers(0, VOCAB, size=(3, LENGTHS.max()))
+
+
+def livelier(model: torch.nn.Module, case: str) -> None:
+    """Layers that outweigh the residual stream. With `build`'s weights alone, a tied
+    embedding's greedy continuation repeats a token forever (the last token's own
+    embedding wins), which would test little."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim == 2 and "embed" not in name and "lm_head" not in name:
+                parameter.mul_(3.0)
+            if case == "gemma2" and "post_" in name and "norm" in name:
+                # Gemma 2's norms on the layers' outputs set their scale.
+                parameter.add_(5.0)
+
+
+def hf_greedy(model: torch.nn.Module, prompt: np.ndarray, **settings) -> np.ndarray:
+    """transformers' greedy continuation of one prompt (no padding needed)."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor(prompt[None]),
+            attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            **settings,
+        )
+    return out[0, len(prompt) :].numpy()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_generation_equals_transformers(case, tmp_path):
+    hf_model = build(case)
+    livelier(hf_model, case)
+    # Random models may emit the config's EOS id: never stop early here.
+    hf_model.generation_config.eos_token_id = None
+    hf_model.generation_config.pad_token_id = 0
+    hf_model.save_pretrained(tmp_path)
+    ours = TransformerLM.from_huggingface(tmp_path)
+    got = np.asarray(
+        ours.generate(PROMPTS, prompt_lengths=LENGTHS, max_new_tokens=NEW_TOKENS)
+    )
+    for row, length in enumerate(LENGTHS):
+        expected = hf_greedy(hf_model, PROMPTS[row, :length])
+        assert len(set(expected.tolist())) > 3, "a degenerate continuation"
+        np.testing.assert_array_equal(got[row], expected, err_msg=f"row {row}")
+    # With an EOS that row 0 emits mid-way: transformers pads after it as we do.
+    eos = int(got[0, NEW_TOKENS // 2])
+    stopped = np.asarray(
+        ours.generate(
+            PROMPTS,
+            prompt_lengths=LENGTHS,
+            max_new_tokens=NEW_TOKENS,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    )
+    expected = hf_greedy(
+        hf_model, PROMPTS[0, : LENGTHS[0]], eos_token_id=eos, pad_token_id=0
+    )
+    np.testing.assert_array_equal(stopped[0, : len(expected)], expected)
+    assert (stopped[0, len(expected) :] == 0).all()
