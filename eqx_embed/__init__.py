@@ -17,9 +17,11 @@ from .nn import (
     EmbeddingDecode as EmbeddingDecode,
     Initializer as Initializer,
     OutOfRange as OutOfRange,
+    PositionEmbedding as PositionEmbedding,
     ReversibleEmbedding as ReversibleEmbedding,
     RopeRotation as RopeRotation,
     RotaryPositionalEmbedding as RotaryPositionalEmbedding,
+    SinusoidalPositionalEncoding as SinusoidalPositionalEncoding,
     default_embedding_init as default_embedding_init,
 )
 
