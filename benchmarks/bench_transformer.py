@@ -214,7 +214,7 @@ def equinox_copy(model: TransformerLM) -> EquinoxLlama:
         ),
         peer,
         (
-            model.embedding.embedding.weight,
+            model.embedding.weight,
             model.final_norm.weight,
             [copy_layer(block, layer) for layer, block in enumerate(peer.blocks)],
         ),

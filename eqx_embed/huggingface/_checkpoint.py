@@ -19,67 +19,18 @@ from ._config_json import config_from_huggingface, config_to_huggingface
 from ._safetensors import checkpoint_files, read_safetensors
 
 
-def _layer_names(config: TransformerConfig) -> tuple[str, dict[str, str]]:
-    """The Hugging Face prefix of layer `i` (a format string) and the Hugging Face
-    names of the block's submodules."""
-    if config.family == "gpt_neox":
-        return "gpt_neox.layers.{}.", {
-            "attention_norm": "input_layernorm",
-            "attention.output_proj": "attention.dense",
-            "mlp_norm": "post_attention_layernorm",
-            "mlp.up": "mlp.dense_h_to_4h",
-            "mlp.down": "mlp.dense_4h_to_h",
-            # Fused into attention.query_key_value in the file; see _split_qkv.
-            "attention.query_proj": "attention.query",
-            "attention.key_proj": "attention.key",
-            "attention.value_proj": "attention.value",
-        }
-    names = {
-        "attention_norm": "input_layernorm",
-        "attention.query_proj": "self_attn.q_proj",
-        "attention.key_proj": "self_attn.k_proj",
-        "attention.value_proj": "self_attn.v_proj",
-        "attention.output_proj": "self_attn.o_proj",
-        "mlp_norm": "post_attention_layernorm",
-        "mlp.gate": "mlp.gate_proj",
-        "mlp.up": "mlp.up_proj",
-        "mlp.down": "mlp.down_proj",
-    }
-    if config.traits.sandwich_norms:
-        names.update(
-            attention_output_norm="post_attention_layernorm",
-            mlp_norm="pre_feedforward_layernorm",
-            mlp_output_norm="post_feedforward_layernorm",
-        )
-    return "model.layers.{}.", names
-
-
-def _top_names(config: TransformerConfig) -> dict[str, str]:
-    if config.family == "gpt_neox":
-        return {
-            "embedding.embedding": "gpt_neox.embed_in",
-            "embedding.reverse_embedding": "embed_out",
-            "final_norm": "gpt_neox.final_layer_norm",
-        }
-    return {
-        "embedding.embedding": "model.embed_tokens",
-        "embedding.reverse_embedding": "lm_head",
-        "final_norm": "model.norm",
-    }
-
-
 def _huggingface_name(name: str, config: TransformerConfig) -> str | list[str]:
     """The Hugging Face name of the model's weight `name`, or, for a stacked block
-    weight, the list of per-layer names."""
+    weight, the list of per-layer names, from the family's spec."""
+    names = config.spec.weight_names
     module, leaf = name.rsplit(".", 1)
     if module.startswith("blocks."):
-        prefix, names = _layer_names(config)
-        hf_module = names[module.removeprefix("blocks.")]
+        hf_module = names.layer[module.removeprefix("blocks.")]
         return [
-            f"{prefix.format(layer)}{hf_module}.{leaf}"
+            f"{names.layer_prefix.format(layer)}{hf_module}.{leaf}"
             for layer in range(config.num_layers)
         ]
-    return f"{_top_names(config)[module]}.{leaf}"
+    return f"{names.top[module]}.{leaf}"
 
 
 def _split_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
@@ -169,7 +120,7 @@ def read_weights(
             tensors[name] = array
     for name in [n for n in tensors if n.endswith(_RECOMPUTED_SUFFIXES)]:
         del tensors[name]
-    if config.family == "gpt_neox":
+    if config.spec.weight_names.fused_qkv:
         _split_qkv(tensors, config)
     arrays = {}
     for name in names:
@@ -224,7 +175,7 @@ def write_checkpoint(
             tensors.update(zip(hf_name, array, strict=True))
         else:
             tensors[hf_name] = array
-    if config.family == "gpt_neox":
+    if config.spec.weight_names.fused_qkv:
         _fuse_qkv(tensors, config)
     directory = pathlib.Path(path)
     directory.mkdir(parents=True, exist_ok=True)

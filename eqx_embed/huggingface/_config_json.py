@@ -1,19 +1,14 @@
-"""Hugging Face `config.json` to and from `TransformerConfig`."""
+"""Hugging Face `config.json` to and from `TransformerConfig`, for any family: the keys
+every family shares are read and written here, the family's own through its
+[`FamilySpec`][eqx_embed.models.families.FamilySpec]."""
 
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from ..models._config import FAMILIES, FAMILY_TRAITS, TransformerConfig
-
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gpt_neox": "GPTNeoXForCausalLM",
-}
+from ..models._config import FAMILIES, TransformerConfig
+from ..models.families import ConfigKeys, family_spec
+from ..nn._contracts import check_positive
 
 # Keys that do not change the logits: bookkeeping, special token ids, initialisation,
 # caching, and dropout (this model has none; it changes training, never the logits).
@@ -45,79 +40,19 @@ _INERT_KEYS = frozenset(
 # The RoPE rules whose tables do not depend on the sequence length in transformers.
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
-# transformers' own defaults, for keys a config.json may leave out.
-_HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(max_position_embeddings=2048, tie_word_embeddings=False),
-    "mistral": dict(
-        max_position_embeddings=131072, tie_word_embeddings=False, sliding_window=4096
-    ),
-    "qwen2": dict(
-        max_position_embeddings=32768,
-        tie_word_embeddings=False,
-        sliding_window=4096,
-        use_sliding_window=False,
-        max_window_layers=28,
-    ),
-    "gemma": dict(max_position_embeddings=8192, tie_word_embeddings=True, head_dim=256),
-    "gemma2": dict(
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        head_dim=256,
-        query_pre_attn_scalar=256,
-        sliding_window=4096,
-        final_logit_softcapping=30.0,
-        attn_logit_softcapping=50.0,
-    ),
-    "gpt_neox": dict(
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        rotary_pct=0.25,
-        use_parallel_residual=True,
-        attention_bias=True,
-    ),
-}
+
+def _check_all_taken(keys: ConfigKeys) -> None:
+    unknown = sorted(set(keys.values) - _INERT_KEYS)
+    if unknown:
+        raise ValueError(
+            f"config.json has keys that this {keys.family.name} model does not "
+            "implement and that may change its output: "
+            + ", ".join(f"{key}={keys.values[key]!r}" for key in unknown)
+            + "."
+        )
 
 
-class _Keys:
-    """A config.json being read: each key is taken once; what is left at the end was
-    not understood."""
-
-    def __init__(self, values: Mapping[str, Any], family: str):
-        self.values = dict(values)
-        self.defaults = _HF_DEFAULTS[family]
-        self.family = family
-
-    def take(self, key: str, default: Any = None) -> Any:
-        if key in self.values:
-            return self.values.pop(key)
-        return self.defaults.get(key, default)
-
-    def require(self, key: str) -> Any:
-        if key not in self.values:
-            raise ValueError(f"config.json has no {key!r}, which {self.family} needs.")
-        return self.values.pop(key)
-
-    def expect(self, key: str, allowed: tuple, why: str) -> None:
-        """Takes `key`, which must be absent or one of `allowed`."""
-        value = self.values.pop(key, allowed[0])
-        if value not in allowed:
-            raise ValueError(
-                f"config.json has {key}={value!r}, which this model does not "
-                f"implement ({why}); supported: {allowed}."
-            )
-
-    def check_all_taken(self) -> None:
-        unknown = sorted(set(self.values) - _INERT_KEYS)
-        if unknown:
-            raise ValueError(
-                f"config.json has keys that this {self.family} model does not "
-                f"implement and that may change its output: "
-                + ", ".join(f"{key}={self.values[key]!r}" for key in unknown)
-                + "."
-            )
-
-
-def _rope_settings(keys: _Keys, max_position_embeddings: int) -> dict[str, Any]:
+def _rope_settings(keys: ConfigKeys, max_position_embeddings: int) -> dict[str, Any]:
     """`rope_theta`, `rope_scaling` and `partial_rotary_factor` from either layout:
     transformers 4's `rope_theta` + `rope_scaling` (GPT-NeoX: `rotary_emb_base`,
     `rotary_pct`) or transformers 5's `rope_parameters`."""
@@ -153,27 +88,12 @@ def _rope_settings(keys: _Keys, max_position_embeddings: int) -> dict[str, Any]:
         )
     settings: dict[str, Any] = dict(rope_scaling=scaling)
     if theta is not None:
+        check_positive("config.json's rope_theta", theta)
         settings["rope_theta"] = float(theta)
     if partial is not None:
+        check_positive("config.json's partial_rotary_factor", partial)
         settings["partial_rotary_factor"] = float(partial)
     return settings
-
-
-def _layer_types(
-    keys: _Keys, family: str, num_layers: int, sliding_window: int | None
-) -> tuple[str, ...] | None:
-    """Per-layer attention types, as transformers derives them per family."""
-    given = keys.take("layer_types")
-    if family == "qwen2":
-        first_sliding = keys.take("max_window_layers")
-        if given is None and sliding_window is not None:
-            given = [
-                "sliding_attention" if i >= first_sliding else "full_attention"
-                for i in range(num_layers)
-            ]
-    if sliding_window is None:
-        return None
-    return None if given is None else tuple(given)
 
 
 def config_from_huggingface(
@@ -186,116 +106,47 @@ def config_from_huggingface(
     """The [`TransformerConfig`][eqx_embed.TransformerConfig] of a Hugging Face
     `config.json` (as a dict). Unsupported keys or values raise a `ValueError` naming
     them."""
-    family = values.get("model_type")
-    if family not in FAMILIES:
+    model_type = values.get("model_type")
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ValueError(
-            f"config.json has model_type={family!r}; supported: {FAMILIES}."
+            f"config.json has model_type={model_type!r}; supported: {FAMILIES}."
         )
-    keys = _Keys(values, family)
-    traits = FAMILY_TRAITS[family]
+    spec = family_spec(model_type)
+    keys = ConfigKeys(values, spec)
     if param_dtype is None:
         stored = values.get("dtype") or values.get("torch_dtype") or "float32"
         param_dtype = stored if stored in ("float32", "bfloat16", "float16") else None
         param_dtype = param_dtype or "float32"
-    hidden_size = keys.require("hidden_size")
-    num_heads = keys.require("num_attention_heads")
     max_position_embeddings = keys.take("max_position_embeddings")
     settings: dict[str, Any] = dict(
-        family=family,
+        family=model_type,
         vocab_size=keys.require("vocab_size"),
-        hidden_size=hidden_size,
+        hidden_size=keys.require("hidden_size"),
         intermediate_size=keys.require("intermediate_size"),
         num_layers=keys.require("num_hidden_layers"),
-        num_heads=num_heads,
+        num_heads=keys.require("num_attention_heads"),
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=keys.take("tie_word_embeddings"),
+        tie_word_embeddings=keys.take_bool("tie_word_embeddings"),
         param_dtype=param_dtype,
         activation_dtype=activation_dtype or param_dtype,
         out_of_range=out_of_range,
         **_rope_settings(keys, max_position_embeddings),
     )
-    if family == "gpt_neox":
-        head_dim = keys.take("head_dim")
-        if head_dim not in (None, hidden_size // num_heads):
-            raise ValueError(
-                f"config.json has head_dim={head_dim}, but GPT-NeoX's heads are "
-                f"hidden_size // num_attention_heads = {hidden_size // num_heads} wide."
-            )
-        bias = keys.take("attention_bias")
-        settings.update(
-            norm_eps=keys.take("layer_norm_eps", traits.norm_eps),
-            hidden_act=keys.take("hidden_act", traits.hidden_act),
-            attention_bias=bias,
-            attention_output_bias=bias,
-            parallel_residual=keys.take("use_parallel_residual"),
-        )
-    else:
-        settings.update(
-            num_kv_heads=keys.take("num_key_value_heads"),
-            head_dim=keys.take("head_dim"),
-            norm_eps=keys.take("rms_norm_eps", traits.norm_eps),
-        )
-        settings.setdefault("partial_rotary_factor", 1.0)
-    if family in ("llama", "gemma", "gemma2"):
-        bias = keys.take("attention_bias", False)
-        settings.update(attention_bias=bias, attention_output_bias=bias)
-    if family == "llama":
-        settings["mlp_bias"] = keys.take("mlp_bias", False)
-    if family == "mistral":
-        keys.expect("attention_bias", (False,), "Mistral has no attention biases")
-    if family in ("gemma", "gemma2"):
-        keys.expect("use_bidirectional_attention", (None, False), "attention is causal")
-    if family == "qwen2":
-        keys.expect("use_mrope", (False,), "multimodal RoPE")
-    # The activation key transformers 5 reads, and the other one, which it ignores
-    # and which must then not say something else.
-    used, other = {
-        "gemma2": ("hidden_activation", "hidden_act"),
-        "gemma": ("hidden_act", "hidden_activation"),
-    }.get(family, ("hidden_act", None))
-    activation = keys.take(used, traits.hidden_act)
-    if other is not None:
-        ignored = keys.take(other)
-        if ignored not in (None, activation):
-            raise ValueError(
-                f"config.json has {used}={activation!r} and {other}={ignored!r}; "
-                f"transformers uses {used} for {family}, so they must agree."
-            )
-    settings["hidden_act"] = activation
-    if family in ("mistral", "qwen2", "gemma2"):
-        sliding_window = keys.take("sliding_window")
-        if family == "qwen2" and not keys.take("use_sliding_window"):
-            sliding_window = None
-        if family == "gemma2":
-            size = keys.take("sliding_window_size")
-            if size not in (None, sliding_window):
-                raise ValueError(
-                    f"config.json has sliding_window={sliding_window} and "
-                    f"sliding_window_size={size}, which disagree."
-                )
-        settings.update(
-            sliding_window=sliding_window,
-            layer_types=_layer_types(
-                keys, family, settings["num_layers"], sliding_window
-            ),
-        )
-    if family == "gemma2":
-        settings.update(
-            query_pre_attn_scalar=keys.take("query_pre_attn_scalar"),
-            attention_logit_soft_cap=keys.take("attn_logit_softcapping"),
-            final_logit_soft_cap=keys.take("final_logit_softcapping"),
-        )
-    keys.check_all_taken()
-    return TransformerConfig(**settings)
+    settings.update(spec.read_config(keys))
+    _check_all_taken(keys)
+    # Left out: the family's preset.
+    return TransformerConfig(
+        **{name: value for name, value in settings.items() if value is not None}
+    )
 
 
 def config_to_huggingface(config: TransformerConfig) -> dict[str, Any]:
     """The Hugging Face `config.json` (as a dict) of `config`. Raises a `ValueError`
     naming the settings that the family's Hugging Face config cannot express."""
-    family = config.family
+    spec = config.spec
     values: dict[str, Any] = dict(
-        architectures=[_ARCHITECTURES[family]],
-        model_type=family,
+        architectures=[spec.architecture],
+        model_type=spec.name,
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -304,55 +155,8 @@ def config_to_huggingface(config: TransformerConfig) -> dict[str, Any]:
         max_position_embeddings=config.max_position_embeddings,
         tie_word_embeddings=config.tie_word_embeddings,
         dtype=config.param_dtype,
+        **spec.write_config(config),
     )
-    scaling = None if config.rope_scaling is None else config.rope_scaling.to_dict()
-    if family == "gpt_neox":
-        values.update(
-            rotary_emb_base=config.rope_theta,
-            rotary_pct=config.partial_rotary_factor,
-            rope_scaling=scaling,
-            layer_norm_eps=config.norm_eps,
-            hidden_act=config.hidden_act,
-            attention_bias=config.attention_bias,
-            use_parallel_residual=config.parallel_residual,
-        )
-    else:
-        values.update(
-            num_key_value_heads=config.num_kv_heads,
-            head_dim=config.head_dim,
-            rope_theta=config.rope_theta,
-            rope_scaling=scaling,
-            rms_norm_eps=config.norm_eps,
-        )
-        if config.partial_rotary_factor != 1.0:
-            values["partial_rotary_factor"] = config.partial_rotary_factor
-        activation_key = "hidden_activation" if family == "gemma2" else "hidden_act"
-        values[activation_key] = config.hidden_act
-    if family in ("llama", "gemma", "gemma2"):
-        values["attention_bias"] = config.attention_bias
-    if family == "llama":
-        values["mlp_bias"] = config.mlp_bias
-    windows = config.layer_windows
-    layer_types = [
-        "full_attention" if window is None else "sliding_attention"
-        for window in windows
-    ]
-    if family in ("mistral", "qwen2", "gemma2"):
-        values["sliding_window"] = config.sliding_window
-    if family == "qwen2":
-        sliding = [i for i, window in enumerate(windows) if window is not None]
-        values.update(
-            use_sliding_window=bool(sliding),
-            max_window_layers=sliding[0] if sliding else config.num_layers,
-            layer_types=layer_types,
-        )
-    if family == "gemma2":
-        values.update(
-            layer_types=layer_types,
-            query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
-            attn_logit_softcapping=config.attention_logit_soft_cap,
-            final_logit_softcapping=config.final_logit_soft_cap,
-        )
     # What the family cannot express is what does not come back when read.
     reread = config_from_huggingface(
         values,
@@ -366,14 +170,14 @@ def config_to_huggingface(config: TransformerConfig) -> dict[str, Any]:
         if getattr(config, field.name) != getattr(reread, field.name)
         and field.name not in ("layer_types", "query_pre_attn_scalar")
     ]
-    if reread.layer_windows != windows or (
+    if reread.layer_windows != config.layer_windows or (
         (reread.query_pre_attn_scalar or reread.head_dim)
         != (config.query_pre_attn_scalar or config.head_dim)
     ):
         different.append("the per-layer attention (layer_types, sliding_window)")
     if different:
         raise ValueError(
-            f"A Hugging Face {family} config cannot express these settings: "
+            f"A Hugging Face {spec.name} config cannot express these settings: "
             + ", ".join(different)
             + "."
         )

@@ -33,12 +33,12 @@ def make_norm(config: TransformerConfig) -> Norm:
         dtype=jnp.dtype(config.activation_dtype),
         param_dtype=jnp.dtype(config.param_dtype),
     )
-    if config.traits.norm == "layer":
+    if config.norm == "layer":
         return LayerNorm(config.hidden_size, eps=config.norm_eps, **dtypes)
     return RMSNorm(
         config.hidden_size,
         eps=config.norm_eps,
-        unit_offset=config.traits.norm == "rms_unit_offset",
+        unit_offset=config.norm == "rms_unit_offset",
         **dtypes,
     )
 
@@ -130,7 +130,7 @@ class DecoderBlock(eqx.Module):
             dtype=jnp.dtype(config.activation_dtype),
             param_dtype=jnp.dtype(config.param_dtype),
         )
-        sandwich = config.traits.sandwich_norms
+        sandwich = config.sandwich_norms
         scalar = config.query_pre_attn_scalar or config.head_dim
         self.attention_norm = make_norm(config)
         self.attention = Attention(
@@ -150,7 +150,7 @@ class DecoderBlock(eqx.Module):
         self.mlp = MLP(
             config.hidden_size,
             config.intermediate_size,
-            gated=config.traits.gated_mlp,
+            gated=config.gated_mlp,
             activation=config.hidden_act,
             use_bias=config.mlp_bias,
             key=mlp_key,

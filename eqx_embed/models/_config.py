@@ -1,18 +1,23 @@
 """The static description of a decoder-only transformer: `TransformerConfig`."""
 
 import dataclasses
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
+from ..nn._contracts import check_positive
 from ..nn._indices import OutOfRange, check_policy
+from .families import FAMILY_SPECS, FamilySpec, Presets, family_spec
+from .families._spec import NormKind
 
-Family = Literal["llama", "mistral", "qwen2", "gemma", "gemma2", "gpt_neox"]
+FAMILIES: tuple[str, ...] = tuple(FAMILY_SPECS)
+"""The families `TransformerConfig` accepts, by their Hugging Face `model_type`."""
+
+Family = Literal[FAMILIES]
 """The architectures `TransformerLM` implements, by their Hugging Face `model_type`."""
-
-FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gpt_neox")
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -27,62 +32,34 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-@dataclasses.dataclass(frozen=True)
-class _FamilyTraits:
-    """What a family fixes, and the defaults of what it lets vary."""
+NORMS: tuple[NormKind, ...] = typing.get_args(NormKind)
 
-    norm: Literal["rms", "rms_unit_offset", "layer"]
-    gated_mlp: bool
-    scale_embeddings: bool  # by sqrt(hidden_size), Gemma's normaliser
-    sandwich_norms: bool  # norms on the attention and MLP outputs too (Gemma 2)
-    norm_eps: float
-    hidden_act: str
-    attention_bias: bool
-    attention_output_bias: bool
-    mlp_bias: bool
-    parallel_residual: bool
-    partial_rotary_factor: float
-
-
-_LLAMA = _FamilyTraits(
-    norm="rms",
-    gated_mlp=True,
-    scale_embeddings=False,
-    sandwich_norms=False,
-    norm_eps=1e-6,
-    hidden_act="silu",
-    attention_bias=False,
-    attention_output_bias=False,
-    mlp_bias=False,
-    parallel_residual=False,
-    partial_rotary_factor=1.0,
+# The fields a family presets when they are left None.
+_PRESET_FIELDS = tuple(field.name for field in dataclasses.fields(Presets))
+_BOOLEAN_FIELDS = (
+    "tie_word_embeddings",
+    "gated_mlp",
+    "scale_embeddings",
+    "sandwich_norms",
+    "parallel_residual",
+    "attention_bias",
+    "attention_output_bias",
+    "mlp_bias",
 )
-_GEMMA = dataclasses.replace(
-    _LLAMA,
-    norm="rms_unit_offset",
-    scale_embeddings=True,
-    hidden_act="gelu_pytorch_tanh",
+_SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "max_position_embeddings",
+    "scan_unroll",
 )
-FAMILY_TRAITS: dict[str, _FamilyTraits] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": dataclasses.replace(_LLAMA, attention_bias=True),
-    "gemma": _GEMMA,
-    "gemma2": dataclasses.replace(_GEMMA, sandwich_norms=True),
-    "gpt_neox": _FamilyTraits(
-        norm="layer",
-        gated_mlp=False,
-        scale_embeddings=False,
-        sandwich_norms=False,
-        norm_eps=1e-5,
-        hidden_act="gelu",
-        attention_bias=True,
-        attention_output_bias=True,
-        mlp_bias=True,
-        parallel_residual=True,
-        partial_rotary_factor=0.25,
-    ),
-}
+# The RoPE tables are built on the host in float64 before the cast to the model's
+# dtype; past this size a typo in max_position_embeddings (10**9) would exhaust the
+# memory rather than fail.
+MAX_ROPE_TABLE_BYTES = 4 * 2**30
 
 
 class FrozenMapping(Mapping):
@@ -118,14 +95,8 @@ class FrozenMapping(Mapping):
         }
 
 
-def _require_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}.")
-
-
-def _require_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _floating_dtype(name: str, value: str) -> jnp.dtype:
@@ -154,17 +125,20 @@ class TransformerConfig:
     **Fields:**
 
     - `family`: `"llama"`, `"mistral"`, `"qwen2"`, `"gemma"`, `"gemma2"` or
-        `"gpt_neox"` (Hugging Face's `model_type`). It fixes the structure: RMSNorm
-        (Gemma's with `1 + scale`) or LayerNorm with bias (GPT-NeoX), a gated MLP
-        (GeGLU / SwiGLU) or a plain one (GPT-NeoX), Gemma's embeddings scaled by
-        `sqrt(hidden_size)`, Gemma 2's norms on the attention and MLP outputs.
+        `"gpt_neox"` (Hugging Face's `model_type`). A preset: it gives the structure
+        flags below their family's values (RMSNorm, Gemma's with `1 + scale`, or
+        LayerNorm with bias for GPT-NeoX; a gated MLP, GeGLU / SwiGLU, or a plain one
+        for GPT-NeoX; Gemma's embeddings scaled by `sqrt(hidden_size)`; Gemma 2's
+        norms on the attention and MLP outputs), and names the Hugging Face
+        architecture the model loads from and saves to.
     - `vocab_size`, `hidden_size`, `intermediate_size` (the MLP's width),
         `num_layers`, `num_heads`: positive integers.
     - `num_kv_heads`: key/value heads for grouped-query attention, dividing
         `num_heads`. `None`: `num_heads`.
     - `head_dim`: `None`: `hidden_size // num_heads`.
     - `max_position_embeddings`: the longest sequence and largest position the model
-        takes (the size of its RoPE tables).
+        takes (the size of its RoPE tables, which are built in float64 and may take
+        at most 4 GiB).
     - `rope_theta`, `rope_scaling`: the RoPE base and Hugging Face's scaling dict
         (`rope_type` `"linear"`, `"llama3"`, `"yarn"`, ...), as
         [`RotaryPositionalEmbedding`][eqx_embed.RotaryPositionalEmbedding] takes them.
@@ -192,6 +166,12 @@ class TransformerConfig:
         `query_pre_attn_scalar ** -0.5`. `None`: `head_dim` (the usual scaling).
     - `parallel_residual`: GPT-NeoX's `x + attention(norm(x)) + mlp(norm'(x))`
         instead of two residual steps in sequence.
+    - `norm`: `"rms"` (RMSNorm), `"rms_unit_offset"` (Gemma's RMSNorm, scaled by
+        `1 + weight`) or `"layer"` (LayerNorm with a bias).
+    - `gated_mlp`: a gated MLP, `down(act(gate(x)) * up(x))` (SwiGLU / GeGLU),
+        rather than `down(act(up(x)))`.
+    - `scale_embeddings`: the embeddings scaled by `sqrt(hidden_size)` (Gemma).
+    - `sandwich_norms`: norms on the attention and MLP outputs too (Gemma 2).
     - `out_of_range`: the policy for token ids outside the vocabulary and positions
         outside the RoPE tables: `"nan"` or `"error"`, as for
         [`Embedding`][eqx_embed.Embedding].
@@ -201,9 +181,11 @@ class TransformerConfig:
         training step of the 2-layer model in `examples/train_tiny_lm.py`).
         It does not change the results.
 
-    The `None` defaults of `norm_eps`, `hidden_act`, the biases,
-    `parallel_residual` and `partial_rotary_factor` take the family's value; the
-    stored config holds the resolved value.
+    The `None` defaults of `norm`, `gated_mlp`, `scale_embeddings`,
+    `sandwich_norms`, `parallel_residual`, `norm_eps`, `hidden_act`, the biases and
+    `partial_rotary_factor` take the family's value; the stored config holds the
+    resolved value. Any combination of them builds a model; only the family's own
+    combinations can be saved as a Hugging Face checkpoint of that family.
     """
 
     family: Family
@@ -232,56 +214,71 @@ class TransformerConfig:
     final_logit_soft_cap: float | int | None = None
     query_pre_attn_scalar: float | int | None = None
     parallel_residual: bool | None = None
+    norm: NormKind | None = None
+    gated_mlp: bool | None = None
+    scale_embeddings: bool | None = None
+    sandwich_norms: bool | None = None
     out_of_range: OutOfRange = "nan"
     scan_unroll: int = 1
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}.")
-        traits = FAMILY_TRAITS[self.family]
+        self._resolve()
+        self._validate()
 
-        def resolve(name: str, value: Any) -> None:
+    def _resolve(self) -> None:
+        """Fills in what was left `None` (the family's presets, the derived sizes)
+        and freezes the containers, so that the stored config is explicit."""
+        presets = family_spec(self.family).presets
+        resolved = {
+            name: getattr(presets, name)
+            for name in _PRESET_FIELDS
+            if getattr(self, name) is None
+        }
+        if self.num_kv_heads is None:
+            resolved["num_kv_heads"] = self.num_heads
+        if (
+            self.head_dim is None
+            and _is_positive_int(self.hidden_size)
+            and _is_positive_int(self.num_heads)
+            and self.hidden_size % self.num_heads == 0
+        ):
+            resolved["head_dim"] = self.hidden_size // self.num_heads
+        if isinstance(self.rope_scaling, Mapping):
+            resolved["rope_scaling"] = FrozenMapping(self.rope_scaling)
+        if self.layer_types is not None:
+            resolved["layer_types"] = tuple(self.layer_types)
+        for name, value in resolved.items():
             object.__setattr__(self, name, value)
 
-        for name in ("norm_eps", "hidden_act", "partial_rotary_factor"):
-            if getattr(self, name) is None:
-                resolve(name, getattr(traits, name))
-        for name in (
-            "attention_bias",
-            "attention_output_bias",
-            "mlp_bias",
-            "parallel_residual",
-        ):
-            if getattr(self, name) is None:
-                resolve(name, getattr(traits, name))
-        if self.num_kv_heads is None:
-            resolve("num_kv_heads", self.num_heads)
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "max_position_embeddings",
-        ):
-            _require_positive_int(name, getattr(self, name))
+    def _validate(self) -> None:
+        for name in _SIZE_FIELDS:
+            check_positive(name, getattr(self, name), integer=True)
         if self.head_dim is None:
-            if self.hidden_size % self.num_heads:
-                raise ValueError(
-                    f"hidden_size ({self.hidden_size}) must be a multiple of num_heads "
-                    f"({self.num_heads}) when head_dim is not given."
-                )
-            resolve("head_dim", self.hidden_size // self.num_heads)
-        _require_positive_int("head_dim", self.head_dim)
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_heads "
+                f"({self.num_heads}) when head_dim is not given."
+            )
+        check_positive("head_dim", self.head_dim, integer=True)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                 f"({self.num_kv_heads})."
             )
-        _require_positive("rope_theta", self.rope_theta)
-        _require_positive("norm_eps", self.norm_eps)
-        if not 0 < self.partial_rotary_factor <= 1:
+        for name in ("rope_theta", "norm_eps", "partial_rotary_factor"):
+            check_positive(name, getattr(self, name))
+        for name in (
+            "attention_logit_soft_cap",
+            "final_logit_soft_cap",
+            "query_pre_attn_scalar",
+        ):
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name))
+        for name in _BOOLEAN_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"{name} must be True or False, got {getattr(self, name)!r}."
+                )
+        if self.partial_rotary_factor > 1:
             raise ValueError(
                 "partial_rotary_factor must be in (0, 1], got "
                 f"{self.partial_rotary_factor!r}."
@@ -292,13 +289,20 @@ class TransformerConfig:
                 f"{self.partial_rotary_factor} gives a rotary width of "
                 f"{self.rotary_dim}, which must be even and positive."
             )
-        if self.rope_scaling is not None:
-            if not isinstance(self.rope_scaling, Mapping):
-                raise ValueError(
-                    "rope_scaling must be None or a dict such as Hugging Face's "
-                    f"rope_scaling, got {self.rope_scaling!r}."
-                )
-            resolve("rope_scaling", FrozenMapping(self.rope_scaling))
+        # cos and sin, rotary_dim / 2 float64 values each, per position.
+        table_bytes = self.max_position_embeddings * self.rotary_dim * 8
+        if table_bytes > MAX_ROPE_TABLE_BYTES:
+            raise ValueError(
+                f"max_position_embeddings={self.max_position_embeddings} with a "
+                f"rotary width of {self.rotary_dim} needs RoPE tables of "
+                f"{table_bytes / 2**30:.1f} GiB, built in float64; the limit is "
+                f"{MAX_ROPE_TABLE_BYTES // 2**30} GiB."
+            )
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, Mapping):
+            raise ValueError(
+                "rope_scaling must be None or a dict such as Hugging Face's "
+                f"rope_scaling, got {self.rope_scaling!r}."
+            )
         _floating_dtype("activation_dtype", self.activation_dtype)
         _floating_dtype("param_dtype", self.param_dtype)
         if self.hidden_act not in ACTIVATIONS:
@@ -306,23 +310,11 @@ class TransformerConfig:
                 f"hidden_act must be one of {tuple(ACTIVATIONS)}, got "
                 f"{self.hidden_act!r}."
             )
-        if self.parallel_residual and self.family != "gpt_neox":
-            raise ValueError(
-                "parallel_residual=True is GPT-NeoX's layout; family "
-                f"{self.family!r} does not have it."
-            )
-        for name in (
-            "sliding_window",
-            "attention_logit_soft_cap",
-            "final_logit_soft_cap",
-            "query_pre_attn_scalar",
-        ):
-            if getattr(self, name) is not None:
-                _require_positive(name, getattr(self, name))
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
         if self.sliding_window is not None:
-            _require_positive_int("sliding_window", self.sliding_window)
+            check_positive("sliding_window", self.sliding_window, integer=True)
         if self.layer_types is not None:
-            resolve("layer_types", tuple(self.layer_types))
             if len(self.layer_types) != self.num_layers or not set(
                 self.layer_types
             ) <= set(LAYER_TYPES):
@@ -336,12 +328,12 @@ class TransformerConfig:
                     "None."
                 )
         check_policy(self.out_of_range)
-        _require_positive_int("scan_unroll", self.scan_unroll)
 
     @property
-    def traits(self) -> _FamilyTraits:
-        """What the family fixes about the structure."""
-        return FAMILY_TRAITS[self.family]
+    def spec(self) -> FamilySpec:
+        """The family's [spec](../guides/huggingface.md#adding-a-family): its presets
+        and Hugging Face names."""
+        return family_spec(self.family)
 
     @property
     def rotary_dim(self) -> int:
@@ -355,7 +347,7 @@ class TransformerConfig:
             types = self.layer_types
         elif self.sliding_window is None:
             types = ("full_attention",) * self.num_layers
-        elif self.family == "gemma2":
+        elif self.spec.alternating_sliding_layers:
             types = tuple(LAYER_TYPES[1 - i % 2] for i in range(self.num_layers))
         else:
             types = ("sliding_attention",) * self.num_layers

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..nn._contracts import checked
-from ..nn._embedding import decode_logits
+from ..nn._numerics import dot_with_rows
 
 _lecun_normal = jax.nn.initializers.variance_scaling(
     1.0, "fan_in", "normal", in_axis=1, out_axis=0
@@ -56,7 +56,7 @@ class Linear(eqx.Module):
 
         `x @ weight.T + bias` in the compute dtype.
         """
-        output = decode_logits(self.weight, x, dtype=self.dtype)
+        output = dot_with_rows(self.weight, x, dtype=self.dtype)
         if self.bias is not None:
             output = output + self.bias.astype(self.dtype)
         return output

@@ -242,7 +242,7 @@ class TransformerLM(eqx.Module):
         # Positions are checked and their table rows gathered once, for every layer.
         rotation = self.rope.rotation(seq_len, positions=token_positions)
         x = jax.vmap(self.embedding)(tokens)
-        if config.traits.scale_embeddings:
+        if config.scale_embeddings:
             x = x * jnp.asarray(config.hidden_size**0.5, dtype=x.dtype)
         parameters, structure = eqx.partition(self.blocks, eqx.is_array)
 

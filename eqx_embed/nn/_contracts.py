@@ -1,10 +1,15 @@
-"""Runtime shape contracts.
+"""Runtime contracts: the shape checks of every public call, and the checks of
+positive sizes and settings.
 
 Every public call is wrapped in `checked`: jaxtyping binds the named dimensions of its
 annotations and beartype checks them. The check runs in Python, so under `jax.jit` it
 runs once per trace and costs nothing at run time. Set `JAXTYPING_DISABLE=1` in the
 environment before importing to turn it off.
 """
+
+import math
+import numbers
+from typing import Any
 
 from beartype import beartype
 from jaxtyping import jaxtyped
@@ -23,3 +28,17 @@ def check_feature_size(array, expected: int, *, name: str, owner: str) -> None:
             f"{name} must have a last axis of size {expected} (the {owner}), "
             f"got shape {tuple(array.shape)}."
         )
+
+
+def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
+    """Raises a `ValueError` naming `name` unless `value` is a positive integer
+    (`integer=True`) or a positive finite real number. Booleans are neither."""
+    kind = numbers.Integral if integer else numbers.Real
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kind)
+        or not math.isfinite(value)
+        or not value > 0
+    ):
+        expected = "a positive integer" if integer else "a positive finite number"
+        raise ValueError(f"{name} must be {expected}, got {value!r}.")

@@ -48,7 +48,8 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Bool, Float, Int
 
-from ._embedding import is_low_precision
+from ._contracts import check_positive
+from ._numerics import accumulation_dtype
 
 DEFAULT_BLOCK_SIZE = 2048
 """The default number of vocabulary rows per block."""
@@ -232,12 +233,9 @@ def _blocking(
 ) -> _Blocking:
     if block_size is None:
         block_size = DEFAULT_BLOCK_SIZE
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}.")
+    check_positive("block_size", block_size, integer=True)
     compute = jnp.result_type(table, hidden) if dtype is None else jnp.dtype(dtype)
-    accumulate = jnp.dtype(jnp.float32) if is_low_precision(compute) else compute
+    accumulate = accumulation_dtype(compute)
     return _Blocking(
         min(block_size, table.shape[0]), compute, accumulate, logit_soft_cap
     )
@@ -251,7 +249,7 @@ def fused_log_sum_exp(
     logit_soft_cap: float | None,
     block_size: int | None,
 ) -> Float[Array, " tokens"]:
-    """`logsumexp(decode_logits(table, hidden, ...), axis=-1)`, blockwise.
+    """`logsumexp(dot_with_rows(table, hidden, ...), axis=-1)`, blockwise.
 
     Accumulated in float32 for a low-precision compute `dtype` (`None`: the promoted
     dtype of `table` and `hidden`), and returned in that accumulation dtype.

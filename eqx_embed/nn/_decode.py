@@ -3,10 +3,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
-from ._contracts import check_feature_size, checked
+from ._contracts import check_feature_size, check_positive, checked
 from ._cross_entropy import fused_cross_entropy, fused_log_sum_exp
-from ._embedding import Embedding, decode_logits
+from ._embedding import Embedding
 from ._indices import check_indices
+from ._numerics import dot_with_rows
 
 
 class EmbeddingDecode(eqx.Module):
@@ -39,8 +40,8 @@ class EmbeddingDecode(eqx.Module):
             `None` uses the promoted dtype of the hidden state and the table.
             Low-precision products accumulate in float32.
         """
-        if logit_soft_cap is not None and not logit_soft_cap > 0:
-            raise ValueError(f"logit_soft_cap must be positive, got {logit_soft_cap}.")
+        if logit_soft_cap is not None:
+            check_positive("logit_soft_cap", logit_soft_cap)
         self.embedding = embedding
         self.logit_soft_cap = None if logit_soft_cap is None else float(logit_soft_cap)
         self.dtype = None if dtype is None else jnp.dtype(dtype)
@@ -75,8 +76,8 @@ class EmbeddingDecode(eqx.Module):
             name="hidden",
             owner="table's embedding_size",
         )
-        return decode_logits(
-            self.weight, hidden, dtype=self.dtype, logit_soft_cap=self.logit_soft_cap
+        return dot_with_rows(
+            self.weight, hidden, dtype=self.dtype, soft_cap=self.logit_soft_cap
         )
 
     def _check_hidden_block(self, hidden: Array) -> None:

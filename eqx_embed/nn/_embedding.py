@@ -15,8 +15,9 @@ from jaxtyping import (
     PRNGKeyArray,
 )
 
-from ._contracts import check_feature_size, checked
+from ._contracts import check_feature_size, check_positive, checked
 from ._indices import OutOfRange, check_indices, check_policy, gather_rows
+from ._numerics import default_float_dtype, dot_with_rows
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
 
@@ -52,33 +53,6 @@ def default_embedding_init(
 
 def _canonical_dtype(dtype: DTypeLike | None) -> jnp.dtype | None:
     return None if dtype is None else jnp.dtype(dtype)
-
-
-def is_low_precision(dtype: jnp.dtype) -> bool:
-    return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
-
-
-def decode_logits(
-    table: Float[Array, "num_embeddings embedding_size"],
-    hidden: Float[Array, "*batch embedding_size"],
-    *,
-    dtype: jnp.dtype | None,
-    logit_soft_cap: float | None = None,
-) -> Float[Array, "*batch num_embeddings"]:
-    """`hidden @ table.T`, optionally soft-capped, in the compute dtype `dtype`.
-
-    Both operands are cast to the compute dtype (`None`: their promoted dtype); a
-    low-precision product accumulates in float32 and is soft-capped there, then cast
-    once at the end.
-    """
-    dtype = jnp.result_type(table, hidden) if dtype is None else dtype
-    accumulate = jnp.float32 if is_low_precision(dtype) else dtype
-    logits = jnp.matmul(
-        hidden.astype(dtype), table.astype(dtype).T, preferred_element_type=accumulate
-    )
-    if logit_soft_cap is not None:
-        logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
-    return logits.astype(dtype)
 
 
 class Embedding(eqx.Module):
@@ -156,13 +130,10 @@ class Embedding(eqx.Module):
                     f"num_embeddings={num_embeddings!r}, "
                     f"embedding_size={embedding_size!r}, key={key!r}."
                 )
-            if num_embeddings <= 0 or embedding_size <= 0:
-                raise ValueError(
-                    "num_embeddings and embedding_size must be positive, got "
-                    f"num_embeddings={num_embeddings}, embedding_size={embedding_size}."
-                )
+            check_positive("num_embeddings", num_embeddings, integer=True)
+            check_positive("embedding_size", embedding_size, integer=True)
             if param_dtype is None:
-                param_dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+                param_dtype = default_float_dtype()
             weight = init(key, (num_embeddings, embedding_size), param_dtype)
             if weight.shape != (num_embeddings, embedding_size):
                 raise ValueError(
@@ -256,7 +227,7 @@ class Embedding(eqx.Module):
         check_feature_size(
             query, self.embedding_size, name="query", owner="table's embedding_size"
         )
-        return decode_logits(self.weight, query, dtype=self.dtype)
+        return dot_with_rows(self.weight, query, dtype=self.dtype)
 
     @checked
     def mask(self, tokens: Integer[ArrayLike, "*shape"]) -> Bool[Array, "*shape"]:

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, DTypeLike, Float, PRNGKeyArray, UInt
 
-from ._contracts import checked
+from ._contracts import check_positive, checked
 from ._embedding import Initializer, TokenId
 from ._indices import OutOfRange, check_indices, check_policy, gather_rows
+from ._numerics import default_float_dtype
 from ._rope import TablesPerLength, as_bits
 
 
@@ -35,9 +36,7 @@ def gpt2_position_init(
 
 
 def _default_dtype(dtype: DTypeLike | None) -> jnp.dtype:
-    if dtype is None:
-        dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    dtype = jax.dtypes.canonicalize_dtype(dtype)
+    dtype = default_float_dtype() if dtype is None else jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
     return dtype
@@ -116,11 +115,8 @@ class PositionEmbedding(eqx.Module):
                     f"max_seq_len={max_seq_len!r}, "
                     f"embedding_size={embedding_size!r}, key={key!r}."
                 )
-            if max_seq_len <= 0 or embedding_size <= 0:
-                raise ValueError(
-                    "max_seq_len and embedding_size must be positive, got "
-                    f"max_seq_len={max_seq_len}, embedding_size={embedding_size}."
-                )
+            check_positive("max_seq_len", max_seq_len, integer=True)
+            check_positive("embedding_size", embedding_size, integer=True)
             shape = (offset + max_seq_len, embedding_size)
             weight = init(key, shape, _default_dtype(param_dtype))
             if weight.shape != shape:
@@ -229,10 +225,9 @@ class SinusoidalPositionalEncoding(eqx.Module):
             in [`Embedding`][eqx_embed.Embedding]. Never a wrap or a clamp.
         """
         check_policy(out_of_range)
-        if embedding_size <= 0:
-            raise ValueError(f"embedding_size must be positive, got {embedding_size}.")
-        if max_seq_len is not None and max_seq_len <= 0:
-            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}.")
+        check_positive("embedding_size", embedding_size, integer=True)
+        if max_seq_len is not None:
+            check_positive("max_seq_len", max_seq_len, integer=True)
         if max_wavelength <= 1:
             raise ValueError(
                 f"max_wavelength must be greater than 1, got {max_wavelength}."

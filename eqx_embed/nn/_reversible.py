@@ -1,20 +1,40 @@
+import functools
+from collections.abc import Callable
+from typing import TypedDict, Unpack
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import (
-    Array,
-    ArrayLike,
-    Bool,
-    DTypeLike,
-    Float,
-    Int,
-    PRNGKeyArray,
-)
+from jaxtyping import Array, DTypeLike, Float, PRNGKeyArray
 
 from ._contracts import checked
 from ._decode import EmbeddingDecode
-from ._embedding import Embedding, Initializer, TokenId, default_embedding_init
+from ._embedding import Embedding, Initializer, TokenId
 from ._indices import OutOfRange
+
+
+class EmbeddingOptions(TypedDict, total=False):
+    """The keyword arguments of [`Embedding`][eqx_embed.Embedding] besides the table
+    and the key, which [`ReversibleEmbedding`][eqx_embed.ReversibleEmbedding] passes on
+    to its lookup table unchanged."""
+
+    dtype: DTypeLike | None
+    param_dtype: DTypeLike | None
+    init: Initializer
+    padding_idx: int | None
+    out_of_range: OutOfRange
+
+
+def _on_the_decoder(method: Callable) -> Callable:
+    """`method` of `EmbeddingDecode`, called on a `ReversibleEmbedding`'s `decoder`:
+    same signature and documentation."""
+
+    @functools.wraps(method)
+    def on_the_decoder(self, *args, **kwargs):
+        return getattr(self.decoder, method.__name__)(*args, **kwargs)
+
+    on_the_decoder.__qualname__ = f"ReversibleEmbedding.{method.__name__}"
+    return on_the_decoder
 
 
 class ReversibleEmbedding(eqx.Module):
@@ -42,18 +62,15 @@ class ReversibleEmbedding(eqx.Module):
         reverse_weight: Float[Array, "num_embeddings embedding_size"] | None = None,
         logit_soft_cap: float | None = None,
         reverse_dtype: DTypeLike | None = None,
-        dtype: DTypeLike | None = None,
-        param_dtype: DTypeLike | None = None,
-        init: Initializer = default_embedding_init,
-        padding_idx: int | None = None,
-        out_of_range: OutOfRange = "nan",
         key: PRNGKeyArray | None = None,
+        **embedding_options: Unpack[EmbeddingOptions],
     ):
         """**Arguments:**
 
-        - `num_embeddings`, `embedding_size`, `weight`, `dtype`, `param_dtype`,
-            `init`, `padding_idx`, `out_of_range`, `key`: as for
-            [`Embedding`][eqx_embed.Embedding], for the lookup table.
+        - `num_embeddings`, `embedding_size`, `weight`, `key`, and the
+            `embedding_options` `dtype`, `param_dtype`, `init`, `padding_idx` and
+            `out_of_range` (keyword only): as for [`Embedding`][eqx_embed.Embedding],
+            for the lookup table.
         - `tie_weights`: whether the decode uses the lookup table (the default) or a
             table of its own.
         - `reverse_weight`: with `tie_weights=False`, the decode table, of the same
@@ -68,15 +85,7 @@ class ReversibleEmbedding(eqx.Module):
         if key is not None:
             key, reverse_key = jax.random.split(key)
         self.embedding = Embedding(
-            num_embeddings,
-            embedding_size,
-            weight,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            init=init,
-            padding_idx=padding_idx,
-            out_of_range=out_of_range,
-            key=key,
+            num_embeddings, embedding_size, weight, key=key, **embedding_options
         )
         if tie_weights:
             self.reverse_embedding = None
@@ -94,14 +103,18 @@ class ReversibleEmbedding(eqx.Module):
                 )
             # A drawn decode table takes the lookup table's dtype; a given one is
             # cast by `param_dtype` as the lookup table is.
+            table_options = {
+                name: embedding_options[name]
+                for name in ("init", "param_dtype")
+                if name in embedding_options
+            }
             if reverse_weight is None:
-                param_dtype = self.embedding.weight.dtype
+                table_options["param_dtype"] = self.embedding.weight.dtype
             self.reverse_embedding = Embedding(
                 *shape,
                 reverse_weight,
-                param_dtype=param_dtype,
-                init=init,
                 key=reverse_key if reverse_weight is None else None,
+                **table_options,
             )
         # Validated by EmbeddingDecode; stored in its normalised form.
         decoder = EmbeddingDecode(
@@ -114,6 +127,11 @@ class ReversibleEmbedding(eqx.Module):
     def tie_weights(self) -> bool:
         """Whether lookup and decode share one table."""
         return self.reverse_embedding is None
+
+    @property
+    def weight(self) -> Float[Array, "num_embeddings embedding_size"]:
+        """The lookup table, `embedding.weight` (tied, the decode's table too)."""
+        return self.embedding.weight
 
     @property
     def decoder(self) -> EmbeddingDecode:
@@ -161,53 +179,7 @@ class ReversibleEmbedding(eqx.Module):
         """
         return self.decoder(hidden)
 
-    @checked
-    def cross_entropy(
-        self,
-        hidden: Float[Array, "tokens embedding_size"],
-        targets: Int[ArrayLike, " tokens"],
-        *,
-        where: Bool[ArrayLike, " tokens"] | None = None,
-        z_loss: float = 0.0,
-        block_size: int | None = None,
-    ) -> Float[Array, " tokens"]:
-        """The per-token cross-entropy of the decoded logits against `targets`,
-        without materialising the logits; see
-        [`EmbeddingDecode.cross_entropy`][eqx_embed.EmbeddingDecode.cross_entropy].
-        Tied, the gradients from the decode reach the lookup table.
-
-        **Arguments:**
-
-        - `hidden`: the hidden states, shape `(tokens, embedding_size)`.
-        - `targets`: the target token ids, shape `(tokens,)`, checked with the
-            lookup embedding's `out_of_range` policy.
-        - `where`, `z_loss`, `block_size`: as for `EmbeddingDecode.cross_entropy`.
-
-        **Returns:**
-
-        The per-token losses, shape `(tokens,)`.
-        """
-        return self.decoder.cross_entropy(
-            hidden, targets, where=where, z_loss=z_loss, block_size=block_size
-        )
-
-    @checked
-    def log_sum_exp(
-        self,
-        hidden: Float[Array, "tokens embedding_size"],
-        *,
-        block_size: int | None = None,
-    ) -> Float[Array, " tokens"]:
-        """The per-token log-sum-exp of the decoded logits, blockwise; see
-        [`EmbeddingDecode.log_sum_exp`][eqx_embed.EmbeddingDecode.log_sum_exp].
-
-        **Arguments:**
-
-        - `hidden`: the hidden states, shape `(tokens, embedding_size)`.
-        - `block_size`: as for `EmbeddingDecode.cross_entropy`.
-
-        **Returns:**
-
-        Shape `(tokens,)`.
-        """
-        return self.decoder.log_sum_exp(hidden, block_size=block_size)
+    # The fused loss and its normaliser, exactly as the decoder computes them; tied,
+    # their gradients reach the lookup table.
+    cross_entropy = _on_the_decoder(EmbeddingDecode.cross_entropy)
+    log_sum_exp = _on_the_decoder(EmbeddingDecode.log_sum_exp)

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, DTypeLike, Float, Int, PRNGKeyArray, UInt
 
-from ._contracts import check_feature_size, checked
-from ._embedding import is_low_precision
+from ._contracts import check_feature_size, check_positive, checked
 from ._indices import OutOfRange, check_indices, check_policy, gather_rows
+from ._numerics import accumulation_dtype, default_float_dtype
 from ._rope_scaling import (
     RopeScaling,
     default_inverse_frequencies,
@@ -157,12 +157,10 @@ class RotaryPositionalEmbedding(eqx.Module):
         """
         check_policy(out_of_range)
         parsed = parse_scaling(scaling)
-        if embedding_size <= 0:
-            raise ValueError(f"embedding_size must be positive, got {embedding_size}.")
-        if max_seq_len is not None and max_seq_len <= 0:
-            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}.")
-        if theta <= 0:
-            raise ValueError(f"theta must be positive, got {theta}.")
+        check_positive("embedding_size", embedding_size, integer=True)
+        if max_seq_len is not None:
+            check_positive("max_seq_len", max_seq_len, integer=True)
+        check_positive("theta", theta)
         if parsed.rope_theta is not None and parsed.rope_theta != theta:
             raise ValueError(
                 f"scaling['rope_theta']={parsed.rope_theta} disagrees with "
@@ -192,7 +190,7 @@ class RotaryPositionalEmbedding(eqx.Module):
                 f"{embedding_size}], got rotary_dim={rotary_dim}."
             )
         if dtype is None:
-            dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+            dtype = default_float_dtype()
         dtype = jax.dtypes.canonicalize_dtype(dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
@@ -406,7 +404,7 @@ class RopeRotation(eqx.Module):
                 f"{self.cos.shape[0]} positions."
             )
         rotary_dim = 2 * self.cos.shape[-1]
-        compute = jnp.float32 if is_low_precision(x.dtype) else x.dtype
+        compute = accumulation_dtype(x.dtype)
         cos, sin = self.cos.astype(compute), self.sin.astype(compute)
         rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
         rotated = _rotate(rotated.astype(compute), cos, sin, self.interleaved)

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ._contracts import check_positive
+
 # Keys that say which rule applies, or that describe the module rather than the rule.
 _TYPE_KEYS = frozenset({"type", "rope_type"})
 _MODULE_KEYS = frozenset({"rope_theta", "partial_rotary_factor"})
@@ -55,11 +57,7 @@ def default_inverse_frequencies(rotary_dim: int, theta: float) -> np.ndarray:
 
 def _number(parameters: Mapping[str, Any], name: str, rope_type: str) -> float:
     value = parameters[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(
-            f"scaling[{name!r}] must be a positive number for rope_type "
-            f"{rope_type!r}, got {value!r}."
-        )
+    check_positive(f"scaling[{name!r}] (for rope_type {rope_type!r})", value)
     return float(value)
 
 
@@ -340,12 +338,8 @@ def parse_scaling(scaling: Mapping[str, Any] | None) -> RopeScaling:
         ("rope_theta", rope_theta),
         ("partial_rotary_factor", partial_rotary_factor),
     ):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
-        ):
-            raise ValueError(
-                f"scaling[{key!r}] must be a positive number, got {value!r}."
-            )
+        if value is not None:
+            check_positive(f"scaling[{key!r}]", value)
     return RopeScaling(
         rope_type,
         parameters,

@@ -39,6 +39,17 @@ CONFIGS = {
     "gpt_neox": TransformerConfig(
         "gpt_neox", **SMALL, tie_word_embeddings=False, partial_rotary_factor=0.5
     ),
+    # Structure flags set explicitly, in a combination no family presets.
+    "llama-restructured": TransformerConfig(
+        "llama",
+        **SMALL,
+        norm="layer",
+        norm_eps=1e-3,
+        scale_embeddings=True,
+        sandwich_norms=True,
+        parallel_residual=True,
+        mlp_bias=True,
+    ),
 }
 
 
@@ -91,12 +102,14 @@ def reference_logits(
         def pick(a):
             return f64(a) if layer is None else f64(a)[layer]
 
-        if config.family == "gpt_neox":
+        eps = config.norm_eps
+        if config.norm == "layer":
             centred = x - x.mean(-1, keepdims=True)
-            normalised = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5)
+            normalised = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + eps)
             return normalised * pick(module.weight) + pick(module.bias)
-        scale = pick(module.weight) + (1.0 if config.family == "gemma2" else 0.0)
-        return x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6) * scale
+        offset = 1.0 if config.norm == "rms_unit_offset" else 0.0
+        scale = pick(module.weight) + offset
+        return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * scale
 
     def linear(module, x, layer):
         y = x @ f64(module.weight)[layer].T
@@ -117,8 +130,8 @@ def reference_logits(
         inner = act(linear(mlp.gate, h, layer)) * linear(mlp.up, h, layer)
         return linear(mlp.down, inner, layer)
 
-    x = f64(model.embedding.embedding.weight)[tokens]
-    if config.family == "gemma2":
+    x = f64(model.embedding.weight)[tokens]
+    if config.scale_embeddings:
         x = x * np.sqrt(config.hidden_size)
     blocks = model.blocks
     heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
@@ -212,7 +225,10 @@ def test_family_defaults_are_resolved():
         (dict(layer_types=["full_attention"]), "layer_types must list 2"),
         (dict(layer_types=["sliding_attention"] * 2), "sliding_window is None"),
         (dict(partial_rotary_factor=0.1), "rotary width of 0"),
-        (dict(parallel_residual=True), "parallel_residual=True is GPT-NeoX's"),
+        (dict(norm="batch"), "norm"),
+        (dict(rope_theta=float("nan")), "rope_theta must be a positive finite"),
+        (dict(norm_eps=float("inf")), "norm_eps must be a positive finite"),
+        (dict(max_position_embeddings=10**9), r"RoPE tables of 59\.6 GiB"),
         (dict(activation_dtype="int32"), "activation_dtype must name a floating"),
         (dict(out_of_range="clip"), "out_of_range"),
         (dict(scan_unroll=0), "scan_unroll must be a positive integer, got 0"),
@@ -301,7 +317,7 @@ def test_tied_table_is_one_leaf_and_its_gradient_sums_both_uses(models):
     model = models["llama"]
     trainable = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
     assert sum(leaf.shape == (VOCAB, 32) for leaf in trainable) == 1
-    table = model.embedding.embedding.weight
+    table = model.embedding.weight
     untied = TransformerLM(
         dataclasses.replace(model.config, tie_word_embeddings=False),
         embedding=ReversibleEmbedding(
@@ -322,7 +338,7 @@ def test_tied_table_is_one_leaf_and_its_gradient_sums_both_uses(models):
     tied_loss, tied_grads = gradient(model)
     untied_loss, untied_grads = gradient(untied)
     np.testing.assert_allclose(untied_loss, tied_loss, atol=1e-6)
-    tied_grad = tied_grads.embedding.embedding.weight
+    tied_grad = tied_grads.embedding.weight
     untied_grads = untied_grads.embedding
     np.testing.assert_allclose(
         tied_grad,
@@ -479,7 +495,7 @@ def test_modules_that_disagree_with_the_config_raise(models):
 
 def test_the_weight_tying_trap_is_detected(models):
     model = models["gpt_neox"]  # untied
-    table = model.embedding.embedding.weight
+    table = model.embedding.weight
     trapped = eqx.tree_at(lambda e: e.reverse_embedding.weight, model.embedding, table)
     with pytest.raises(ValueError, match="same array stored twice"):
         TransformerLM(

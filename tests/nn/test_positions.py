@@ -139,7 +139,10 @@ def test_error_policy_names_the_position(wrap):
     ("kwargs", "message"),
     [
         (dict(max_seq_len=4), "needs either `weight=...` or all of"),
-        (dict(max_seq_len=0, embedding_size=2), "must be positive"),
+        (
+            dict(max_seq_len=0, embedding_size=2),
+            "max_seq_len must be a positive integer",
+        ),
         (dict(weight=jnp.zeros((3, 2)), offset=3), r"shape \(3, 2\) with offset=3"),
         (dict(weight=jnp.zeros((5, 2)), max_seq_len=4), "holds max_seq_len=5"),
         (dict(weight=jnp.zeros((5, 2)), offset=-1), "offset must be a non-negative"),
@@ -249,8 +252,8 @@ def test_sinusoid_lengths_and_positions_out_of_range():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(embedding_size=0), "embedding_size must be positive"),
-        (dict(max_seq_len=0), "max_seq_len must be positive"),
+        (dict(embedding_size=0), "embedding_size must be a positive integer"),
+        (dict(max_seq_len=0), "max_seq_len must be a positive integer"),
         (dict(max_wavelength=1), "max_wavelength must be greater than 1"),
         (dict(dtype=jnp.int32), "dtype must be a floating dtype"),
     ],

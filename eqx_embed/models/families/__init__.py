@@ -1,1 +1,28 @@
-"""One spec per model family."""
+"""One spec per model family: `FamilySpec`s registered by their Hugging Face
+`model_type`. A new family is a new module here defining its spec, plus its entry in
+`FAMILY_SPECS` (the order is the one error messages and the docs list them in)."""
+
+from ._spec import (
+    ConfigKeys as ConfigKeys,
+    FamilySpec as FamilySpec,
+    Presets as Presets,
+    WeightNames as WeightNames,
+)
+from .gemma import GEMMA
+from .gemma2 import GEMMA2
+from .gpt_neox import GPT_NEOX
+from .llama import LLAMA
+from .mistral import MISTRAL
+from .qwen2 import QWEN2
+
+FAMILY_SPECS: dict[str, FamilySpec] = {
+    spec.name: spec for spec in (LLAMA, MISTRAL, QWEN2, GEMMA, GEMMA2, GPT_NEOX)
+}
+"""Every family `TransformerConfig` accepts, by name."""
+
+
+def family_spec(name: str) -> FamilySpec:
+    """The spec of family `name`; a `ValueError` lists the known ones otherwise."""
+    if not isinstance(name, str) or name not in FAMILY_SPECS:
+        raise ValueError(f"family must be one of {tuple(FAMILY_SPECS)}, got {name!r}.")
+    return FAMILY_SPECS[name]

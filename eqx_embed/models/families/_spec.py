@@ -1,0 +1,253 @@
+"""What a model family is, as data: `FamilySpec`, and the shared pieces that the
+family files (`llama.py`, `gemma2.py`, ...) build theirs from.
+
+A spec holds everything that differs between families and nothing else: the presets
+of the structure flags that [`TransformerConfig`][eqx_embed.TransformerConfig] leaves
+`None`, the Hugging Face names (architecture, weights, transformers' defaults for
+`config.json` keys left out) and the translation of the family's own `config.json`
+keys. `eqx_embed.huggingface` reads and writes checkpoints generically from it; this
+module does no I/O and imports nothing from `eqx_embed.huggingface`.
+
+Adding a family is one new file defining its `FamilySpec`, its line in
+`families/__init__.py`, and a parity test against transformers in
+`tests/huggingface/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from ...nn._contracts import check_positive
+
+if TYPE_CHECKING:
+    from .._config import TransformerConfig
+
+NormKind = Literal["rms", "rms_unit_offset", "layer"]
+"""RMSNorm, Gemma's RMSNorm scaled by `1 + weight`, or LayerNorm with a bias."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Presets:
+    """The values a family gives the `TransformerConfig` fields of the same names
+    when they are left `None`: its structure flags and its defaults."""
+
+    norm: NormKind
+    gated_mlp: bool  # GeGLU / SwiGLU rather than a plain MLP
+    scale_embeddings: bool  # by sqrt(hidden_size), Gemma's normaliser
+    sandwich_norms: bool  # norms on the attention and MLP outputs too (Gemma 2)
+    parallel_residual: bool  # GPT-NeoX's x + attention(norm(x)) + mlp(norm'(x))
+    norm_eps: float
+    hidden_act: str
+    attention_bias: bool
+    attention_output_bias: bool
+    mlp_bias: bool
+    partial_rotary_factor: float
+
+
+LLAMA_PRESETS = Presets(
+    norm="rms",
+    gated_mlp=True,
+    scale_embeddings=False,
+    sandwich_norms=False,
+    parallel_residual=False,
+    norm_eps=1e-6,
+    hidden_act="silu",
+    attention_bias=False,
+    attention_output_bias=False,
+    mlp_bias=False,
+    partial_rotary_factor=1.0,
+)
+"""Llama's presets, which most families vary in a field or two."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightNames:
+    """Where the model's weights live in the family's Hugging Face checkpoints.
+
+    - `layer_prefix`: the prefix of layer `i`'s weights, a format string
+        (`"model.layers.{}."`).
+    - `layer`: the Hugging Face module of each of the block's submodules, by its path
+        in `DecoderBlock` (`"attention.query_proj"` to `"self_attn.q_proj"`).
+    - `top`: the same for the modules outside the blocks (`"final_norm"`, ...).
+    - `fused_qkv`: whether the files fuse the query, key and value projections into
+        one `attention.query_key_value` per layer, per head (GPT-NeoX); `layer` then
+        names the split parts `attention.query`, `attention.key`, `attention.value`.
+    """
+
+    layer_prefix: str
+    layer: Mapping[str, str]
+    top: Mapping[str, str]
+    fused_qkv: bool = False
+
+
+LLAMA_WEIGHT_NAMES = WeightNames(
+    layer_prefix="model.layers.{}.",
+    layer={
+        "attention_norm": "input_layernorm",
+        "attention.query_proj": "self_attn.q_proj",
+        "attention.key_proj": "self_attn.k_proj",
+        "attention.value_proj": "self_attn.v_proj",
+        "attention.output_proj": "self_attn.o_proj",
+        "mlp_norm": "post_attention_layernorm",
+        "mlp.gate": "mlp.gate_proj",
+        "mlp.up": "mlp.up_proj",
+        "mlp.down": "mlp.down_proj",
+    },
+    top={
+        "embedding.embedding": "model.embed_tokens",
+        "embedding.reverse_embedding": "lm_head",
+        "final_norm": "model.norm",
+    },
+)
+"""The weight names of Llama and of the families that copied its modules."""
+
+
+class ConfigKeys:
+    """A `config.json` being read: each key is taken once (what is left at the end was
+    not understood), and a key left out takes transformers' default for the family."""
+
+    def __init__(self, values: Mapping[str, Any], family: FamilySpec):
+        self.given = dict(values)  # all of them, for keys that others take
+        self.values = dict(values)  # those not taken yet
+        self.family = family
+
+    def take(self, key: str) -> Any:
+        """The value of `key`, or transformers' default (`None` if it has none)."""
+        if key in self.values:
+            return self.values.pop(key)
+        return self.family.huggingface_defaults.get(key)
+
+    def require(self, key: str) -> Any:
+        """The value of `key`, which must be there."""
+        if key not in self.values:
+            raise ValueError(
+                f"config.json has no {key!r}, which {self.family.name} needs."
+            )
+        return self.values.pop(key)
+
+    def take_bool(self, key: str) -> bool | None:
+        """`take`, for a key that must hold a JSON boolean (`"false"` is a string,
+        which Python would count as true)."""
+        value = self.take(key)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(
+                f"config.json has {key}={value!r}; it must be true or false."
+            )
+        return value
+
+    def take_positive(self, key: str) -> float | None:
+        """`take`, for a key that must hold a positive finite number."""
+        value = self.take(key)
+        if value is not None:
+            check_positive(f"config.json's {key}", value)
+        return value
+
+    def expect_false(self, key: str, why: str) -> None:
+        """Takes the boolean `key`, which must be absent or false."""
+        if self.take_bool(key):
+            raise ValueError(
+                f"config.json has {key}=true, which this model does not implement "
+                f"({why})."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilySpec:
+    """One model family, as data.
+
+    - `name`: Hugging Face's `model_type`, and `TransformerConfig.family`.
+    - `architecture`: the class named in `config.json`'s `architectures`.
+    - `presets`: the structure flags and defaults; see `Presets`.
+    - `weight_names`: see `WeightNames`.
+    - `huggingface_defaults`: transformers' defaults for the `config.json` keys a
+        checkpoint may leave out, where they differ from `presets` (or are not
+        config fields at all, such as `use_sliding_window`).
+    - `read_config`: the `TransformerConfig` settings from the family's own
+        `config.json` keys, taken from a `ConfigKeys`. The keys every family shares
+        (sizes, `tie_word_embeddings`, the dtype, the RoPE settings) are read by
+        `eqx_embed.huggingface`, not here.
+    - `write_config`: the inverse: the family's own `config.json` keys of a
+        `TransformerConfig` (the RoPE ones included).
+    - `alternating_sliding_layers`: with a `sliding_window` and no `layer_types`,
+        only the even-numbered layers slide (Gemma 2); otherwise every layer does.
+    """
+
+    name: str
+    architecture: str
+    presets: Presets
+    weight_names: WeightNames
+    huggingface_defaults: Mapping[str, Any]
+    read_config: Callable[[ConfigKeys], dict[str, Any]]
+    write_config: Callable[[TransformerConfig], dict[str, Any]]
+    alternating_sliding_layers: bool = False
+
+
+# The translations shared by several families.
+
+
+def read_rms_attention(keys: ConfigKeys) -> dict[str, Any]:
+    """The attention and norm keys of the RMSNorm families (all but GPT-NeoX)."""
+    return dict(
+        num_kv_heads=keys.take("num_key_value_heads"),
+        head_dim=keys.take("head_dim"),
+        norm_eps=keys.take_positive("rms_norm_eps"),
+    )
+
+
+def write_rms_attention(config: TransformerConfig) -> dict[str, Any]:
+    """The inverse of `read_rms_attention`, with the RoPE keys."""
+    values = dict(
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        rope_theta=config.rope_theta,
+        rope_scaling=_rope_scaling(config),
+        rms_norm_eps=config.norm_eps,
+    )
+    if config.partial_rotary_factor != 1.0:
+        values["partial_rotary_factor"] = config.partial_rotary_factor
+    return values
+
+
+def _rope_scaling(config: TransformerConfig) -> dict[str, Any] | None:
+    return None if config.rope_scaling is None else config.rope_scaling.to_dict()
+
+
+def read_attention_bias(keys: ConfigKeys) -> dict[str, Any]:
+    """`attention_bias`: biases on all four attention projections, or none."""
+    bias = keys.take_bool("attention_bias")
+    return dict(attention_bias=bias, attention_output_bias=bias)
+
+
+def read_activation(keys: ConfigKeys, used: str, ignored: str) -> str | None:
+    """The MLP activation from the key transformers reads for the family (`used`);
+    the other spelling (`ignored`), which transformers ignores, must not contradict
+    it."""
+    activation = keys.take(used)
+    other = keys.take(ignored)
+    if other is not None and other != (activation or keys.family.presets.hidden_act):
+        raise ValueError(
+            f"config.json has {used}={activation!r} and {ignored}={other!r}; "
+            f"transformers uses {used} for {keys.family.name}, so they must agree."
+        )
+    return activation
+
+
+def read_layer_types(
+    keys: ConfigKeys, sliding_window: int | None
+) -> tuple[str, ...] | None:
+    """`layer_types`, which only matters with a sliding window."""
+    given = keys.take("layer_types")
+    if sliding_window is None or given is None:
+        return None
+    return tuple(given)
+
+
+def layer_types(config: TransformerConfig) -> list[str]:
+    """Per layer, `"full_attention"` or `"sliding_attention"`, as `config.json`
+    spells them."""
+    return [
+        "full_attention" if window is None else "sliding_attention"
+        for window in config.layer_windows
+    ]
