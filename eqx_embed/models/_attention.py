@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ..nn._contracts import checked
 from ..nn._rope import RopeRotation
 from ._linear import Linear
+from ._norms import LayerNorm, RMSNorm
 
 NO_WINDOW = jnp.iinfo(jnp.int32).max
 """The window of a layer that attends to every earlier token."""
@@ -37,6 +38,8 @@ class Attention(eqx.Module):
     key_proj: Linear
     value_proj: Linear
     output_proj: Linear
+    query_norm: RMSNorm | LayerNorm | None
+    key_norm: RMSNorm | LayerNorm | None
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
@@ -57,6 +60,8 @@ class Attention(eqx.Module):
         dtype: jnp.dtype,
         param_dtype: jnp.dtype,
         key: PRNGKeyArray,
+        query_norm: RMSNorm | LayerNorm | None = None,
+        key_norm: RMSNorm | LayerNorm | None = None,
     ):
         """**Arguments:**
 
@@ -70,6 +75,8 @@ class Attention(eqx.Module):
             the output projection.
         - `dtype`, `param_dtype`: compute and weight dtypes.
         - `key`: a `jax.random.PRNGKey`.
+        - `query_norm`, `key_norm`: norms over `head_dim` applied to each query and
+            key head before the rotation (Qwen3, Gemma 3), or `None`.
         """
         query_key, key_proj_key, value_key, output_key = jax.random.split(key, 4)
         common: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype)
@@ -101,6 +108,8 @@ class Attention(eqx.Module):
             key=output_key,
             **common,
         )
+        self.query_norm = query_norm
+        self.key_norm = key_norm
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -113,14 +122,15 @@ class Attention(eqx.Module):
         self,
         x: Float[Array, "seq hidden_size"],
         *,
-        rotation: RopeRotation,
+        rotation: RopeRotation | None,
         window: Int[Array, ""],
     ) -> Float[Array, "seq hidden_size"]:
         """**Arguments:**
 
         - `x`: the (normalised) hidden states of one sequence.
         - `rotation`: the [`RopeRotation`][eqx_embed.RopeRotation] of the tokens'
-            positions, applied to queries and keys.
+            positions, applied to queries and keys; `None` for a model whose
+            positions are added to its embeddings (GPT-2).
         - `window`: how many of the most recent tokens (the current one included)
             each token attends to; `NO_WINDOW` for all of them.
 
@@ -130,12 +140,12 @@ class Attention(eqx.Module):
         """
         seq_len = x.shape[0]
         groups = self.num_heads // self.num_kv_heads
-        queries = rotation(
-            self.query_proj(x).reshape(seq_len, self.num_heads, self.head_dim)
-        )
-        keys = rotation(
-            self.key_proj(x).reshape(seq_len, self.num_kv_heads, self.head_dim)
-        )
+        queries = self.query_proj(x).reshape(seq_len, self.num_heads, self.head_dim)
+        keys = self.key_proj(x).reshape(seq_len, self.num_kv_heads, self.head_dim)
+        if self.query_norm is not None:
+            queries, keys = self.query_norm(queries), self.key_norm(keys)
+        if rotation is not None:
+            queries, keys = rotation(queries), rotation(keys)
         values = self.value_proj(x).reshape(seq_len, self.num_kv_heads, self.head_dim)
         queries = queries.reshape(seq_len, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum(

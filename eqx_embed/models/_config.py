@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from ..nn._contracts import check_positive
 from ..nn._indices import OutOfRange, check_policy
 from .families import FAMILY_SPECS, FamilySpec, Presets, family_spec
-from .families._spec import NormKind
+from .families._spec import NormKind, PositionKind
 
 FAMILIES: tuple[str, ...] = tuple(FAMILY_SPECS)
 """The families `TransformerConfig` accepts, by their Hugging Face `model_type`."""
@@ -33,6 +33,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 NORMS: tuple[NormKind, ...] = typing.get_args(NormKind)
+POSITION_KINDS: tuple[PositionKind, ...] = typing.get_args(PositionKind)
 
 # The fields a family presets when they are left None.
 _PRESET_FIELDS = tuple(field.name for field in dataclasses.fields(Presets))
@@ -45,6 +46,7 @@ _BOOLEAN_FIELDS = (
     "attention_bias",
     "attention_output_bias",
     "mlp_bias",
+    "qk_norm",
 )
 _SIZE_FIELDS = (
     "vocab_size",
@@ -172,6 +174,15 @@ class TransformerConfig:
         rather than `down(act(up(x)))`.
     - `scale_embeddings`: the embeddings scaled by `sqrt(hidden_size)` (Gemma).
     - `sandwich_norms`: norms on the attention and MLP outputs too (Gemma 2).
+    - `qk_norm`: a norm (the model's kind, over `head_dim`) on each query and key
+        head, before the rotation (Qwen3, Gemma 3).
+    - `position_embedding`: `"rope"` (rotary positions in every layer) or
+        `"learned"` (a [`PositionEmbedding`][eqx_embed.PositionEmbedding] of
+        `max_position_embeddings` rows added to the token embeddings, GPT-2; the
+        RoPE fields are then unused).
+    - `rope_local_theta`: Gemma 3's second RoPE: the sliding-window layers rotate
+        with this base and no scaling, the full-attention layers with `rope_theta`
+        and `rope_scaling`. `None`: every layer uses `rope_theta`.
     - `out_of_range`: the policy for token ids outside the vocabulary and positions
         outside the RoPE tables: `"nan"` or `"error"`, as for
         [`Embedding`][eqx_embed.Embedding].
@@ -182,10 +193,11 @@ class TransformerConfig:
         It does not change the results.
 
     The `None` defaults of `norm`, `gated_mlp`, `scale_embeddings`,
-    `sandwich_norms`, `parallel_residual`, `norm_eps`, `hidden_act`, the biases and
-    `partial_rotary_factor` take the family's value; the stored config holds the
-    resolved value. Any combination of them builds a model; only the family's own
-    combinations can be saved as a Hugging Face checkpoint of that family.
+    `sandwich_norms`, `qk_norm`, `position_embedding`, `parallel_residual`,
+    `norm_eps`, `hidden_act`, the biases and `partial_rotary_factor` take the
+    family's value; the stored config holds the resolved value. Any combination of
+    them builds a model; only the family's own combinations can be saved as a
+    Hugging Face checkpoint of that family.
     """
 
     family: Family
@@ -218,6 +230,9 @@ class TransformerConfig:
     gated_mlp: bool | None = None
     scale_embeddings: bool | None = None
     sandwich_norms: bool | None = None
+    qk_norm: bool | None = None
+    position_embedding: PositionKind | None = None
+    rope_local_theta: float | int | None = None
     out_of_range: OutOfRange = "nan"
     scan_unroll: int = 1
 
@@ -312,6 +327,18 @@ class TransformerConfig:
             )
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
+        if self.position_embedding not in POSITION_KINDS:
+            raise ValueError(
+                f"position_embedding must be one of {POSITION_KINDS}, got "
+                f"{self.position_embedding!r}."
+            )
+        if self.rope_local_theta is not None:
+            check_positive("rope_local_theta", self.rope_local_theta)
+            if self.position_embedding != "rope":
+                raise ValueError(
+                    "rope_local_theta needs position_embedding='rope', got "
+                    f"{self.position_embedding!r}."
+                )
         if self.sliding_window is not None:
             check_positive("sliding_window", self.sliding_window, integer=True)
         if self.layer_types is not None:

@@ -22,6 +22,7 @@ from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArra
 
 from ..nn._contracts import checked
 from ..nn._indices import OutOfRange, check_indices
+from ..nn._position import PositionEmbedding
 from ..nn._reversible import ReversibleEmbedding
 from ..nn._rope import RotaryPositionalEmbedding
 from ._attention import NO_WINDOW
@@ -29,13 +30,21 @@ from ._blocks import DecoderBlock, Norm, make_norm
 from ._config import TransformerConfig
 
 
-def _make_rope(config: TransformerConfig) -> RotaryPositionalEmbedding:
+def _make_rope(
+    config: TransformerConfig, *, local: bool = False
+) -> RotaryPositionalEmbedding | None:
+    """The model's RoPE, or with `local=True` Gemma 3's second one for the sliding
+    layers (its own theta, unscaled); `None` where the config has no such RoPE."""
+    if config.position_embedding != "rope" or (
+        local and config.rope_local_theta is None
+    ):
+        return None
     return RotaryPositionalEmbedding(
         config.head_dim,
         max_seq_len=config.max_position_embeddings,
-        theta=config.rope_theta,
+        theta=config.rope_local_theta if local else config.rope_theta,
         rotary_dim=config.rotary_dim,
-        scaling=config.rope_scaling,
+        scaling=None if local else config.rope_scaling,
         out_of_range=config.out_of_range,
     )
 
@@ -66,15 +75,27 @@ def _make_embedding(
 
 
 def _random_parts(config: TransformerConfig, key: PRNGKeyArray) -> dict[str, Any]:
-    """Freshly initialised `embedding`, `blocks` (stacked) and `final_norm`."""
-    embedding_key, blocks_key = jax.random.split(key)
+    """Freshly initialised `embedding`, `blocks` (stacked), `final_norm` and
+    `position_embedding` (`None` unless the config's positions are learned)."""
+    embedding_key, blocks_key, position_key = jax.random.split(key, 3)
     blocks = eqx.filter_vmap(lambda k: DecoderBlock(config, key=k))(
         jax.random.split(blocks_key, config.num_layers)
     )
+    position_embedding = None
+    if config.position_embedding == "learned":
+        position_embedding = PositionEmbedding(
+            config.max_position_embeddings,
+            config.hidden_size,
+            key=position_key,
+            dtype=jnp.dtype(config.activation_dtype),
+            param_dtype=jnp.dtype(config.param_dtype),
+            out_of_range=config.out_of_range,
+        )
     return dict(
         embedding=_make_embedding(config, key=embedding_key),
         blocks=blocks,
         final_norm=make_norm(config),
+        position_embedding=position_embedding,
     )
 
 
@@ -108,7 +129,9 @@ class TransformerLM(eqx.Module):
     embedding: ReversibleEmbedding
     blocks: DecoderBlock
     final_norm: Norm
-    rope: RotaryPositionalEmbedding
+    position_embedding: PositionEmbedding | None
+    rope: RotaryPositionalEmbedding | None
+    local_rope: RotaryPositionalEmbedding | None
     config: TransformerConfig = eqx.field(static=True)
 
     def __init__(
@@ -119,6 +142,7 @@ class TransformerLM(eqx.Module):
         embedding: ReversibleEmbedding | None = None,
         blocks: DecoderBlock | None = None,
         final_norm: Norm | None = None,
+        position_embedding: PositionEmbedding | None = None,
     ):
         """**Arguments:**
 
@@ -135,6 +159,9 @@ class TransformerLM(eqx.Module):
         - `blocks`: one `DecoderBlock` (as `model.blocks` of a built model) whose arrays
             have a leading axis of size `num_layers`.
         - `final_norm`: the norm before the decode.
+        - `position_embedding`: the
+            [`PositionEmbedding`][eqx_embed.PositionEmbedding] of a model with
+            learned positions (GPT-2); `None` otherwise.
         """
         parts = dict(embedding=embedding, blocks=blocks, final_norm=final_norm)
         given = [name for name, part in parts.items() if part is not None]
@@ -149,19 +176,20 @@ class TransformerLM(eqx.Module):
                     "TransformerLM needs either `key` or all of `embedding`, `blocks` "
                     f"and `final_norm`; missing {missing}."
                 )
+            parts["position_embedding"] = position_embedding
         else:
             parts = _random_parts(config, key)
         self.embedding = parts["embedding"]
         self.blocks = parts["blocks"]
         self.final_norm = parts["final_norm"]
+        self.position_embedding = parts["position_embedding"]
         self.rope = _make_rope(config)
+        self.local_rope = _make_rope(config, local=True)
         self.config = config
 
     def __check_init__(self):
         expected = eqx.filter_eval_shape(_random_parts, self.config, jax.random.key(0))
-        actual = dict(
-            embedding=self.embedding, blocks=self.blocks, final_norm=self.final_norm
-        )
+        actual = self.parts()
         expected_leaves, actual_leaves = _named_leaves(expected), _named_leaves(actual)
         if expected_leaves.keys() != actual_leaves.keys():
             raise ValueError(
@@ -196,6 +224,16 @@ class TransformerLM(eqx.Module):
                     "tie it (tie_word_embeddings=True) instead."
                 )
             seen[id(leaf)] = name
+
+    def parts(self) -> dict[str, Any]:
+        """The modules that hold the weights, by the names `__init__` takes them
+        under (the RoPE tables, which are not weights, left out)."""
+        return dict(
+            embedding=self.embedding,
+            blocks=self.blocks,
+            final_norm=self.final_norm,
+            position_embedding=self.position_embedding,
+        )
 
     def _layer_windows(self) -> Int[Array, " num_layers"]:
         windows = [NO_WINDOW if w is None else w for w in self.config.layer_windows]
@@ -240,17 +278,36 @@ class TransformerLM(eqx.Module):
             negative_from_end=True,
         )
         # Positions are checked and their table rows gathered once, for every layer.
-        rotation = self.rope.rotation(seq_len, positions=token_positions)
+        rotation = local_rotation = None
+        if self.rope is not None:
+            rotation = self.rope.rotation(seq_len, positions=token_positions)
+        if self.local_rope is not None:
+            local_rotation = self.local_rope.rotation(
+                seq_len, positions=token_positions
+            )
         x = jax.vmap(self.embedding)(tokens)
         if config.scale_embeddings:
             x = x * jnp.asarray(config.hidden_size**0.5, dtype=x.dtype)
+        if self.position_embedding is not None:
+            positions = (
+                jnp.arange(seq_len) if token_positions is None else token_positions
+            )
+            x = x + jax.vmap(self.position_embedding)(positions).astype(x.dtype)
         parameters, structure = eqx.partition(self.blocks, eqx.is_array)
 
         def layer(x, parameters_and_window):
             parameters, window = parameters_and_window
             block = eqx.combine(parameters, structure)
+            layer_rotation = rotation
+            if local_rotation is not None:
+                # Gemma 3: the sliding layers rotate with the local RoPE.
+                layer_rotation = jax.tree.map(
+                    lambda local, full: jnp.where(window != NO_WINDOW, local, full),
+                    local_rotation,
+                    rotation,
+                )
             return (
-                block(x, rotation=rotation, window=window),
+                block(x, rotation=layer_rotation, window=window),
                 None,
             )
 

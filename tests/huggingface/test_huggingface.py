@@ -59,6 +59,16 @@ CASES = {
             max_window_layers=1,
         ),
     ),
+    "qwen3": (
+        transformers.Qwen3Config,
+        dict(
+            num_key_value_heads=2,
+            head_dim=24,
+            use_sliding_window=True,
+            sliding_window=5,
+            max_window_layers=1,
+        ),
+    ),
     "gemma": (transformers.GemmaConfig, dict(num_key_value_heads=1, head_dim=16)),
     "gemma2": (
         transformers.Gemma2Config,
@@ -75,7 +85,7 @@ CASES = {
         dict(use_parallel_residual=False, rotary_pct=0.5),
     ),
 }
-WINDOWED = ("mistral", "qwen2", "gemma2")
+WINDOWED = ("mistral", "qwen2", "qwen3", "gemma2")
 
 
 def randomise(model: torch.nn.Module, *, unit_offset_norms: bool) -> None:
@@ -182,6 +192,7 @@ def test_families_and_settings_are_read(loaded):
         "llama-biases": "llama",
         "mistral": "mistral",
         "qwen2": "qwen2",
+        "qwen3": "qwen3",
         "gemma": "gemma",
         "gemma2": "gemma2",
         "gpt_neox": "gpt_neox",

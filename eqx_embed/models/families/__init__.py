@@ -14,9 +14,19 @@ from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
 from .mistral import MISTRAL
 from .qwen2 import QWEN2
+from .qwen3 import QWEN3
 
 FAMILY_SPECS: dict[str, FamilySpec] = {
-    spec.name: spec for spec in (LLAMA, MISTRAL, QWEN2, GEMMA, GEMMA2, GPT_NEOX)
+    spec.name: spec
+    for spec in (
+        LLAMA,
+        MISTRAL,
+        QWEN2,
+        QWEN3,
+        GEMMA,
+        GEMMA2,
+        GPT_NEOX,
+    )
 }
 """Every family `TransformerConfig` accepts, by name."""
 

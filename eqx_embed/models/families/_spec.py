@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 NormKind = Literal["rms", "rms_unit_offset", "layer"]
 """RMSNorm, Gemma's RMSNorm scaled by `1 + weight`, or LayerNorm with a bias."""
 
+PositionKind = Literal["rope", "learned"]
+"""Rotary positions on the queries and keys of every layer, or a learned absolute
+position embedding added to the token embeddings (GPT-2)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Presets:
@@ -44,6 +48,8 @@ class Presets:
     attention_output_bias: bool
     mlp_bias: bool
     partial_rotary_factor: float
+    qk_norm: bool = False  # a norm on each query and key head (Qwen3, Gemma 3)
+    position_embedding: PositionKind = "rope"
 
 
 LLAMA_PRESETS = Presets(
@@ -72,14 +78,21 @@ class WeightNames:
         in `DecoderBlock` (`"attention.query_proj"` to `"self_attn.q_proj"`).
     - `top`: the same for the modules outside the blocks (`"final_norm"`, ...).
     - `fused_qkv`: whether the files fuse the query, key and value projections into
-        one `attention.query_key_value` per layer, per head (GPT-NeoX); `layer` then
+        one `attention.query_key_value` per layer (GPT-NeoX, GPT-2); `layer` then
         names the split parts `attention.query`, `attention.key`, `attention.value`.
+    - `fused_qkv_per_head`: how the fused rows are laid out: per head, each head's
+        query, key and value rows adjacent (GPT-NeoX), or all the queries, then all
+        the keys, then all the values (GPT-2).
+    - `transposed`: the model's modules whose weights the files store as
+        `(in, out)` rather than `(out, in)`: Hugging Face's `Conv1D` (GPT-2).
     """
 
     layer_prefix: str
     layer: Mapping[str, str]
     top: Mapping[str, str]
     fused_qkv: bool = False
+    fused_qkv_per_head: bool = True
+    transposed: frozenset[str] = frozenset()
 
 
 LLAMA_WEIGHT_NAMES = WeightNames(
@@ -137,7 +150,7 @@ class ConfigKeys:
             )
         return value
 
-    def take_positive(self, key: str) -> float | None:
+    def take_positive(self, key: str) -> float | int | None:
         """`take`, for a key that must hold a positive finite number."""
         value = self.take(key)
         if value is not None:
