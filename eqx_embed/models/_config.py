@@ -161,7 +161,8 @@ class TransformerConfig:
         that a sliding-window layer attends to.
     - `layer_types`: per layer, `"full_attention"` or `"sliding_attention"`. `None`:
         every layer slides if `sliding_window` is set (Mistral), except for Gemma 2,
-        whose even-numbered layers slide and odd-numbered ones attend fully.
+        whose even-numbered layers slide and odd-numbered ones attend fully, and
+        Gemma 3, whose every sixth layer attends fully.
     - `attention_logit_soft_cap`, `final_logit_soft_cap`: Gemma 2's `tanh` caps on the
         attention scores and on the output logits. `None`: no cap.
     - `query_pre_attn_scalar`: attention scores are scaled by
@@ -374,8 +375,11 @@ class TransformerConfig:
             types = self.layer_types
         elif self.sliding_window is None:
             types = ("full_attention",) * self.num_layers
-        elif self.spec.alternating_sliding_layers:
-            types = tuple(LAYER_TYPES[1 - i % 2] for i in range(self.num_layers))
+        elif self.spec.full_attention_every is not None:
+            every = self.spec.full_attention_every
+            types = tuple(
+                LAYER_TYPES[(i + 1) % every != 0] for i in range(self.num_layers)
+            )
         else:
             types = ("sliding_attention",) * self.num_layers
         return tuple(

@@ -79,13 +79,31 @@ CASES = {
             query_pre_attn_scalar=24,
         ),
     ),
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        dict(
+            num_hidden_layers=7,  # two groups of five sliding layers and a full one
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            rope_parameters={
+                "full_attention": {
+                    "rope_type": "linear",
+                    "factor": 8.0,
+                    "rope_theta": 1_000_000.0,
+                },
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+        ),
+    ),
     "gpt_neox": (transformers.GPTNeoXConfig, dict()),
     "gpt_neox-sequential": (
         transformers.GPTNeoXConfig,
         dict(use_parallel_residual=False, rotary_pct=0.5),
     ),
 }
-WINDOWED = ("mistral", "qwen2", "qwen3", "gemma2")
+WINDOWED = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 
 
 def randomise(model: torch.nn.Module, *, unit_offset_norms: bool) -> None:
@@ -105,7 +123,7 @@ def randomise(model: torch.nn.Module, *, unit_offset_norms: bool) -> None:
 
 def build(case: str) -> torch.nn.Module:
     config_class, settings = CASES[case]
-    config = config_class(**COMMON, **settings)
+    config = config_class(**{**COMMON, **settings})
     model = transformers.AutoModelForCausalLM.from_config(
         config, attn_implementation="eager"
     )
@@ -195,11 +213,18 @@ def test_families_and_settings_are_read(loaded):
         "qwen3": "qwen3",
         "gemma": "gemma",
         "gemma2": "gemma2",
+        "gemma3": "gemma3_text",
         "gpt_neox": "gpt_neox",
         "gpt_neox-sequential": "gpt_neox",
     }
     assert loaded["qwen2"].config.layer_windows == (None, 5)
     assert loaded["gemma2"].config.layer_windows == (4, None)
+    assert loaded["gemma3"].config.layer_windows == (4,) * 5 + (None, 4)
+    assert loaded["gemma3"].config.rope_local_theta == 100.0
+    assert loaded["gemma3"].rope.theta == 1e6
+    assert loaded["gemma3"].rope.rope_type == "linear"
+    assert loaded["gemma3"].local_rope.theta == 100.0
+    assert loaded["qwen3"].config.qk_norm and loaded["gemma3"].config.qk_norm
     assert loaded["mistral"].config.layer_windows == (5, 5)
     assert loaded["gpt_neox"].config.rotary_dim == 4  # 16 * rotary_pct 0.25
     assert loaded["gpt_neox"].config.parallel_residual
@@ -210,7 +235,18 @@ def test_families_and_settings_are_read(loaded):
     assert not loaded["gpt_neox"].embedding.tie_weights
 
 
-@pytest.mark.parametrize("case", ["llama", "gemma2", "gpt_neox"])
+def test_gemma3_rotates_its_sliding_layers_with_their_own_theta(loaded, logits, tokens):
+    """Both RoPEs matter: with the full layers' RoPE everywhere (what equinox's
+    theta-blind cache would give), the logits move far from transformers'."""
+    model = loaded["gemma3"]
+    one_rope = TransformerLM(
+        dataclasses.replace(model.config, rope_local_theta=None), **model.parts()
+    )
+    assert one_rope.local_rope is None
+    assert np.abs(ours(one_rope, tokens) - logits["gemma3"]).max() > 1e-2
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma2", "gemma3", "gpt_neox"])
 def test_positions_match_transformers_position_ids(case, checkpoints, loaded, tokens):
     hf_model, _ = checkpoints[case]
     positions = np.stack([np.arange(SEQ) + 7, np.arange(SEQ) * 2 + 1])

@@ -531,9 +531,15 @@ def test_error_policy_raises_for_traced_positions(wrap):
         ),
         (dict(embedding_size=8, rotary_dim=5), "even .* got rotary_dim=5"),
         (dict(embedding_size=8, rotary_dim=0), "got rotary_dim=0"),
-        (dict(embedding_size=0), "embedding_size must be positive, got 0"),
-        (dict(embedding_size=8, max_seq_len=0), "max_seq_len must be positive, got 0"),
-        (dict(embedding_size=8, theta=-1.0), "theta must be positive, got -1.0"),
+        (dict(embedding_size=0), "embedding_size must be a positive integer, got 0"),
+        (
+            dict(embedding_size=8, max_seq_len=0),
+            "max_seq_len must be a positive integer, got 0",
+        ),
+        (
+            dict(embedding_size=8, theta=-1.0),
+            "theta must be a positive finite number, got -1.0",
+        ),
         (dict(embedding_size=8, dtype=jnp.int32), "dtype must be a floating dtype"),
     ],
 )

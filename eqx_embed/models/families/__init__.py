@@ -10,6 +10,7 @@ from ._spec import (
 )
 from .gemma import GEMMA
 from .gemma2 import GEMMA2
+from .gemma3 import GEMMA3
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
 from .mistral import MISTRAL
@@ -25,6 +26,7 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         QWEN3,
         GEMMA,
         GEMMA2,
+        GEMMA3,
         GPT_NEOX,
     )
 }

@@ -183,8 +183,13 @@ class FamilySpec:
         `eqx_embed.huggingface`, not here.
     - `write_config`: the inverse: the family's own `config.json` keys of a
         `TransformerConfig` (the RoPE ones included).
-    - `alternating_sliding_layers`: with a `sliding_window` and no `layer_types`,
-        only the even-numbered layers slide (Gemma 2); otherwise every layer does.
+    - `full_attention_every`: with a `sliding_window` and no `layer_types`, every
+        `n`-th layer attends fully and the others slide (`2` for Gemma 2, whose
+        even-numbered layers slide; `6` for Gemma 3's 5:1 pattern). `None`: every
+        layer slides.
+    - `local_rope`: whether the sliding layers have a RoPE of their own
+        (`rope_local_theta`, Gemma 3), which `config.json` gives per layer type in
+        `rope_parameters` (or as `rope_local_base_freq`).
     """
 
     name: str
@@ -194,7 +199,8 @@ class FamilySpec:
     huggingface_defaults: Mapping[str, Any]
     read_config: Callable[[ConfigKeys], dict[str, Any]]
     write_config: Callable[[TransformerConfig], dict[str, Any]]
-    alternating_sliding_layers: bool = False
+    full_attention_every: int | None = None
+    local_rope: bool = False
 
 
 # The translations shared by several families.
