@@ -94,6 +94,15 @@ def _rope_settings(keys: ConfigKeys, max_position_embeddings: int) -> dict[str, 
             f"config.json's RoPE settings have keys {sorted(parameters)} but no "
             "scaling rule (rope_type) that uses them."
         )
+    if keys.family.presets.position_embedding != "rope":
+        given = dict(rope_theta=theta, partial_rotary_factor=partial, scaling=scaling)
+        given = {key: value for key, value in given.items() if value is not None}
+        if given:
+            raise ValueError(
+                f"config.json has RoPE settings ({given}), but {keys.family.name} "
+                "models have learned positions."
+            )
+        return {}
     settings: dict[str, Any] = dict(rope_scaling=scaling, rope_local_theta=local_theta)
     if theta is not None:
         check_positive("config.json's rope_theta", theta)
@@ -150,6 +159,8 @@ def config_from_huggingface(
             f"config.json has model_type={model_type!r}; supported: {FAMILIES}."
         )
     spec = family_spec(model_type)
+    if spec.normalise_config is not None:
+        values = spec.normalise_config(dict(values))
     keys = ConfigKeys(values, spec)
     if param_dtype is None:
         stored = values.get("dtype") or values.get("torch_dtype") or "float32"
@@ -195,6 +206,8 @@ def config_to_huggingface(config: TransformerConfig) -> dict[str, Any]:
         dtype=config.param_dtype,
         **spec.write_config(config),
     )
+    if spec.denormalise_config is not None:
+        values = spec.denormalise_config(values)
     # What the family cannot express is what does not come back when read.
     reread = config_from_huggingface(
         values,

@@ -299,7 +299,9 @@ class TransformerConfig:
                 "partial_rotary_factor must be in (0, 1], got "
                 f"{self.partial_rotary_factor!r}."
             )
-        if self.rotary_dim % 2 or self.rotary_dim == 0:
+        if self.position_embedding == "rope" and (
+            self.rotary_dim % 2 or self.rotary_dim == 0
+        ):
             raise ValueError(
                 f"head_dim * partial_rotary_factor = {self.head_dim} * "
                 f"{self.partial_rotary_factor} gives a rotary width of "
@@ -307,7 +309,7 @@ class TransformerConfig:
             )
         # cos and sin, rotary_dim / 2 float64 values each, per position.
         table_bytes = self.max_position_embeddings * self.rotary_dim * 8
-        if table_bytes > MAX_ROPE_TABLE_BYTES:
+        if self.position_embedding == "rope" and table_bytes > MAX_ROPE_TABLE_BYTES:
             raise ValueError(
                 f"max_position_embeddings={self.max_position_embeddings} with a "
                 f"rotary width of {self.rotary_dim} needs RoPE tables of "

@@ -97,6 +97,11 @@ CASES = {
             },
         ),
     ),
+    "gpt2": (transformers.GPT2Config, dict(n_inner=80)),
+    "gpt2-untied": (
+        transformers.GPT2Config,
+        dict(tie_word_embeddings=False, activation_function="gelu"),
+    ),
     "gpt_neox": (transformers.GPTNeoXConfig, dict()),
     "gpt_neox-sequential": (
         transformers.GPTNeoXConfig,
@@ -214,6 +219,8 @@ def test_families_and_settings_are_read(loaded):
         "gemma": "gemma",
         "gemma2": "gemma2",
         "gemma3": "gemma3_text",
+        "gpt2": "gpt2",
+        "gpt2-untied": "gpt2",
         "gpt_neox": "gpt_neox",
         "gpt_neox-sequential": "gpt_neox",
     }
@@ -246,7 +253,7 @@ def test_gemma3_rotates_its_sliding_layers_with_their_own_theta(loaded, logits, 
     assert np.abs(ours(one_rope, tokens) - logits["gemma3"]).max() > 1e-2
 
 
-@pytest.mark.parametrize("case", ["llama", "gemma2", "gemma3", "gpt_neox"])
+@pytest.mark.parametrize("case", ["llama", "gemma2", "gemma3", "gpt_neox", "gpt2"])
 def test_positions_match_transformers_position_ids(case, checkpoints, loaded, tokens):
     hf_model, _ = checkpoints[case]
     positions = np.stack([np.arange(SEQ) + 7, np.arange(SEQ) * 2 + 1])
@@ -373,7 +380,14 @@ def edited_checkpoint(source: str, destination, **changes):
         ("gemma", dict(hidden_activation="gelu"), "hidden_activation='gelu'"),
         ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional"),
         ("gpt_neox", dict(head_dim=8), "head_dim=8"),
-        ("gpt_neox", dict(model_type="gpt2"), "model_type='gpt2'"),
+        ("gpt_neox", dict(model_type="opt"), "model_type='opt'"),
+        (
+            "gpt2",
+            dict(scale_attn_by_inverse_layer_idx=True),
+            "scale_attn_by_inverse_layer_idx=true",
+        ),
+        ("gpt2", dict(scale_attn_weights=False), "scale_attn_weights=false"),
+        ("gpt2", dict(rotary_pct=0.5), "'partial_rotary_factor': 0.5"),
         ("llama", dict(hidden_size=None), "no 'hidden_size'"),
     ],
 )

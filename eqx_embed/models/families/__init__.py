@@ -11,6 +11,7 @@ from ._spec import (
 from .gemma import GEMMA
 from .gemma2 import GEMMA2
 from .gemma3 import GEMMA3
+from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
 from .mistral import MISTRAL
@@ -28,6 +29,7 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         GEMMA2,
         GEMMA3,
         GPT_NEOX,
+        GPT2,
     )
 }
 """Every family `TransformerConfig` accepts, by name."""

@@ -77,20 +77,21 @@ class WeightNames:
     - `layer`: the Hugging Face module of each of the block's submodules, by its path
         in `DecoderBlock` (`"attention.query_proj"` to `"self_attn.q_proj"`).
     - `top`: the same for the modules outside the blocks (`"final_norm"`, ...).
-    - `fused_qkv`: whether the files fuse the query, key and value projections into
-        one `attention.query_key_value` per layer (GPT-NeoX, GPT-2); `layer` then
-        names the split parts `attention.query`, `attention.key`, `attention.value`.
+    - `fused_qkv`: the Hugging Face module that fuses the query, key and value
+        projections in the files (`"query_key_value"` for GPT-NeoX, `"c_attn"` for
+        GPT-2), or `None`; `layer` then names the split parts `query`, `key` and
+        `value`, siblings of the fused module (`"attention.query"`).
     - `fused_qkv_per_head`: how the fused rows are laid out: per head, each head's
         query, key and value rows adjacent (GPT-NeoX), or all the queries, then all
         the keys, then all the values (GPT-2).
-    - `transposed`: the model's modules whose weights the files store as
-        `(in, out)` rather than `(out, in)`: Hugging Face's `Conv1D` (GPT-2).
+    - `transposed`: the Hugging Face modules (last name) whose weights the files
+        store as `(in, out)` rather than `(out, in)`: `Conv1D`'s (GPT-2).
     """
 
     layer_prefix: str
     layer: Mapping[str, str]
     top: Mapping[str, str]
-    fused_qkv: bool = False
+    fused_qkv: str | None = None
     fused_qkv_per_head: bool = True
     transposed: frozenset[str] = frozenset()
 
@@ -187,6 +188,10 @@ class FamilySpec:
         `n`-th layer attends fully and the others slide (`2` for Gemma 2, whose
         even-numbered layers slide; `6` for Gemma 3's 5:1 pattern). `None`: every
         layer slides.
+    - `normalise_config`, `denormalise_config`: for a family whose `config.json`
+        spells the shared keys its own way (GPT-2's `n_embd`, `n_layer`, ...): the
+        dict with the shared names (`hidden_size`, ...), and back. `None`: the
+        shared names are the family's.
     - `local_rope`: whether the sliding layers have a RoPE of their own
         (`rope_local_theta`, Gemma 3), which `config.json` gives per layer type in
         `rope_parameters` (or as `rope_local_base_freq`).
@@ -201,6 +206,8 @@ class FamilySpec:
     write_config: Callable[[TransformerConfig], dict[str, Any]]
     full_attention_every: int | None = None
     local_rope: bool = False
+    normalise_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    denormalise_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 # The translations shared by several families.
