@@ -126,12 +126,14 @@ class TransformerConfig:
 
     **Fields:**
 
-    - `family`: `"llama"`, `"mistral"`, `"qwen2"`, `"gemma"`, `"gemma2"` or
-        `"gpt_neox"` (Hugging Face's `model_type`). A preset: it gives the structure
-        flags below their family's values (RMSNorm, Gemma's with `1 + scale`, or
-        LayerNorm with bias for GPT-NeoX; a gated MLP, GeGLU / SwiGLU, or a plain one
-        for GPT-NeoX; Gemma's embeddings scaled by `sqrt(hidden_size)`; Gemma 2's
-        norms on the attention and MLP outputs), and names the Hugging Face
+    - `family`: `"llama"`, `"mistral"`, `"qwen2"`, `"qwen3"`, `"gemma"`,
+        `"gemma2"`, `"gemma3_text"`, `"gpt_neox"` or `"gpt2"` (Hugging Face's
+        `model_type`). A preset: it gives the structure flags below their family's
+        values (RMSNorm, Gemma's with `1 + scale`, or LayerNorm with bias for
+        GPT-NeoX and GPT-2; a gated MLP, GeGLU / SwiGLU, or a plain one for GPT-NeoX
+        and GPT-2; Gemma's embeddings scaled by `sqrt(hidden_size)`; Gemma 2's and 3's
+        norms on the attention and MLP outputs; Qwen3's and Gemma 3's query/key
+        norms; GPT-2's learned positions), and names the Hugging Face
         architecture the model loads from and saves to.
     - `vocab_size`, `hidden_size`, `intermediate_size` (the MLP's width),
         `num_layers`, `num_heads`: positive integers.

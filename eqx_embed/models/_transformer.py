@@ -110,7 +110,7 @@ def _named_leaves(tree: Any) -> dict[str, Any]:
 
 class TransformerLM(eqx.Module):
     """A decoder-only transformer language model: Llama (2, 3, 3.1), Mistral, Qwen2,
-    Gemma, Gemma 2 or GPT-NeoX, as set by its
+    Qwen3, Gemma, Gemma 2, Gemma 3 (text), GPT-NeoX or GPT-2, as set by its
     [`TransformerConfig`][eqx_embed.TransformerConfig].
 
     It holds the body (the [`ReversibleEmbedding`][eqx_embed.ReversibleEmbedding],
