@@ -138,6 +138,10 @@ def read_weights(
             tensors[name] = array
     for name in [n for n in tensors if n.endswith(_RECOMPUTED_SUFFIXES)]:
         del tensors[name]
+    prefix = config.spec.weight_names.base_model_prefix
+    if prefix and not any(name.startswith(prefix) for name in tensors):
+        # The base model's files alone: transformers adds the prefix back.
+        tensors = {f"{prefix}{name}": array for name, array in tensors.items()}
     _transpose_conv1d(tensors, config)
     if config.spec.weight_names.fused_qkv:
         _split_qkv(tensors, config)

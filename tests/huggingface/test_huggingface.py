@@ -301,6 +301,17 @@ def test_sharded_checkpoint(checkpoints, tokens, tmp_path):
     )
 
 
+def test_gpt2_base_model_files_without_the_prefix(checkpoints, tokens, tmp_path):
+    """The gpt2 checkpoints on the Hub hold `GPT2Model`'s weights (`h.0.attn...`,
+    `wte`), with the head tied to `wte`."""
+    hf_model, _ = checkpoints["gpt2"]
+    hf_model.transformer.save_pretrained(tmp_path)
+    model = TransformerLM.from_huggingface(tmp_path)
+    np.testing.assert_allclose(
+        ours(model, tokens), hf_logits(hf_model, tokens), atol=1e-4, rtol=0
+    )
+
+
 def test_loading_needs_no_pytorch(checkpoints):
     _, path = checkpoints["gpt_neox"]
     script = (

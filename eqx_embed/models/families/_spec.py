@@ -86,6 +86,10 @@ class WeightNames:
         the keys, then all the values (GPT-2).
     - `transposed`: the Hugging Face modules (last name) whose weights the files
         store as `(in, out)` rather than `(out, in)`: `Conv1D`'s (GPT-2).
+    - `base_model_prefix`: the prefix of every name but the head's in a checkpoint
+        of the whole model (`"transformer."` for GPT-2), which files of the base
+        model alone leave out (the `gpt2` checkpoints on the Hub); `None`: such
+        files are not read.
     """
 
     layer_prefix: str
@@ -94,6 +98,7 @@ class WeightNames:
     fused_qkv: str | None = None
     fused_qkv_per_head: bool = True
     transposed: frozenset[str] = frozenset()
+    base_model_prefix: str | None = None
 
 
 LLAMA_WEIGHT_NAMES = WeightNames(

@@ -110,6 +110,7 @@ GPT2 = FamilySpec(
         fused_qkv="c_attn",
         fused_qkv_per_head=False,
         transposed=frozenset({"c_attn", "c_proj", "c_fc"}),
+        base_model_prefix="transformer.",
     ),
     huggingface_defaults=dict(
         max_position_embeddings=1024,
