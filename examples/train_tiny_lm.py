@@ -15,26 +15,34 @@ prompt to `--out`.
 
 A resumed run ends bit for bit where an uninterrupted one does: the batch of step `s`
 and every random draw are functions of the seed and `s` only, and the checkpoint holds
-the optimiser state as well as the model.
+the optimiser state as well as the model. The checkpoint files are written so that a
+kill at any moment loses nothing (`_checkpointing.py`, beside this file); the
+tokenizers are in `_tokenizers.py`.
 """
 
 import argparse
 import gzip
-import json
 import lzma
 import math
 import pathlib
-import signal
 import sysconfig
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _checkpointing import (
+    RECORD_FILE,
+    STATE_FILE,
+    interrupts_deferred,
+    load_state,
+    read_record,
+    save_checkpoint,
+)
+from _tokenizers import BPETokenizer, ByteTokenizer
 from tqdm import tqdm
 
 import eqx_embed
@@ -62,6 +70,9 @@ RESUMABLE_SETTINGS = (
     "weight_decay",
     "eval_every",
 )
+# Settings a resumed run takes from the checkpoint unless given again.
+SAMPLING_SETTINGS = ("prompt", "num_samples", "sample_length", "temperature")
+DEFAULT_PROMPT = 'def read_config(path):\n    """'
 
 
 # --- Data -----------------------------------------------------------------------------
@@ -115,83 +126,6 @@ def split_documents(documents: list[bytes]) -> tuple[bytes, bytes]:
     train = [doc for i, doc in enumerate(documents) if i not in held_out_indices]
     held_out = [doc for i, doc in enumerate(documents) if i in held_out_indices]
     return b"\n".join(train), b"\n".join(held_out)
-
-
-class ByteTokenizer:
-    """Every byte is a token."""
-
-    kind = "byte"
-    vocab_size = 256
-
-    def encode(self, data: bytes) -> np.ndarray:
-        return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
-
-    def token_bytes(self, ids: np.ndarray) -> bytes:
-        return np.asarray(ids, dtype=np.uint8).tobytes()
-
-    def byte_lengths(self) -> np.ndarray:
-        return np.ones(self.vocab_size, dtype=np.int64)
-
-    def save(self, directory: pathlib.Path) -> None:
-        pass
-
-
-class BPETokenizer:
-    """A byte-level BPE from Hugging Face `tokenizers`, trained on the training text.
-
-    Byte-level: every token stands for a whole number of bytes of the input, so the
-    held-out loss converts exactly to bits per byte.
-    """
-
-    kind = "bpe"
-    filename = "tokenizer.json"
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self.vocab_size = tokenizer.get_vocab_size()
-
-    @classmethod
-    def train(cls, data: bytes, vocab_size: int) -> "BPETokenizer":
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-        tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tokenizer.train_from_iterator(_lines(data), trainer)
-        return cls(tokenizer)
-
-    @classmethod
-    def load(cls, directory: pathlib.Path) -> "BPETokenizer":
-        from tokenizers import Tokenizer
-
-        return cls(Tokenizer.from_file(str(directory / cls.filename)))
-
-    def save(self, directory: pathlib.Path) -> None:
-        self.tokenizer.save(str(directory / self.filename))
-
-    def encode(self, data: bytes) -> np.ndarray:
-        # Line by line, so that the Rust side encodes in parallel.
-        encodings = self.tokenizer.encode_batch(_lines(data))
-        return np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings])
-
-    def _token_strings(self) -> list[str]:
-        return [self.tokenizer.id_to_token(i) for i in range(self.vocab_size)]
-
-    def token_bytes(self, ids: np.ndarray) -> bytes:
-        return self.tokenizer.decode(np.asarray(ids).tolist()).encode()
-
-    def byte_lengths(self) -> np.ndarray:
-        # ByteLevel writes each byte of the input as one character of a token.
-        return np.array([len(token) for token in self._token_strings()])
-
-
-def _lines(data: bytes) -> list[str]:
-    return data.decode("utf-8", errors="replace").splitlines(keepends=True)
 
 
 def make_tokenizer(args: argparse.Namespace, train_bytes: bytes, out: pathlib.Path):
@@ -319,7 +253,8 @@ def held_out_bits_per_byte(model, windows, num_bytes: int, batch_size: int) -> f
 
 @eqx.filter_jit
 def sample_continuations(model, window, filled, keys, *, length, temperature):
-    """Samples `length` tokens after a prompt, once per key.
+    """Samples `length` tokens after a prompt, once per key (at `temperature` 0, the
+    likeliest token every time).
 
     `window` is a fixed-size buffer of the model's context length whose first `filled`
     tokens are the prompt. Each step runs the model over the whole window (causal
@@ -335,7 +270,10 @@ def sample_continuations(model, window, filled, keys, *, length, temperature):
             window, filled, sampled, key = state
             key, subkey = jax.random.split(key)
             logits = model(window)[filled - 1]
-            token = jax.random.categorical(subkey, logits / temperature)
+            if temperature == 0:  # Greedy: the likeliest token.
+                token = jnp.argmax(logits)
+            else:
+                token = jax.random.categorical(subkey, logits / temperature)
             token = token.astype(window.dtype)
             slid = jnp.roll(window, -1).at[-1].set(token)
             window = jnp.where(filled == size, slid, window.at[filled].set(token))
@@ -351,49 +289,54 @@ def sample_continuations(model, window, filled, keys, *, length, temperature):
 # --- Checkpoints and outputs ----------------------------------------------------------
 
 
-def save_checkpoint(out, model, optimiser_state, tokenizer, args, step, history):
-    """Model and optimiser state to `checkpoint.eqx`; the config, the settings, the
-    step and the history to `checkpoint.json`."""
-    eqx.tree_serialise_leaves(out / "checkpoint.eqx", (model, optimiser_state))
-    tokenizer.save(out)
-    settings = {name: getattr(args, name) for name in RESUMABLE_SETTINGS}
-    record = {
+def checkpoint_record(args: argparse.Namespace, model, history: dict) -> dict:
+    """What `checkpoint.json` keeps beside the step and the checksums."""
+    names = RESUMABLE_SETTINGS + SAMPLING_SETTINGS
+    return {
         "config": model.config.to_dict(),
-        "args": settings,
-        "step": step,
+        "args": {name: getattr(args, name) for name in names},
         "history": history,
     }
-    (out / "checkpoint.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def load_checkpoint(out, model, optimiser_state):
-    """The model, optimiser state, step and history saved in `out`; `model` and
-    `optimiser_state` give the structure to read into."""
-    record = json.loads((out / "checkpoint.json").read_text())
-    model, optimiser_state = eqx.tree_deserialise_leaves(
-        out / "checkpoint.eqx", (model, optimiser_state)
-    )
-    return model, optimiser_state, record["step"], record["history"]
-
-
-def resume_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Takes the run's settings from its checkpoint; a flag given now must agree."""
-    path = pathlib.Path(args.out) / "checkpoint.json"
-    if not path.exists():
-        raise SystemExit(f"--resume: no checkpoint at {path}.")
-    saved = json.loads(path.read_text())["args"]
-    for name, value in saved.items():
-        given = getattr(args, name)
-        if given != parser.get_default(name) and given != value:
+def resume_settings(args: argparse.Namespace, record: dict, path: pathlib.Path):
+    """Takes the run's settings from its checkpoint record `record` (read from `path`):
+    a training setting given now must agree; a sampling setting given now wins."""
+    saved = record.get("args", {})
+    missing = [
+        name for name in RESUMABLE_SETTINGS + SAMPLING_SETTINGS if name not in saved
+    ]
+    if missing:
+        raise SystemExit(f"--resume: {path} has no setting {', '.join(missing)}.")
+    for name in RESUMABLE_SETTINGS:
+        given, value = getattr(args, name), saved[name]
+        if name in args.given and given != value:
             flag = "--" + name.replace("_", "-")
             raise SystemExit(
                 f"--resume continues the run as it was started, with {flag} {value}; "
                 f"got {flag} {given}."
             )
         setattr(args, name, value)
+    for name in SAMPLING_SETTINGS:
+        if name not in args.given:
+            setattr(args, name, saved[name])
 
 
-def plot_history(history: dict, baselines: dict[str, float], path: pathlib.Path):
+def prompt_bytes(args: argparse.Namespace, held_out: bytes) -> bytes:
+    """`--prompt`, or by default a Python function header for the standard library
+    and, for `--text`, the start of the held-out text: its first non-blank line, at
+    most half a window long."""
+    if args.prompt is not None:
+        return args.prompt.encode()
+    if args.text is None:
+        return DEFAULT_PROMPT.encode()
+    first_line = held_out.lstrip().split(b"\n", 1)[0] or held_out
+    return first_line[: args.seq_len // 2]
+
+
+def plot_history(
+    history: dict, baselines: dict[str, float], path: pathlib.Path, title: str
+):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -406,13 +349,15 @@ def plot_history(history: dict, baselines: dict[str, float], path: pathlib.Path)
     smooth = np.convolve(train, np.ones(window) / window, mode="valid")
     axes.plot(steps, train, color="tab:blue", alpha=0.25, linewidth=0.8)
     axes.plot(steps[window - 1 :], smooth, color="tab:blue", label="train")
-    eval_steps, eval_bits = zip(*history["held_out"], strict=True)
-    axes.plot(eval_steps, eval_bits, "o-", color="tab:red", label="held out")
+    if history["held_out"]:  # None yet if the run stopped before its first one.
+        eval_steps, eval_bits = zip(*history["held_out"], strict=True)
+        axes.plot(eval_steps, eval_bits, "o-", color="tab:red", label="held out")
     for (name, bits), style in zip(baselines.items(), ("--", ":"), strict=False):
         axes.axhline(bits, color="gray", linestyle=style, label=f"{name} (held out)")
+    axes.set_title(title)
     axes.set_xlabel("step")
     axes.set_ylabel("bits per byte")
-    axes.set_ylim(0, min(8.5, float(np.max(train)) + 0.5))
+    axes.set_ylim(0, min(8.5, float(np.max(train, initial=0.0)) + 0.5))
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -420,7 +365,52 @@ def plot_history(history: dict, baselines: dict[str, float], path: pathlib.Path)
     plt.close(figure)
 
 
-# --- Main -----------------------------------------------------------------------------
+# --- Command line ---------------------------------------------------------------------
+
+
+def integer(minimum: int):
+    """An argparse type: an integer of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {minimum}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def number(minimum: float, *, inclusive: bool):
+    """An argparse type: a finite float above `minimum` (or equal to it, if
+    `inclusive`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (
+            math.isfinite(value) and (value > minimum or inclusive and value == minimum)
+        ):
+            bound = ">=" if inclusive else ">"
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number {bound} {minimum}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def non_empty(text: str) -> str:
+    """An argparse type: a non-empty string."""
+    if not text:
+        raise argparse.ArgumentTypeError(f"expected a non-empty string, got {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -431,54 +421,95 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add(
         "--text",
-        default=None,
-        help="a file or directory to learn from "
-        "(default: the Python standard library's top-level modules)",
+        help="a file or directory to learn from; "
+        "None: the Python standard library's top-level modules",
     )
-    add("--tokenizer", choices=("byte", "bpe"), default="byte")
-    add("--vocab-size", type=int, default=1024, help="BPE vocabulary size")
+    add(
+        "--tokenizer",
+        choices=("byte", "bpe"),
+        default="byte",
+        help="bytes, or a byte-level BPE trained on the training text first",
+    )
+    add("--vocab-size", type=integer(256), default=1024, help="BPE vocabulary size")
     add(
         "--train-bytes",
-        type=int,
+        type=integer(1),
         default=4_000_000,
-        help="at most this much text trains (the first documents)",
+        help="at most this much text trains, from the first documents on",
     )
-    add("--eval-bytes", type=int, default=65_536, help="held-out bytes scored")
-    add("--seed", type=int, default=0)
-    add("--steps", type=int, default=1700)
-    add("--batch-size", type=int, default=32)
-    add("--seq-len", type=int, default=64)
-    add("--hidden-size", type=int, default=96)
-    add("--intermediate-size", type=int, default=288)
-    add("--num-layers", type=int, default=2)
-    add("--num-heads", type=int, default=4)
-    add("--num-kv-heads", type=int, default=2)
-    add("--learning-rate", type=float, default=1e-2)
-    add("--warmup-steps", type=int, default=50)
-    add("--weight-decay", type=float, default=0.1)
-    add("--eval-every", type=int, default=850)
+    add("--eval-bytes", type=integer(1), default=65_536, help="held-out bytes scored")
+    add("--seed", type=integer(0), default=0, help="seeds model, batches, samples")
+    add("--steps", type=integer(1), default=1700, help="training steps in all")
+    add("--batch-size", type=integer(1), default=32, help="windows per step")
+    add("--seq-len", type=integer(2), default=64, help="tokens per window")
+    add("--hidden-size", type=integer(1), default=96, help="model width")
+    add("--intermediate-size", type=integer(1), default=288, help="MLP width")
+    add("--num-layers", type=integer(1), default=2, help="transformer blocks")
+    add("--num-heads", type=integer(1), default=4, help="query heads")
+    add("--num-kv-heads", type=integer(1), default=2, help="key/value heads")
+    positive = number(0, inclusive=False)
+    add("--learning-rate", type=positive, default=1e-2, help="peak learning rate")
+    add(
+        "--warmup-steps",
+        type=integer(0),
+        default=50,
+        help="linear warmup steps, at most half of --steps",
+    )
+    non_negative = number(0, inclusive=True)
+    add("--weight-decay", type=non_negative, default=0.1, help="AdamW weight decay")
+    add(
+        "--eval-every",
+        type=integer(1),
+        default=850,
+        help="steps between held-out evaluations (and one at the end)",
+    )
     add("--out", default="runs/tiny_lm", help="output directory")
     add("--resume", action="store_true", help="continue the run saved in --out")
     add(
         "--stop-after",
-        type=int,
-        default=None,
-        help="stop (and checkpoint) after "
-        "this many steps in all, keeping the schedule of --steps",
+        type=integer(1),
+        help="stop (and checkpoint) after this many steps in all, keeping the "
+        "schedule of --steps; None: run them all",
     )
-    add("--prompt", default='def read_config(path):\n    """')
-    add("--num-samples", type=int, default=3)
-    add("--sample-length", type=int, default=200, help="new tokens per sample")
-    add("--temperature", type=float, default=0.7)
+    add(
+        "--prompt",
+        type=non_empty,
+        help="the text the samples continue; None: a Python function header, or "
+        "with --text the start of the held-out text",
+    )
+    add("--num-samples", type=integer(1), default=3, help="samples printed")
+    add("--sample-length", type=integer(1), default=200, help="new tokens per sample")
+    add(
+        "--temperature",
+        type=non_negative,
+        default=0.7,
+        help="sampling temperature; 0 takes the likeliest token",
+    )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line's settings; `given` is the set of those given explicitly,
+    even at their default value (which `--resume` must not take for absent)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # argparse fills in a default only where the namespace has no value yet.
+    unset = object()
+    probe = argparse.Namespace(**dict.fromkeys(vars(args), unset))
+    probe = parser.parse_args(argv, probe)
+    args.given = {name for name, value in vars(probe).items() if value is not unset}
+    return args
+
+
+# --- Main -----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
     out = pathlib.Path(args.out)
     if args.resume:
-        resume_settings(args, parser)
+        record = read_record(out)
+        resume_settings(args, record, out / RECORD_FILE)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -514,10 +545,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     history = {"train_loss": [], "train_bits_per_byte": [], "held_out": []}
     step = 0
     if args.resume:
-        model, optimiser_state, step, history = load_checkpoint(
-            out, model, optimiser_state
-        )
-        print(f"resumed from {out / 'checkpoint.eqx'} at step {step}")
+        model, optimiser_state = load_state(out, model, optimiser_state, record)
+        step, history = record["step"], record["history"]
+        print(f"resumed from {out / STATE_FILE} at step {step}")
     num_params = sum(
         leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
     )
@@ -536,48 +566,61 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tokens_per_step = args.batch_size * args.seq_len
     bar = tqdm(total=args.steps, initial=step, unit="step", dynamic_ncols=True)
     train_seconds = 0.0
-    # Ctrl-C ends the run after the current step, which then checkpoints as usual.
-    interrupted = []
-    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    while step < stop and not interrupted:
-        step_started = time.perf_counter()
-        tokens, targets = batch_at(
+    # Ctrl-C ends the run after the current step, which then checkpoints as usual;
+    # one during the save waits for the save to finish.
+    with interrupts_deferred() as interrupted:
+        while step < stop and not interrupted:
+            step_started = time.perf_counter()
+            tokens, targets = batch_at(
+                step,
+                train_stream,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+            )
+            model, optimiser_state, loss = train_step(
+                model, optimiser_state, tokens, targets
+            )
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise SystemExit(
+                    f"step {step + 1}: the training loss is {loss}; stopped without "
+                    f"saving, so {out} keeps its checkpoint, if any. Try a lower "
+                    f"--learning-rate than {args.learning_rate}."
+                )
+            if bar.n > bar.initial:  # The first step of a process compiles: not timed.
+                train_seconds += time.perf_counter() - step_started
+                rate = (bar.n - bar.initial) * tokens_per_step / train_seconds
+                bar.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{rate:,.0f}")
+            step += 1
+            bar.update()
+            history["train_loss"].append(loss)
+            history["train_bits_per_byte"].append(
+                loss * tokens_per_step / math.log(2) / int(byte_lengths[targets].sum())
+            )
+            if step % args.eval_every == 0 or step == args.steps:
+                evaluate(step)
+        bar.close()
+        if interrupted:
+            print(f"interrupted at step {step}: --resume continues from here")
+        save_checkpoint(
+            out,
+            model,
+            optimiser_state,
             step,
-            train_stream,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
+            checkpoint_record(args, model, history),
+            tokenizer.side_files(),
         )
-        model, optimiser_state, loss = train_step(
-            model, optimiser_state, tokens, targets
-        )
-        loss = float(loss)
-        if bar.n > bar.initial:  # The first step of a process compiles: not timed.
-            train_seconds += time.perf_counter() - step_started
-            rate = (bar.n - bar.initial) * tokens_per_step / train_seconds
-            bar.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{rate:,.0f}")
-        step += 1
-        bar.update()
-        history["train_loss"].append(loss)
-        history["train_bits_per_byte"].append(
-            loss * tokens_per_step / math.log(2) / int(byte_lengths[targets].sum())
-        )
-        if step % args.eval_every == 0 or step == args.steps:
-            evaluate(step)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    if interrupted:
-        tqdm.write(f"interrupted at step {step}: --resume continues from here")
-    bar.close()
-
-    save_checkpoint(out, model, optimiser_state, tokenizer, args, step, history)
-    plot_history(history, baselines, out / "loss.png")
+    source = "the Python standard library" if args.text is None else args.text
+    title = (
+        f"{num_params:,}-parameter TransformerLM on {source} ({tokenizer.kind} tokens)"
+    )
+    plot_history(history, baselines, out / "loss.png", title)
     print(
         f"wrote {out / 'checkpoint.eqx'}, {out / 'checkpoint.json'}, {out / 'loss.png'}"
     )
 
-    prompt = tokenizer.encode(args.prompt.encode())[-(args.seq_len - 1) :]
-    if not len(prompt):
-        raise SystemExit("--prompt must not be empty: sampling continues it.")
+    prompt = tokenizer.encode(prompt_bytes(args, held_out_bytes))[-(args.seq_len - 1) :]
     window = np.zeros(args.seq_len, dtype=np.int32)
     window[: len(prompt)] = prompt
     samples = sample_continuations(

@@ -6,7 +6,7 @@ Weights travel as a flat dict keyed by the model's attribute paths
 as `TransformerLM` keeps them.
 """
 
-import json
+import os
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -16,7 +16,13 @@ import numpy as np
 
 from ..models._config import TransformerConfig
 from ._config_json import config_from_huggingface, config_to_huggingface
-from ._safetensors import checkpoint_files, read_safetensors
+from ._safetensors import (
+    CONFIG_NAME,
+    checkpoint_files,
+    read_json,
+    read_safetensors,
+    write_checkpoint_files,
+)
 
 
 def _huggingface_name(name: str, config: TransformerConfig) -> str | list[str]:
@@ -100,15 +106,23 @@ def read_config(
 ) -> TransformerConfig:
     """The [`TransformerConfig`][eqx_embed.TransformerConfig] of the `config.json` in
     the checkpoint directory `path`."""
-    config_file = pathlib.Path(path) / "config.json"
-    if not config_file.exists():
-        raise ValueError(f"{path} has no config.json.")
-    return config_from_huggingface(
-        json.loads(config_file.read_text()),
-        param_dtype=param_dtype,
-        activation_dtype=activation_dtype,
-        out_of_range=out_of_range,
-    )
+    config_file = pathlib.Path(path) / CONFIG_NAME
+    if not os.path.lexists(config_file):
+        raise ValueError(f"{path} has no {CONFIG_NAME}.")
+    values = read_json(config_file)
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"{config_file} holds a JSON {type(values).__name__}, not an object."
+        )
+    try:
+        return config_from_huggingface(
+            values,
+            param_dtype=param_dtype,
+            activation_dtype=activation_dtype,
+            out_of_range=out_of_range,
+        )
+    except ValueError as error:
+        raise ValueError(f"{config_file}: {error}") from error
 
 
 def read_weights(
@@ -135,6 +149,13 @@ def read_weights(
         for name, array in read_safetensors(file).items():
             if name in tensors:
                 raise ValueError(f"{name} is stored twice in {directory}.")
+            if not name.endswith(_RECOMPUTED_SUFFIXES) and not jnp.issubdtype(
+                array.dtype, jnp.floating
+            ):
+                raise ValueError(
+                    f"{file} stores {name} as {array.dtype}; a weight must be stored "
+                    "as a floating-point type (F16, BF16, F32 or F64)."
+                )
             tensors[name] = array
     for name in [n for n in tensors if n.endswith(_RECOMPUTED_SUFFIXES)]:
         del tensors[name]
@@ -152,8 +173,8 @@ def read_weights(
         missing = [n for n in hf_names if n not in tensors]
         if missing:
             raise ValueError(
-                f"The checkpoint has no {missing[0]} (for the model's {name}), which "
-                "its config implies."
+                f"The checkpoint in {directory} has no {missing[0]} (for the model's "
+                f"{name}), which its config implies."
             )
         layers = [tensors.pop(n) for n in hf_names]
         arrays[name] = np.stack(layers) if isinstance(hf_name, list) else layers[0]
@@ -164,8 +185,8 @@ def read_weights(
         )
     if tensors:
         raise ValueError(
-            "The checkpoint has weights that its config does not imply, which this "
-            f"model would ignore: {sorted(tensors)}."
+            f"The checkpoint in {directory} has weights that its config does not "
+            f"imply, which this model would ignore: {sorted(tensors)}."
         )
     return arrays
 
@@ -175,7 +196,8 @@ def write_checkpoint(
     config: TransformerConfig,
     arrays: Mapping[str, Any],
 ) -> None:
-    """Writes `config.json` and `model.safetensors` to the directory `path`.
+    """Writes `model.safetensors` and `config.json` to the directory `path`,
+    replacing any checkpoint there (sharded or not) and leaving other files.
 
     **Arguments:**
 
@@ -185,8 +207,6 @@ def write_checkpoint(
         returns them. bfloat16 weights are written as float32 (exactly; safetensors'
         NumPy API has no bfloat16), with `"dtype": "bfloat16"` in `config.json`.
     """
-    from safetensors.numpy import save_file
-
     values = config_to_huggingface(config)
     tensors: dict[str, np.ndarray] = {}
     for name, array in arrays.items():
@@ -201,8 +221,5 @@ def write_checkpoint(
     if config.spec.weight_names.fused_qkv:
         _fuse_qkv(tensors, config)
     _transpose_conv1d(tensors, config)
-    directory = pathlib.Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(values, indent=2) + "\n")
+    write_checkpoint_files(pathlib.Path(path), tensors, values)

@@ -37,8 +37,8 @@ def load_transformer(
         array = arrays[name]
         if array.shape != want.shape:
             raise ValueError(
-                f"The checkpoint's weight for {name} has shape {array.shape}, but "
-                f"its config implies {want.shape}."
+                f"{path}: the checkpoint's weight for {name} has shape "
+                f"{array.shape}, but its config implies {want.shape}."
             )
         leaves.append(jnp.asarray(array, dtype=want.dtype))
     parts = jax.tree.unflatten(jax.tree.structure(skeleton), leaves)

@@ -1,46 +1,309 @@
-"""Reading and writing `*.safetensors` files with NumPy alone."""
+"""The files of a Hugging Face checkpoint directory (`*.safetensors`,
+`model.safetensors.index.json`, `config.json`) read and written with NumPy alone.
+
+Readers trust nothing in the files: they open regular files only (a FIFO or a device
+would block or never end), take shards only from the checkpoint directory, bound what
+they parse before reading it, and check a safetensors header's every field against the
+file before reading a tensor, so that a bad file raises one `ValueError` naming it.
+Writers write each file to a temporary name and `os.replace` it, so that a directory
+holds exactly one checkpoint, whole or (after a crash) without `config.json`.
+"""
 
 import json
+import math
+import os
 import pathlib
+import secrets
+import stat
 import struct
+from collections.abc import Mapping
+from typing import Any, BinaryIO
 
 import jax.numpy as jnp
 import numpy as np
 
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+# safetensors' own bound on a header (MAX_HEADER_SIZE in safetensors/src/tensor.rs),
+# also applied to the JSON files of a checkpoint.
+MAX_HEADER_SIZE = 100_000_000
+
+_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(jnp.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype(bool),
+}
+
+
+def _open_regular_file(file: pathlib.Path) -> BinaryIO:
+    """`file` opened for reading, if it is (or links to) a regular file."""
+    try:
+        mode = os.stat(file).st_mode
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{file} cannot be read: {error}.") from error
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{file} is not a regular file.")
+    # Should the file be swapped for a FIFO after the check, opening it does not block
+    # either, and the second check refuses it.
+    try:
+        descriptor = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise ValueError(f"{file} cannot be read: {error}.") from error
+    handle = os.fdopen(descriptor, "rb")
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        handle.close()
+        raise ValueError(f"{file} is not a regular file.")
+    return handle
+
+
+def _parse_json(text: bytes, file: pathlib.Path, what: str) -> Any:
+    try:
+        return json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as error:
+        # ValueError covers UnicodeDecodeError and json.JSONDecodeError.
+        raise ValueError(
+            f"{file}: {what} is not valid UTF-8 JSON ({error})."
+        ) from error
+
+
+def read_json(file: pathlib.Path) -> Any:
+    """The JSON value in `file`, of at most `MAX_HEADER_SIZE` bytes."""
+    with _open_regular_file(file) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > MAX_HEADER_SIZE:
+            raise ValueError(
+                f"{file} is {size} bytes long; a checkpoint's JSON file may be at "
+                f"most {MAX_HEADER_SIZE} bytes."
+            )
+        # Not read(MAX_HEADER_SIZE): that would allocate the whole bound up front.
+        text = handle.read(size)
+    return _parse_json(text, file, "the file")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_layout(
+    header: Any, data_size: int, file: pathlib.Path
+) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
+    """Each tensor's dtype, shape and byte range in the data section, after checking
+    the header as safetensors does: known fields, sizes that agree with the shapes,
+    and ranges that tile the data section exactly."""
+
+    def invalid(problem: str) -> ValueError:
+        return ValueError(f"{file} is not a valid safetensors file: {problem}.")
+
+    if not isinstance(header, dict):
+        raise invalid(f"its header is a JSON {type(header).__name__}, not an object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(value, str) for value in metadata.values()
+    ):
+        raise invalid("its __metadata__ must map strings to strings")
+    layout = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise invalid(f"the entry of {name!r} is not a JSON object")
+        dtype, shape, offsets = (
+            entry.get(key) for key in ("dtype", "shape", "data_offsets")
+        )
+        if not isinstance(dtype, str):
+            raise invalid(f"{name!r} has dtype {dtype!r}, not a string")
+        if dtype not in _DTYPES:
+            raise invalid(
+                f"{name!r} has the unsupported dtype {dtype!r} (supported: "
+                f"{', '.join(_DTYPES)})"
+            )
+        if not isinstance(shape, list) or not all(map(_is_count, shape)):
+            raise invalid(
+                f"{name!r} has shape {shape!r}, not a list of non-negative integers"
+            )
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(map(_is_count, offsets))
+            or offsets[0] > offsets[1]
+        ):
+            raise invalid(
+                f"{name!r} has data_offsets {offsets!r}, not two increasing "
+                "non-negative integers"
+            )
+        start, end = offsets
+        size = math.prod(shape) * _DTYPES[dtype].itemsize
+        if end - start != size:
+            raise invalid(
+                f"{name!r} has {end - start} bytes of data, but its shape {shape} of "
+                f"{dtype} needs {size}"
+            )
+        layout[name] = (_DTYPES[dtype], tuple(shape), start, end)
+    covered = 0
+    for name, (_, _, start, end) in sorted(
+        layout.items(), key=lambda item: item[1][2:]
+    ):
+        if start != covered:
+            raise invalid(
+                f"the data of {name!r} starts at byte {start} of the data section, "
+                f"not at {covered} where the previous tensor ends"
+            )
+        covered = end
+    if covered != data_size:
+        raise invalid(
+            f"its tensors cover {covered} bytes, but the data section after the "
+            f"header holds {data_size}"
+        )
+    return layout
+
 
 def read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
-    """All tensors of one `.safetensors` file as NumPy arrays. bfloat16, which
-    safetensors' NumPy API cannot return, is read from the file's raw bytes (the
-    format is a JSON header followed by the tensors, little-endian)."""
-    from safetensors import safe_open
-
-    with open(file, "rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_size))
-    header.pop("__metadata__", None)
-    bfloat16 = {name for name, entry in header.items() if entry["dtype"] == "BF16"}
-    tensors: dict[str, np.ndarray] = {}
-    with safe_open(file, framework="numpy") as handle:
-        for name in header.keys() - bfloat16:
-            tensors[name] = handle.get_tensor(name)
-    if bfloat16:
-        data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_size)
-        for name in bfloat16:
-            start, end = header[name]["data_offsets"]
-            tensors[name] = (
-                np.frombuffer(data[start:end], dtype="<u2")
-                .view(jnp.bfloat16)
-                .reshape(header[name]["shape"])
+    """All tensors of one `.safetensors` file as NumPy arrays (bfloat16 ones too,
+    which safetensors' NumPy API cannot return). The format is an 8-byte little-endian
+    header length, a JSON header, then the tensors' bytes, little-endian."""
+    with _open_regular_file(file) as handle:
+        file_size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(
+                f"{file} is not a valid safetensors file: it is {len(prefix)} bytes "
+                "long, too short for the 8-byte header length."
             )
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > MAX_HEADER_SIZE:
+            raise ValueError(
+                f"{file} is not a valid safetensors file: its header length, "
+                f"{header_size} bytes, exceeds safetensors' limit of "
+                f"{MAX_HEADER_SIZE}."
+            )
+        if header_size > file_size - 8:
+            raise ValueError(
+                f"{file} is not a valid safetensors file: its header length, "
+                f"{header_size} bytes, runs past the end of the file "
+                f"({file_size} bytes)."
+            )
+        header = _parse_json(handle.read(header_size), file, "the safetensors header")
+        layout = _tensor_layout(header, file_size - 8 - header_size, file)
+        tensors = {}
+        for name, (dtype, shape, start, end) in layout.items():
+            handle.seek(8 + header_size + start)
+            data = bytearray(end - start)
+            if handle.readinto(data) != len(data):
+                raise ValueError(f"{file} ended while {name!r} was read.")
+            tensors[name] = np.frombuffer(data, dtype).reshape(shape)
     return tensors
 
 
+def _is_file_name(entry: str) -> bool:
+    return entry not in ("", ".", "..") and not any(c in entry for c in "/\\\0")
+
+
+def _weight_map(index: pathlib.Path) -> dict[str, str]:
+    """The `weight_map` of `index`, from weight names to file names in its directory."""
+    values = read_json(index)
+    weight_map = values.get("weight_map") if isinstance(values, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(value, str) for value in weight_map.values()
+    ):
+        raise ValueError(
+            f"{index} must hold a JSON object whose 'weight_map' maps each weight "
+            "name to the name of the file that holds it."
+        )
+    for entry in weight_map.values():
+        if not _is_file_name(entry):
+            raise ValueError(
+                f"{index} lists the weight file {entry!r}, which is not a file name: "
+                f"the files must lie in {index.parent} itself."
+            )
+    return weight_map
+
+
 def checkpoint_files(directory: pathlib.Path) -> list[pathlib.Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{directory} has no *.safetensors files.")
-    return files
+    """The weight files of the checkpoint in `directory`: `model.safetensors` if it
+    is there (as transformers prefers it too), else the shards that
+    `model.safetensors.index.json` lists."""
+    if os.path.lexists(directory / WEIGHTS_NAME):
+        return [directory / WEIGHTS_NAME]
+    index = directory / INDEX_NAME
+    if not os.path.lexists(index):
+        raise ValueError(f"{directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME}.")
+    return [directory / name for name in sorted(set(_weight_map(index).values()))]
+
+
+def _replaced_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    """The index and shards of a sharded checkpoint in `directory`, index first. Only
+    `*.safetensors` files the index lists count as shards, so that an index cannot
+    name other files for removal; an index that cannot be read is replaced alone."""
+    index = directory / INDEX_NAME
+    if not os.path.lexists(index):
+        return []
+    try:
+        listed = set(_weight_map(index).values())
+    except ValueError:
+        listed = set()
+    shards = [
+        directory / name
+        for name in sorted(listed - {WEIGHTS_NAME})
+        if name.endswith(".safetensors") and os.path.lexists(directory / name)
+    ]
+    return [index, *shards]
+
+
+def _temporary_file(directory: pathlib.Path, name: str) -> pathlib.Path:
+    """A new empty file beside `directory / name`, with the permissions that the
+    umask gives a new file."""
+    path = directory / f".{name}.{secrets.token_hex(8)}.tmp"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return path
+
+
+def _sync(path: pathlib.Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_checkpoint_files(
+    directory: pathlib.Path,
+    tensors: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+) -> None:
+    """Writes `model.safetensors` and then `config.json` to `directory`, replacing
+    the checkpoint there: its `model.safetensors`, or its index and the shards the
+    index lists. Other files stay. Each file is written whole to a temporary name
+    first; the old `config.json` goes before any old weight file, so a crash leaves
+    either a complete checkpoint or one that has no `config.json`, never a mix."""
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = {
+        name: _temporary_file(directory, name) for name in (WEIGHTS_NAME, CONFIG_NAME)
+    }
+    try:
+        save_file(dict(tensors), temporary[WEIGHTS_NAME], metadata={"format": "pt"})
+        temporary[CONFIG_NAME].write_text(json.dumps(config, indent=2) + "\n")
+        for path in temporary.values():
+            _sync(path)
+        for old in [directory / CONFIG_NAME, *_replaced_files(directory)]:
+            old.unlink(missing_ok=True)
+        for name, path in temporary.items():
+            os.replace(path, directory / name)
+    finally:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+    if os.name == "posix":
+        _sync(directory)

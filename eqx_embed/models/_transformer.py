@@ -437,7 +437,10 @@ class TransformerLM(eqx.Module):
 
         **Arguments:**
 
-        - `path`: the directory, created if needed.
+        - `path`: the directory, created if needed. A checkpoint already there
+            (`model.safetensors`, or a sharded one's index and shards) is replaced;
+            other files stay. Each file is written to a temporary name and renamed,
+            `config.json` last.
         """
         from ..huggingface import save_transformer
 
