@@ -11,7 +11,7 @@ from ._contracts import check_positive, checked
 from ._embedding import Initializer, TokenId
 from ._indices import OutOfRange, check_indices, check_policy, gather_rows
 from ._numerics import default_float_dtype
-from ._rope import TablesPerLength, as_bits
+from ._tables import TablesPerLength, as_bits
 
 
 def _position_row(table, position, *, max_seq_len, out_of_range):
