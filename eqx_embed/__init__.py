@@ -15,6 +15,7 @@ from .models import (
 from .nn import (
     Embedding as Embedding,
     EmbeddingDecode as EmbeddingDecode,
+    EmbeddingOptions as EmbeddingOptions,
     Initializer as Initializer,
     OutOfRange as OutOfRange,
     PositionEmbedding as PositionEmbedding,

@@ -87,6 +87,9 @@ def _transpose_conv1d(
         tensors[name] = tensors[name].T
 
 
+# The model's name of the decode head, which a tied model does not have.
+UNTIED_HEAD = "embedding.reverse_embedding.weight"
+
 # Buffers that old checkpoints saved and that transformers recomputes.
 _RECOMPUTED_SUFFIXES = (
     ".rotary_emb.inv_freq",
@@ -141,7 +144,9 @@ def read_weights(
 
     A dict from each of `names` to a NumPy array, the layers of block weights stacked
     along a leading axis. A weight missing from the files, or one in the files that
-    the model has no place for, raises a `ValueError` naming it.
+    the model has no place for, raises a `ValueError` naming it. A tied config whose
+    files also store a decode head that differs from the embedding: that head as
+    well, under `UNTIED_HEAD`.
     """
     directory = pathlib.Path(path)
     tensors: dict[str, np.ndarray] = {}
@@ -179,10 +184,13 @@ def read_weights(
         layers = [tensors.pop(n) for n in hf_names]
         arrays[name] = np.stack(layers) if isinstance(hf_name, list) else layers[0]
     if config.tie_word_embeddings:
-        # transformers ties the decode to the embedding and ignores a stored copy.
-        tensors.pop(
-            _huggingface_name("embedding.reverse_embedding.weight", config), None
-        )
+        head = tensors.pop(_huggingface_name(UNTIED_HEAD, config), None)
+        # A copy of the embedding is the tied head; a different head is returned too,
+        # to be loaded untied, as transformers does: never dropped.
+        if head is not None and not np.array_equal(
+            head, arrays["embedding.embedding.weight"]
+        ):
+            arrays[UNTIED_HEAD] = head
     if tensors:
         raise ValueError(
             f"The checkpoint in {directory} has weights that its config does not "

@@ -1,6 +1,8 @@
 """`TransformerLM` from and to a Hugging Face checkpoint directory."""
 
+import dataclasses
 import pathlib
+import warnings
 
 import equinox as eqx
 import jax
@@ -9,7 +11,7 @@ from jaxtyping import DTypeLike
 
 from ..models._transformer import TransformerLM, _named_leaves, _random_parts
 from ..nn._indices import OutOfRange
-from ._checkpoint import read_config, read_weights, write_checkpoint
+from ._checkpoint import UNTIED_HEAD, read_config, read_weights, write_checkpoint
 
 
 def load_transformer(
@@ -32,6 +34,17 @@ def load_transformer(
     skeleton = eqx.filter_eval_shape(_random_parts, config, jax.random.key(0))
     names = _named_leaves(skeleton)
     arrays = read_weights(path, config, list(names))
+    if config.tie_word_embeddings and UNTIED_HEAD in arrays:
+        # transformers 5 loads such a checkpoint untied, warning as here.
+        warnings.warn(
+            f"{path}: config.json has tie_word_embeddings=true, but the files store a "
+            "decode head that differs from the embedding; it is loaded untied, as "
+            "transformers does.",
+            stacklevel=3,
+        )
+        config = dataclasses.replace(config, tie_word_embeddings=False)
+        skeleton = eqx.filter_eval_shape(_random_parts, config, jax.random.key(0))
+        names = _named_leaves(skeleton)
     leaves = []
     for name, want in names.items():
         array = arrays[name]

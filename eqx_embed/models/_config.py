@@ -1,9 +1,8 @@
 """The static description of a decoder-only transformer: `TransformerConfig`."""
 
 import dataclasses
-import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +30,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
-
-NORMS: tuple[NormKind, ...] = typing.get_args(NormKind)
-POSITION_KINDS: tuple[PositionKind, ...] = typing.get_args(PositionKind)
+NORMS: tuple[NormKind, ...] = get_args(NormKind)
+POSITION_KINDS: tuple[PositionKind, ...] = get_args(PositionKind)
 
 # The fields a family presets when they are left None.
 _PRESET_FIELDS = tuple(field.name for field in dataclasses.fields(Presets))
@@ -363,8 +361,9 @@ class TransformerConfig:
 
     @property
     def spec(self) -> FamilySpec:
-        """The family's [spec](../guides/huggingface.md#adding-a-family): its presets
-        and Hugging Face names."""
+        """The family's spec: its presets and Hugging Face names (the
+        [Hugging Face guide](../guides/huggingface.md#families-and-adding-one) lists
+        what a spec holds)."""
         return family_spec(self.family)
 
     @property

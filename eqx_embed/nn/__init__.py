@@ -5,6 +5,7 @@ embeddings (learned, sinusoidal and rotary). Imports nothing from `eqx_embed.mod
 from ._decode import EmbeddingDecode as EmbeddingDecode
 from ._embedding import (
     Embedding as Embedding,
+    EmbeddingOptions as EmbeddingOptions,
     Initializer as Initializer,
     default_embedding_init as default_embedding_init,
 )

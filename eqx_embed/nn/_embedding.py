@@ -1,5 +1,5 @@
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import equinox as eqx
 import jax
@@ -53,6 +53,20 @@ def default_embedding_init(
 
 def _canonical_dtype(dtype: DTypeLike | None) -> jnp.dtype | None:
     return None if dtype is None else jnp.dtype(dtype)
+
+
+class EmbeddingOptions(TypedDict, total=False):
+    """The keyword arguments of [`Embedding`][eqx_embed.Embedding] besides the table
+    and the key, as a `TypedDict`: what
+    [`ReversibleEmbedding`][eqx_embed.ReversibleEmbedding] takes as
+    `**embedding_options` and passes on to its lookup table unchanged. Each is
+    documented on `Embedding.__init__`."""
+
+    dtype: DTypeLike | None
+    param_dtype: DTypeLike | None
+    init: Initializer
+    padding_idx: int | None
+    out_of_range: OutOfRange
 
 
 class Embedding(eqx.Module):

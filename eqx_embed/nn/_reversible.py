@@ -1,6 +1,6 @@
 import functools
 from collections.abc import Callable
-from typing import TypedDict, Unpack
+from typing import Unpack
 
 import equinox as eqx
 import jax
@@ -9,20 +9,7 @@ from jaxtyping import Array, DTypeLike, Float, PRNGKeyArray
 
 from ._contracts import checked
 from ._decode import EmbeddingDecode
-from ._embedding import Embedding, Initializer, TokenId
-from ._indices import OutOfRange
-
-
-class EmbeddingOptions(TypedDict, total=False):
-    """The keyword arguments of [`Embedding`][eqx_embed.Embedding] besides the table
-    and the key, which [`ReversibleEmbedding`][eqx_embed.ReversibleEmbedding] passes on
-    to its lookup table unchanged."""
-
-    dtype: DTypeLike | None
-    param_dtype: DTypeLike | None
-    init: Initializer
-    padding_idx: int | None
-    out_of_range: OutOfRange
+from ._embedding import Embedding, EmbeddingOptions, TokenId
 
 
 def _on_the_decoder(method: Callable) -> Callable:

@@ -57,7 +57,7 @@ def default_inverse_frequencies(rotary_dim: int, theta: float) -> np.ndarray:
 
 def _number(parameters: Mapping[str, Any], name: str, rope_type: str) -> float:
     value = parameters[name]
-    check_positive(f"scaling[{name!r}] (for rope_type {rope_type!r})", value)
+    check_positive(f"rope_type {rope_type!r}'s scaling[{name!r}]", value)
     return float(value)
 
 

@@ -465,12 +465,12 @@ def test_error_policy_passes_valid_targets_under_jit():
         (
             lambda m, h, t: m.cross_entropy(h, t, block_size=0),
             ValueError,
-            "block_size must be positive, got 0",
+            "block_size must be a positive integer, got 0",
         ),
         (
             lambda m, h, t: m.log_sum_exp(h, block_size=-4),
             ValueError,
-            "block_size must be positive, got -4",
+            "block_size must be a positive integer, got -4",
         ),
         (
             lambda m, h, t: m.cross_entropy(h, t, z_loss=-1.0),
@@ -501,5 +501,5 @@ def test_reversible_embedding_methods_check_shapes_too():
         model.cross_entropy(hidden[:, :3], targets)
     with pytest.raises(jaxtyping.TypeCheckError):
         model.cross_entropy(hidden, targets[:4])
-    with pytest.raises(ValueError, match="block_size must be positive"):
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
         model.log_sum_exp(hidden, block_size=0)

@@ -89,9 +89,13 @@ def test_decode_reads_the_embedding_leaf_and_equals_attend():
 @pytest.mark.parametrize("cap", [0.0, -1.0, float("nan")])
 def test_decode_rejects_non_positive_soft_cap(cap):
     embedding = eqx_embed.Embedding(4, 3, key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"logit_soft_cap must be positive, got"):
+    with pytest.raises(
+        ValueError, match=r"logit_soft_cap must be a positive finite number, got"
+    ):
         eqx_embed.EmbeddingDecode(embedding, logit_soft_cap=cap)
-    with pytest.raises(ValueError, match=r"logit_soft_cap must be positive, got"):
+    with pytest.raises(
+        ValueError, match=r"logit_soft_cap must be a positive finite number, got"
+    ):
         eqx_embed.ReversibleEmbedding(4, 3, logit_soft_cap=cap, key=jax.random.key(0))
 
 

@@ -114,8 +114,14 @@ KEY = jax.random.key(0)
     ("kwargs", "message"),
     [
         (dict(num_embeddings=4, embedding_size=3), r"either `weight=...`.*key=None"),
-        (dict(num_embeddings=0, embedding_size=3, key=KEY), r"num_embeddings=0"),
-        (dict(num_embeddings=4, embedding_size=-1, key=KEY), r"embedding_size=-1"),
+        (
+            dict(num_embeddings=0, embedding_size=3, key=KEY),
+            r"num_embeddings must be a positive integer, got 0",
+        ),
+        (
+            dict(num_embeddings=4, embedding_size=-1, key=KEY),
+            r"embedding_size must be a positive integer, got -1",
+        ),
         # Caught by the annotation when jaxtyping's import hook instruments the package
         # (as in this test suite), by the ValueError on a default install.
         (dict(weight=jnp.ones(4)), r"(?s)weight.*(got shape \(4,\)|f32\[4\])"),

@@ -358,7 +358,7 @@ def test_yarn_attention_factor_formulas():
         ),
         ({"rope_theta": 500.0}, r"rope_theta'\]=500.0 disagrees with theta=10000.0"),
         ({"partial_rotary_factor": 0.5}, "rotary_dim=8 disagrees with"),
-        ({"partial_rotary_factor": "half"}, "must be a positive number"),
+        ({"partial_rotary_factor": "half"}, "must be a positive finite number"),
     ],
 )
 def test_bad_scaling_is_a_clear_error(scaling, message):

@@ -146,11 +146,15 @@ class ConfigKeys:
             )
         return self.values.pop(key)
 
-    def take_bool(self, key: str) -> bool | None:
-        """`take`, for a key that must hold a JSON boolean (`"false"` is a string,
-        which Python would count as true)."""
+    def take_bool(self, key: str, *, nullable: bool = False) -> bool | None:
+        """`take`, for a key that must hold a JSON boolean: not `"false"`, a string
+        that Python would count as true, and not `null` unless `nullable` (which
+        transformers would count as false even where its default is true)."""
+        given = key in self.values
         value = self.take(key)
-        if value is not None and not isinstance(value, bool):
+        if value is None and (nullable or not given):
+            return None
+        if not isinstance(value, bool):
             raise ValueError(
                 f"config.json has {key}={value!r}; it must be true or false."
             )
@@ -164,10 +168,11 @@ class ConfigKeys:
         return value
 
     def expect_false(self, key: str, why: str) -> None:
-        """Takes the boolean `key`, which must be absent or false."""
-        if self.take_bool(key):
+        """Takes the boolean `key`, which must be absent, `null` (transformers' own
+        default for some keys) or false."""
+        if self.take_bool(key, nullable=True):
             raise ValueError(
-                f"config.json has {key}=true, which this model does not implement "
+                f"config.json has {key}=True, which this model does not implement "
                 f"({why})."
             )
 
@@ -233,7 +238,7 @@ def write_rms_attention(config: TransformerConfig) -> dict[str, Any]:
         num_key_value_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         rope_theta=config.rope_theta,
-        rope_scaling=_rope_scaling(config),
+        rope_scaling=rope_scaling_dict(config),
         rms_norm_eps=config.norm_eps,
     )
     if config.partial_rotary_factor != 1.0:
@@ -241,7 +246,8 @@ def write_rms_attention(config: TransformerConfig) -> dict[str, Any]:
     return values
 
 
-def _rope_scaling(config: TransformerConfig) -> dict[str, Any] | None:
+def rope_scaling_dict(config: TransformerConfig) -> dict[str, Any] | None:
+    """`rope_scaling` as `config.json` holds it."""
     return None if config.rope_scaling is None else config.rope_scaling.to_dict()
 
 

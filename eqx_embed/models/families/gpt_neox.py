@@ -6,19 +6,28 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._spec import ConfigKeys, FamilySpec, Presets, WeightNames, read_attention_bias
+from ._spec import (
+    ConfigKeys,
+    FamilySpec,
+    Presets,
+    WeightNames,
+    read_attention_bias,
+    rope_scaling_dict,
+)
 
 if TYPE_CHECKING:
     from .._config import TransformerConfig
 
 
 def read_config(keys: ConfigKeys) -> dict[str, Any]:
+    # transformers ignores head_dim for GPT-NeoX: it must agree or be absent.
     head_dim = keys.take("head_dim")
-    heads_span = keys.given["hidden_size"] // keys.given["num_attention_heads"]
-    if head_dim not in (None, heads_span):
+    hidden_size = keys.given["hidden_size"]
+    num_heads = keys.given["num_attention_heads"]
+    if head_dim is not None and head_dim * num_heads != hidden_size:
         raise ValueError(
-            f"config.json has head_dim={head_dim}, but GPT-NeoX's heads are "
-            f"hidden_size // num_attention_heads = {heads_span} wide."
+            f"config.json has head_dim={head_dim!r}, but GPT-NeoX's heads are "
+            f"hidden_size / num_attention_heads = {hidden_size} / {num_heads} wide."
         )
     return dict(
         **read_attention_bias(keys),
@@ -32,9 +41,7 @@ def write_config(config: TransformerConfig) -> dict[str, Any]:
     return dict(
         rotary_emb_base=config.rope_theta,
         rotary_pct=config.partial_rotary_factor,
-        rope_scaling=(
-            None if config.rope_scaling is None else config.rope_scaling.to_dict()
-        ),
+        rope_scaling=rope_scaling_dict(config),
         layer_norm_eps=config.norm_eps,
         hidden_act=config.hidden_act,
         attention_bias=config.attention_bias,

@@ -10,7 +10,6 @@ from ._spec import (
     LLAMA_WEIGHT_NAMES,
     ConfigKeys,
     FamilySpec,
-    layer_types,
     read_layer_types,
     read_rms_attention,
     write_rms_attention,
@@ -35,8 +34,9 @@ def write_config(config: TransformerConfig) -> dict[str, Any]:
     return dict(
         **write_rms_attention(config),
         hidden_act=config.hidden_act,
+        # Not layer_types: transformers takes a Mistral config with them for
+        # Ministral.
         sliding_window=config.sliding_window,
-        layer_types=layer_types(config),
     )
 
 

@@ -28,11 +28,17 @@ def read_config(keys: ConfigKeys) -> dict[str, Any]:
     if not keys.take_bool("use_sliding_window"):
         sliding_window = None
     first_sliding = keys.take("max_window_layers")
+    if isinstance(first_sliding, bool) or not isinstance(first_sliding, int):
+        raise ValueError(
+            f"config.json has max_window_layers={first_sliding!r}; it must be an "
+            "integer."
+        )
     given = read_layer_types(keys, sliding_window)
-    if given is None and sliding_window is not None:
+    num_layers = keys.given["num_hidden_layers"]
+    if given is None and sliding_window is not None and isinstance(num_layers, int):
         given = tuple(
             "sliding_attention" if layer >= first_sliding else "full_attention"
-            for layer in range(keys.given["num_hidden_layers"])
+            for layer in range(num_layers)
         )
     return dict(
         **read_rms_attention(keys),
