@@ -395,9 +395,9 @@ def edited_checkpoint(source: str, destination, **changes):
         (
             "gpt2",
             dict(scale_attn_by_inverse_layer_idx=True),
-            "scale_attn_by_inverse_layer_idx=true",
+            "scale_attn_by_inverse_layer_idx=True",
         ),
-        ("gpt2", dict(scale_attn_weights=False), "scale_attn_weights=false"),
+        ("gpt2", dict(scale_attn_weights=False), "scale_attn_weights=False"),
         ("gpt2", dict(rotary_pct=0.5), "'partial_rotary_factor': 0.5"),
         ("llama", dict(hidden_size=None), "no 'hidden_size'"),
     ],

@@ -51,7 +51,7 @@ def read_config(keys: ConfigKeys) -> dict[str, Any]:
     )
     if keys.take_bool("scale_attn_weights") is False:
         raise ValueError(
-            "config.json has scale_attn_weights=false, which this model does not "
+            "config.json has scale_attn_weights=False, which this model does not "
             "implement (scores are scaled by head_dim ** -0.5)."
         )
     # Softmax in float32 is what this model always does.
