@@ -18,10 +18,19 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArray
+from jaxtyping import (
+    Array,
+    ArrayLike,
+    Bool,
+    DTypeLike,
+    Float,
+    Int,
+    Integer,
+    PRNGKeyArray,
+)
 
 from ..nn._contracts import checked
-from ..nn._indices import OutOfRange, check_indices
+from ..nn._indices import IntegerSequence, OutOfRange, check_indices
 from ..nn._position import PositionEmbedding
 from ..nn._reversible import ReversibleEmbedding
 from ..nn._rope import RotaryPositionalEmbedding
@@ -243,9 +252,9 @@ class TransformerLM(eqx.Module):
     @checked
     def hidden_states(
         self,
-        tokens: Int[ArrayLike, " seq"],
+        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
-        token_positions: Int[ArrayLike, " seq"] | None = None,
+        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
     ) -> Float[Array, "seq hidden_size"]:
         """The hidden states after the final norm, before the decode.
 
@@ -262,14 +271,9 @@ class TransformerLM(eqx.Module):
         Shape `(seq, hidden_size)`, in the activation dtype.
         """
         config = self.config
-        seq_len = tokens.shape[0]
-        if seq_len > config.max_position_embeddings:
-            raise ValueError(
-                f"tokens has {seq_len} tokens but the model supports at most "
-                f"max_position_embeddings={config.max_position_embeddings}."
-            )
-        # Checked here, before the per-token lookup traces them, so that bad ids known
-        # now raise now.
+        # Checked here, in their own dtype and with the embedding's policy, before the
+        # per-token lookup traces them, so that bad ids known now raise now. They come
+        # back as int32 in [0, vocab_size], which the lookup accepts unchanged.
         tokens = check_indices(
             tokens,
             size=config.vocab_size,
@@ -277,6 +281,17 @@ class TransformerLM(eqx.Module):
             name="token id",
             negative_from_end=True,
         )
+        if tokens.ndim != 1:
+            raise ValueError(
+                f"tokens must be one sequence of ids, shape (seq,), got shape "
+                f"{tokens.shape}; use jax.vmap for a batch."
+            )
+        seq_len = tokens.shape[0]
+        if seq_len > config.max_position_embeddings:
+            raise ValueError(
+                f"tokens has {seq_len} tokens but the model supports at most "
+                f"max_position_embeddings={config.max_position_embeddings}."
+            )
         # Positions are checked and their table rows gathered once, for every layer.
         rotation = local_rotation = None
         if self.rope is not None:
@@ -320,9 +335,9 @@ class TransformerLM(eqx.Module):
     @checked
     def __call__(
         self,
-        tokens: Int[ArrayLike, " seq"],
+        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
-        token_positions: Int[ArrayLike, " seq"] | None = None,
+        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq vocab_size"]:
         """The logits of the next token after each prefix of one sequence.
@@ -343,11 +358,11 @@ class TransformerLM(eqx.Module):
     @checked
     def loss(
         self,
-        tokens: Int[ArrayLike, " seq"],
-        targets: Int[ArrayLike, " seq"],
+        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
+        targets: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
         where: Bool[ArrayLike, " seq"] | None = None,
-        token_positions: Int[ArrayLike, " seq"] | None = None,
+        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
         z_loss: float = 0.0,
     ) -> Float[Array, " seq"]:
         """Per-token training loss through the fused decode cross-entropy, which never
@@ -373,10 +388,10 @@ class TransformerLM(eqx.Module):
     @checked
     def score(
         self,
-        tokens: Int[ArrayLike, " seq"],
-        next_tokens: Int[ArrayLike, " seq"],
+        tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
+        next_tokens: Integer[ArrayLike, " seq"] | IntegerSequence,
         *,
-        token_positions: Int[ArrayLike, " seq"] | None = None,
+        token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
     ) -> Float[Array, " seq"]:
         """Log-probabilities of given continuations:
         `log p(next_tokens[i] | tokens[: i + 1])`.

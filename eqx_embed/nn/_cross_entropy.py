@@ -290,6 +290,11 @@ def fused_cross_entropy(
         logit_soft_cap=logit_soft_cap,
         block_size=block_size,
     )
+    if where is not None:
+        # Zeroed before the matmuls, so that a NaN or an infinity in a masked-out row
+        # cannot reach the table's gradient (in the backward pass, a masked row's zero
+        # cotangent would meet its non-finite softmax: 0 * NaN is NaN).
+        hidden = jnp.where(where[:, None], hidden, 0)
     lse, target_logit = _lse_and_target_logit(table, hidden, targets, blocking)
     losses = lse - target_logit
     if z_loss:

@@ -1,12 +1,20 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArray
+from jaxtyping import (
+    Array,
+    ArrayLike,
+    Bool,
+    DTypeLike,
+    Float,
+    Integer,
+    PRNGKeyArray,
+)
 
 from ._contracts import check_feature_size, check_positive, checked
 from ._cross_entropy import fused_cross_entropy, fused_log_sum_exp
 from ._embedding import Embedding
-from ._indices import check_indices
+from ._indices import IntegerSequence, check_indices
 from ._numerics import dot_with_rows
 
 
@@ -93,7 +101,7 @@ class EmbeddingDecode(eqx.Module):
     def cross_entropy(
         self,
         hidden: Float[Array, "tokens embedding_size"],
-        targets: Int[ArrayLike, " tokens"],
+        targets: Integer[ArrayLike, " tokens"] | IntegerSequence,
         *,
         where: Bool[ArrayLike, " tokens"] | None = None,
         z_loss: float = 0.0,
@@ -141,17 +149,16 @@ class EmbeddingDecode(eqx.Module):
         self._check_hidden_block(hidden)
         if not z_loss >= 0:
             raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
-        targets = jnp.asarray(targets)
         if where is not None:
             where = jnp.asarray(where)
-            # Masked-out targets are never looked up, so they may be anything.
-            targets = jnp.where(where, targets, 0)
+        # Masked-out targets are never looked up, so they may be anything.
         targets = check_indices(
             targets,
             size=self.embedding.num_embeddings,
             out_of_range=self.embedding.out_of_range,
             name="target",
             negative_from_end=False,
+            where=where,
         )
         return fused_cross_entropy(
             self.weight,

@@ -16,7 +16,13 @@ from jaxtyping import (
 )
 
 from ._contracts import check_feature_size, check_positive, checked
-from ._indices import OutOfRange, check_indices, check_policy, gather_rows
+from ._indices import (
+    IntegerSequence,
+    OutOfRange,
+    check_indices,
+    check_policy,
+    gather_rows,
+)
 from ._numerics import default_float_dtype, dot_with_rows
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
@@ -244,7 +250,9 @@ class Embedding(eqx.Module):
         return dot_with_rows(self.weight, query, dtype=self.dtype)
 
     @checked
-    def mask(self, tokens: Integer[ArrayLike, "*shape"]) -> Bool[Array, "*shape"]:
+    def mask(
+        self, tokens: Integer[ArrayLike, "*shape"] | IntegerSequence
+    ) -> Bool[Array, "*shape"]:
         """Keras' `mask_zero`: `True` where a token is real, `False` at `padding_idx`.
 
         **Arguments:**
@@ -257,4 +265,12 @@ class Embedding(eqx.Module):
         """
         if self.padding_idx is None:
             raise ValueError("Embedding.mask needs an Embedding with a padding_idx.")
-        return ~self._is_padding(jnp.asarray(tokens))
+        # Checked in their own dtype, so that a bad id never wraps onto padding_idx.
+        tokens = check_indices(
+            tokens,
+            size=self.num_embeddings,
+            out_of_range="nan",
+            name="token id",
+            negative_from_end=True,
+        )
+        return ~self._is_padding(tokens)

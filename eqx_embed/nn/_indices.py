@@ -1,29 +1,46 @@
 """What happens to an index that falls outside its table.
 
 Token ids, RoPE positions and loss targets all index a table. A bad index must never
-come back as a valid-looking row, so every lookup in this library goes through the two
-functions here and one policy:
+come back as a valid-looking row, so every lookup in this library goes through
+`check_indices` and one policy:
 
 - `"nan"` (the default): the bad index reads a row of NaNs (floating tables) or the
   dtype's minimum (integer tables). No host synchronisation, so it costs nothing under
   `jit`; the NaNs propagate into the loss, where they cannot be missed. This is what
   `flax.linen.Embed` does.
-- `"error"`: raise. Concrete indices raise a `ValueError` at once; traced ones raise
-  when the compiled program runs (a host callback that sees the whole batch, even under
-  `jax.vmap`), with a message naming the bad index and the table size.
+- `"error"`: raise, with a message naming the argument, a bad index and the table size.
+  Indices known when the call is made (Python ints and sequences, NumPy arrays,
+  concrete JAX arrays) raise `ValueError` at once. Traced ones (under `jit` or
+  `jax.vmap`) raise when the program runs, through `equinox.branched_error_if`, so
+  Equinox's `EQX_ON_ERROR` applies: `equinox.EquinoxRuntimeError` (a `RuntimeError`)
+  under `equinox.filter_jit` and under `jax.vmap` outside `jit`,
+  `jax.errors.JaxRuntimeError` (also a `RuntimeError`, its text containing the message)
+  under a bare `jax.jit`. Catch `(ValueError, RuntimeError)` to cover both. With
+  `EQX_ON_ERROR=nan` or `off` the bad index reads NaNs, as with `"nan"`.
+
+The range is checked in the index's own dtype, before any cast: an int64 id of
+`2**32 + 5` (NumPy, or JAX with `jax_enable_x64`) is out of range, not row 5, and a
+uint8 or uint32 id past the table is out of range, never wrapped. Every integer dtype
+and Python sequences of ints are accepted.
 """
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Literal
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Shaped
+from jaxtyping import Array, ArrayLike, Bool, Int, Integer, Shaped
 
 OutOfRange = Literal["nan", "error"]
 """The policy for indices outside their table: `"nan"` or `"error"` (see above)."""
 
 OUT_OF_RANGE_POLICIES = ("nan", "error")
+
+IntegerSequence = Sequence[int | np.integer]
+"""A Python sequence of ints: accepted wherever an integer index array is."""
 
 
 def check_policy(out_of_range: str) -> None:
@@ -39,65 +56,131 @@ def valid_range(size: int, *, negative_from_end: bool) -> tuple[int, int]:
     return (-size if negative_from_end else 0), size
 
 
-def _raise_on_bad_index(
-    indices: ArrayLike, *, size: int, name: str, negative_from_end: bool
-) -> np.ndarray:
-    indices = np.asarray(indices)
-    low, high = valid_range(size, negative_from_end=negative_from_end)
-    bad = indices[(indices < low) | (indices >= high)]
-    if bad.size:
-        raise ValueError(
-            f"{name} {int(bad.flat[0])} is out of range for a table of {size} rows "
-            f"(valid: {low} <= {name} < {high}); {bad.size} bad value(s) in all."
-        )
-    return indices
+def _out_of_range_message(name: str, value: int, size: int, low: int) -> str:
+    return (
+        f"{name} {value} is out of range for a table of {size} rows "
+        f"(valid: {low} <= {name} < {size})"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _MessageForValue:
+    """The messages of `equinox.branched_error_if`, one per bad value: it raises
+    `messages[index]`, and the index passed is the bad value itself (the largest one,
+    across a `vmap`ped batch too), so the message can name it."""
+
+    name: str
+    size: int
+    low: int
+
+    def __getitem__(self, value: int) -> str:
+        return _out_of_range_message(self.name, value, self.size, self.low) + "."
+
+
+def _host_integers(indices, name: str) -> np.ndarray:
+    """`indices` (a Python int or sequence, a NumPy array or a concrete JAX array) as
+    a NumPy integer array in their own dtype; Python ints past int64 stay exact, as
+    objects."""
+    try:
+        array = np.asarray(indices)
+    except OverflowError:
+        array = np.asarray(indices, dtype=object)
+    if array.size == 0 and not isinstance(indices, np.ndarray | jax.Array):
+        return array.astype(np.int32)  # `[]`, which NumPy makes float64
+    is_python_int = np.vectorize(
+        lambda x: isinstance(x, int | np.integer) and not isinstance(x, bool),
+        otypes=[bool],
+    )
+    if array.dtype.kind in "iu" or (
+        array.dtype == object and array.size and is_python_int(array).all()
+    ):
+        return array
+    raise ValueError(
+        f"{name}s must be integers, got {array.dtype} values of shape {array.shape}."
+    )
+
+
+def _outside(indices, low: int, high: int, xp):
+    """`(indices < low) | (indices >= high)`, compared in the indices' own dtype:
+    a bound the dtype cannot hold excludes nothing (and would not convert)."""
+    outside = xp.zeros(indices.shape, bool)
+    if indices.dtype == object:
+        return (indices < low) | (indices >= high)
+    info = xp.iinfo(indices.dtype)
+    if low > info.min:
+        outside = outside | (indices < low)
+    if high <= info.max:
+        outside = outside | (indices >= high)
+    return outside
+
+
+def _normalise(indices, outside, where, size: int, xp):
+    """The valid indices counted from 0 (negative ones from the end), as int32; `size`
+    (one past the table, which reads NaN) for the bad ones; 0 where `where` is False."""
+    dtype = np.int32 if size < np.iinfo(np.int32).max else np.int64
+    # Bad values are replaced before the cast, so that none wraps onto a valid one.
+    safe = xp.where(outside, 0, indices).astype(dtype)
+    safe = xp.where(safe < 0, safe + size, safe)
+    if where is not None:
+        safe = xp.where(where, safe, 0)
+        outside = outside & where
+    return xp.where(outside, size, safe), outside
 
 
 def check_indices(
-    indices: Shaped[ArrayLike, "*shape"],
+    indices: Integer[ArrayLike, "*shape"] | IntegerSequence,
     *,
     size: int,
     out_of_range: OutOfRange,
     name: str,
     negative_from_end: bool,
-) -> Shaped[Array, "*shape"]:
-    """Applies the `"error"` policy to `indices`; returns them unchanged otherwise.
+    where: Bool[ArrayLike, "*shape"] | None = None,
+) -> Int[Array, "*shape"]:
+    """Checks `indices` against a table of `size` rows, in their own dtype, and
+    applies the policy.
 
     **Arguments:**
 
-    - `indices`: integer indices of any shape, concrete or traced.
+    - `indices`: integer indices of any shape and integer dtype, concrete or traced, or
+        a Python int or sequence of ints.
     - `size`: the number of rows of the table they index.
-    - `out_of_range`: the policy, `"nan"` (no check) or `"error"`.
+    - `out_of_range`: the policy, `"nan"` or `"error"`.
     - `name`: what the indices are, for the message (`"token id"`, `"position"`).
     - `negative_from_end`: whether `[-size, 0)` is valid and counts from the end.
+    - `where`: optional, where `False` the index is ignored (never an error) and comes
+        back as 0.
 
     **Returns:**
 
-    `indices` as a JAX array. In `"error"` mode, concrete indices raise `ValueError`
-    here; traced ones raise when the computation runs.
+    The indices as int32 in `[0, size]`: valid ones counted from 0, and `size` (one
+    past the table, so that `gather_rows` reads NaN there) for bad ones. In `"error"`
+    mode, indices known now raise `ValueError` here; traced ones raise when the
+    computation runs (see the module's docstring for the exception).
     """
-    if out_of_range == "nan":
-        return jnp.asarray(indices)
-    if not isinstance(indices, jax.core.Tracer):
-        return jnp.asarray(
-            _raise_on_bad_index(
-                indices, size=size, name=name, negative_from_end=negative_from_end
+    low, high = valid_range(size, negative_from_end=negative_from_end)
+    traced = isinstance(indices, jax.core.Tracer) or isinstance(where, jax.core.Tracer)
+    if not traced:
+        host = _host_integers(indices, name)
+        mask = None if where is None else np.asarray(where, dtype=bool)
+        safe, outside = _normalise(host, _outside(host, low, high, np), mask, size, np)
+        if out_of_range == "error" and outside.any():
+            raise ValueError(
+                _out_of_range_message(name, int(host[outside].flat[0]), size, low)
+                + f"; {int(outside.sum())} bad value(s) in all."
             )
+        return jnp.asarray(safe)
+    indices = jnp.asarray(indices)
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise ValueError(f"{name}s must be integers, got dtype {indices.dtype}.")
+    outside = _outside(indices, low, high, jnp)
+    safe, outside = _normalise(indices, outside, where, size, jnp)
+    if out_of_range == "error":
+        smallest = jnp.iinfo(indices.dtype).min
+        largest_bad = jnp.max(jnp.where(outside, indices, smallest), initial=smallest)
+        safe = eqx.branched_error_if(
+            safe, outside.any(), largest_bad, _MessageForValue(name, size, low)
         )
-
-    def callback(values):
-        return _raise_on_bad_index(
-            values, size=size, name=name, negative_from_end=negative_from_end
-        )
-
-    # The ids come back through the callback so that it cannot be dead-code
-    # eliminated; "broadcast_all" hands it the whole vmapped batch in one call.
-    return jax.pure_callback(
-        callback,
-        jax.ShapeDtypeStruct(indices.shape, indices.dtype),
-        indices,
-        vmap_method="broadcast_all",
-    )
+    return safe
 
 
 def gather_rows(

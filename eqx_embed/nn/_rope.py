@@ -5,10 +5,24 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, DTypeLike, Float, Int, PRNGKeyArray, UInt
+from jaxtyping import (
+    Array,
+    ArrayLike,
+    DTypeLike,
+    Float,
+    Integer,
+    PRNGKeyArray,
+    UInt,
+)
 
 from ._contracts import check_feature_size, check_positive, checked
-from ._indices import OutOfRange, check_indices, check_policy, gather_rows
+from ._indices import (
+    IntegerSequence,
+    OutOfRange,
+    check_indices,
+    check_policy,
+    gather_rows,
+)
 from ._numerics import accumulation_dtype, default_float_dtype
 from ._rope_scaling import (
     RopeScaling,
@@ -282,7 +296,10 @@ class RotaryPositionalEmbedding(eqx.Module):
 
     @checked
     def rotation(
-        self, seq_len: int, *, positions: Int[ArrayLike, " seq"] | None = None
+        self,
+        seq_len: int,
+        *,
+        positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
     ) -> "RopeRotation":
         """The rotation for `seq_len` tokens at `positions`, to apply to several
         tensors: queries and keys, or the same positions in every layer, without
@@ -307,10 +324,10 @@ class RotaryPositionalEmbedding(eqx.Module):
                 "max_seq_len=None."
             )
         else:
-            if jnp.shape(positions) != (seq_len,):
+            if np.shape(positions) != (seq_len,):
                 raise ValueError(
                     f"positions must have shape ({seq_len},), one per token, got "
-                    f"shape {jnp.shape(positions)}."
+                    f"shape {np.shape(positions)}."
                 )
             # Positions known now raise now, whatever the policy for traced ones.
             known_now = not isinstance(positions, jax.core.Tracer)
@@ -333,7 +350,7 @@ class RotaryPositionalEmbedding(eqx.Module):
         self,
         x: Float[Array, "seq *heads embedding_size"],
         *,
-        positions: Int[ArrayLike, " seq"] | None = None,
+        positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq *heads embedding_size"]:
         """**Arguments:**

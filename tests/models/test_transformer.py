@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _tolerances import tolerance
 from jaxtyping import TypeCheckError
 
 from eqx_embed import ReversibleEmbedding, TransformerConfig, TransformerLM
@@ -175,6 +176,14 @@ def reference_logits(
 
 
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=12)
+# Two programs of the same model (jit and eager, scanned and unrolled, tied and
+# untied) round differently. An output's chain of roundings: per layer, sums over
+# the hidden size (projections, norm), the sequence (attention) and the
+# intermediate size (MLP), then the decode's sum over the hidden size; the terms
+# are of order one after each norm.
+SAME_MODEL = tolerance(
+    np.float32, SMALL["num_layers"] * (3 * 32 + 12 + 48) + 32, scale=4.0
+)
 
 
 # --- The config -----------------------------------------------------------------
@@ -279,7 +288,7 @@ def test_batching_and_jit_match_single_calls(models):
     batch = np.stack([TOKENS, TOKENS[::-1]])
     batched = eqx.filter_jit(jax.vmap(model.__call__))(jnp.asarray(batch))
     for row, tokens in zip(batched, batch, strict=True):
-        np.testing.assert_allclose(row, model(jnp.asarray(tokens)), atol=1e-5)
+        np.testing.assert_allclose(row, model(jnp.asarray(tokens)), **SAME_MODEL)
 
 
 def test_a_shift_of_every_position_changes_nothing(models):
@@ -337,13 +346,13 @@ def test_tied_table_is_one_leaf_and_its_gradient_sums_both_uses(models):
     gradient = eqx.filter_jit(eqx.filter_value_and_grad(loss))
     tied_loss, tied_grads = gradient(model)
     untied_loss, untied_grads = gradient(untied)
-    np.testing.assert_allclose(untied_loss, tied_loss, atol=1e-6)
+    np.testing.assert_allclose(untied_loss, tied_loss, **SAME_MODEL)
     tied_grad = tied_grads.embedding.weight
     untied_grads = untied_grads.embedding
     np.testing.assert_allclose(
         tied_grad,
         untied_grads.embedding.weight + untied_grads.reverse_embedding.weight,
-        atol=1e-6,
+        **SAME_MODEL,
     )
     assert np.abs(untied_grads.embedding.weight).max() > 0
     assert np.abs(untied_grads.reverse_embedding.weight).max() > 0
@@ -393,7 +402,7 @@ def test_unrolling_the_layer_scan_changes_nothing_but_the_program(models):
     jaxpr = str(jax.make_jaxpr(lambda m, t: m(t))(unrolled, jnp.asarray(TOKENS)))
     assert "unroll=2" in jaxpr
     np.testing.assert_allclose(
-        unrolled(jnp.asarray(TOKENS)), model(jnp.asarray(TOKENS)), rtol=1e-6, atol=1e-6
+        unrolled(jnp.asarray(TOKENS)), model(jnp.asarray(TOKENS)), **SAME_MODEL
     )
 
 
@@ -419,9 +428,9 @@ def test_out_of_range_tokens(models, strict_model):
     message = f"token id {VOCAB} is out of range"
     with pytest.raises(ValueError, match=message):
         strict_model(bad)
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(eqx.EquinoxRuntimeError, match=message):
         jax.block_until_ready(eqx.filter_jit(strict_model)(bad))
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(eqx.EquinoxRuntimeError, match=message):
         jax.block_until_ready(jax.vmap(strict_model)(jnp.stack([bad, bad])))
     logits = models["llama"](bad)  # the "nan" policy
     assert np.isnan(logits[3:]).all()
@@ -437,7 +446,8 @@ def test_positions_are_checked(models, strict_model):
     too_far = jnp.arange(12) + 20  # the tables hold 24 positions
     with pytest.raises(ValueError, match="position 24 is out of range"):
         model(tokens, token_positions=too_far)
-    with pytest.raises(Exception, match="position 24 is out of range"):
+    # Traced, the compiled check names the largest bad position.
+    with pytest.raises(eqx.EquinoxRuntimeError, match="position 31 is out of range"):
         jax.block_until_ready(
             eqx.filter_jit(strict_model)(tokens, token_positions=too_far)
         )
@@ -446,9 +456,10 @@ def test_positions_are_checked(models, strict_model):
 
 
 def test_traced_positions_are_checked_once_for_all_layers(strict_model):
-    """Traced positions add one host check, not one per rotation of the queries and
-    keys of every layer."""
+    """Traced positions add one check, not one per rotation of the queries and keys
+    of every layer."""
     tokens = jnp.asarray(TOKENS)
+    positions = jnp.arange(len(TOKENS))
 
     def host_checks(positions):
         jaxpr = jax.make_jaxpr(lambda m, t, p: m(t, token_positions=p))(
@@ -456,7 +467,13 @@ def test_traced_positions_are_checked_once_for_all_layers(strict_model):
         )
         return str(jaxpr).count("pure_callback")
 
-    assert host_checks(jnp.arange(len(TOKENS))) == host_checks(None) + 1
+    one_check = str(
+        jax.make_jaxpr(lambda p: strict_model.rope.rotation(len(TOKENS), positions=p))(
+            positions
+        )
+    ).count("pure_callback")
+    assert one_check > 0
+    assert host_checks(positions) == host_checks(None) + one_check
 
 
 def test_sequences_longer_than_the_model_raise(models):

@@ -209,12 +209,37 @@ def test_bfloat16_accumulates_in_float32(table_dtype):
     )
 
 
-def test_vmap_over_sequences():
+@pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_masked_rows_with_non_finite_hidden_states_contribute_nothing(poison, cap):
+    """A NaN or an infinity in a row that `where` masks out reaches neither the loss
+    nor any gradient: the reference sees finite values in those rows, which the mask
+    discards."""
+    table, hidden, targets, weights = make_inputs(37)
+    where = jnp.arange(TOKENS) % 3 != 0
+    poisoned = jnp.where(where[:, None], hidden, poison)
+    losses, (d_table, d_hidden) = fused_loss_and_grads(
+        table, poisoned, targets, weights, cap=cap, where=where, block_size=8
+    )
+    expected, _, expected_d_table, expected_d_hidden = reference(
+        table, hidden, targets, where=where, cap=cap, weights=weights
+    )
+    assert_close(losses, expected)
+    assert_close(d_table, expected_d_table)
+    assert_close(d_hidden, expected_d_hidden)
+
+
+@pytest.mark.parametrize("poison", [None, np.nan, np.inf])
+def test_vmap_over_sequences(poison):
+    """With `poison`, the masked-out hidden states are NaN or infinite: they must
+    reach neither the losses nor the gradients (the reference sees finite ones)."""
     table, _, _, _ = make_inputs(23)
     keys = jax.random.split(jax.random.key(1), 3)
     hidden = jax.random.normal(keys[0], (3, 5, WIDTH))
     targets = jax.random.randint(keys[1], (3, 5), 0, 23)
     where = jax.random.bernoulli(keys[2], 0.7, (3, 5))
+    assert not where.all()
+    poisoned = hidden if poison is None else jnp.where(where[..., None], hidden, poison)
     weights = jnp.linspace(0.5, 2.0, 15).reshape(3, 5)
 
     @eqx.filter_jit
@@ -228,7 +253,7 @@ def test_vmap_over_sequences():
 
         return eqx.filter_grad(total, has_aux=True)((module, hidden))
 
-    (d_module, d_hidden), losses = run(decoder(table), hidden)
+    (d_module, d_hidden), losses = run(decoder(table), poisoned)
     expected, _, expected_d_table, expected_d_hidden = reference(
         table,
         hidden.reshape(15, WIDTH),
@@ -419,13 +444,13 @@ def test_error_policy_raises_eagerly_under_jit_and_vmap(bad):
     message = rf"target {bad} is out of range for a table of 11 rows"
     with pytest.raises(ValueError, match=message):
         module.cross_entropy(hidden, targets)
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(eqx.EquinoxRuntimeError, match=message):
         jax.block_until_ready(
             eqx.filter_jit(lambda m, h, t: m.cross_entropy(h, t))(
                 module, hidden, targets
             )
         )
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(eqx.EquinoxRuntimeError, match=message):
         jax.block_until_ready(
             jax.vmap(lambda h, t: module.cross_entropy(h, t))(
                 jnp.stack([hidden, hidden]), jnp.stack([targets, targets])

@@ -12,6 +12,7 @@ import jaxtyping
 import numpy as np
 import optax
 import pytest
+from _tolerances import tolerance
 from hypothesis import given
 
 import eqx_embed
@@ -49,6 +50,12 @@ def reference_rope(x, positions, *, theta=10_000.0, rotary_dim=None, interleaved
             [first * cos - second * sin, second * cos + first * sin], -1
         )
     return np.concatenate([out, passed], axis=-1)
+
+
+def close(x, dtype=np.float32):
+    """For rotations by two programs: each output is `a cos - b sin` (two products and
+    a sum, after the tables' own rounding), whose terms are bounded by `2 max|x|`."""
+    return tolerance(dtype, 4, scale=2 * float(np.abs(np.asarray(x, np.float64)).max()))
 
 
 def random_x(shape, seed=0, dtype=np.float32):
@@ -92,7 +99,7 @@ def test_matches_float64_reference_in_both_layouts(rope_and_x):
         rotary_dim=rope.rotary_dim,
         interleaved=rope.interleaved,
     )
-    np.testing.assert_allclose(rotate(rope, x), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rotate(rope, x), expected, **close(x))
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -152,7 +159,7 @@ def test_tables_are_accurate_at_two_to_the_twenty():
     x = random_x((positions.size, 8))
     expected = reference_rope(x, positions)
     np.testing.assert_allclose(
-        rope(x, positions=jnp.asarray(positions)), expected, atol=1e-6
+        rope(x, positions=jnp.asarray(positions)), expected, **close(x)
     )
 
 
@@ -220,9 +227,7 @@ def test_offset_positions_equal_slices_of_the_full_sequence(rope_and_x, data):
     start = data.draw(st.integers(0, seq - 1))
     shifted = rotate(rope, jnp.roll(x, -start, axis=0), start + jnp.arange(seq))
     full = rotate(rope, x)
-    np.testing.assert_allclose(
-        shifted[: seq - start], full[start:], rtol=1e-6, atol=1e-6
-    )
+    np.testing.assert_allclose(shifted[: seq - start], full[start:], **close(x))
 
 
 @given(rope_and_x(), st.data())
@@ -233,8 +238,8 @@ def test_packed_sequences_restart_their_positions(rope_and_x, data):
     positions = jnp.concatenate([jnp.arange(split), jnp.arange(seq - split)])
     packed = rotate(rope, x, positions)
     second = rotate(rope, jnp.roll(x, -split, axis=0))
-    np.testing.assert_allclose(packed[:split], rotate(rope, x)[:split], rtol=1e-6)
-    np.testing.assert_allclose(packed[split:], second[: seq - split], rtol=1e-6)
+    np.testing.assert_allclose(packed[:split], rotate(rope, x)[:split], **close(x))
+    np.testing.assert_allclose(packed[split:], second[: seq - split], **close(x))
 
 
 @given(rope_and_x())
@@ -258,8 +263,7 @@ def test_the_two_layouts_agree_up_to_the_feature_permutation(rope_and_x):
     np.testing.assert_allclose(
         rotate(half_split, x[..., to_half_split]),
         rotate(interleaved, x)[..., to_half_split],
-        rtol=1e-6,
-        atol=1e-7,
+        **close(x),
     )
 
 
@@ -421,8 +425,9 @@ def test_instances_with_different_settings_never_share_tables():
             assert not np.allclose(results[i], results[j])
     # Both instances used inside one function.
     pair = eqx.filter_jit(lambda a, b, x: (a(x), b(x)))(ropes[0], ropes[1], x)
-    np.testing.assert_array_equal(pair[0], results[0])
-    np.testing.assert_array_equal(pair[1], results[1])
+    # Compiled together, against separately: the same values up to rounding.
+    np.testing.assert_allclose(pair[0], results[0], **close(x))
+    np.testing.assert_allclose(pair[1], results[1], **close(x))
 
 
 # Out-of-range positions
@@ -466,7 +471,7 @@ def test_traced_out_of_range_positions_read_nan_and_never_wrap():
         reference_rope(x[row], np.where(bad[row], 0, positions[row]))
         for row in range(2)
     ]
-    np.testing.assert_allclose(got[~bad], np.stack(expected)[~bad], atol=1e-6)
+    np.testing.assert_allclose(got[~bad], np.stack(expected)[~bad], **close(x))
     text = (
         jax.jit(lambda x, p: rope(x, positions=p)).lower(x[0], positions[0]).as_text()
     )
@@ -482,7 +487,7 @@ def test_one_rotation_rotates_queries_and_keys_as_separate_calls():
         np.testing.assert_array_equal(rotation(x), rope(x, positions=positions))
         np.testing.assert_allclose(
             rotation(x), reference_rope(x, np.asarray(positions), rotary_dim=6),
-            rtol=1e-5, atol=1e-5,
+            **close(x),
         )  # fmt: skip
     np.testing.assert_array_equal(rope.rotation(5)(queries), rope(queries))
     with pytest.raises(
@@ -511,10 +516,11 @@ def test_error_policy_raises_for_traced_positions(wrap):
             lambda r, x, p: jax.vmap(lambda x, p: at(r, x, p))(x, p)
         )(rope, x, positions),
     }[wrap]
-    with pytest.raises(Exception, match=r"position -3 is out of range .* 2 bad value"):
+    # The largest bad position of the whole batch.
+    with pytest.raises(eqx.EquinoxRuntimeError, match=r"position 9 is out of range"):
         jax.block_until_ready(fn())
     good = eqx.filter_jit(at)(rope, x[0], positions[0])
-    np.testing.assert_allclose(good, reference_rope(x[0], np.arange(3)), atol=1e-6)
+    np.testing.assert_allclose(good, reference_rope(x[0], np.arange(3)), **close(x[0]))
 
 
 # Bad input
@@ -559,7 +565,7 @@ def test_odd_embedding_size_with_an_even_rotary_dim_is_fine():
     rope = RotaryPositionalEmbedding(7, max_seq_len=4, rotary_dim=4)
     x = random_x((4, 7))
     np.testing.assert_allclose(
-        rope(x), reference_rope(x, np.arange(4), rotary_dim=4), atol=1e-6
+        rope(x), reference_rope(x, np.arange(4), rotary_dim=4), **close(x)
     )
 
 

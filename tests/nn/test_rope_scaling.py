@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from _tolerances import tolerance
 from transformers import GPTNeoXConfig, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.gpt_neox import modeling_gpt_neox
@@ -222,7 +223,11 @@ def test_inverse_frequencies_match_transformers_rules(name):
         max_seq_len=max_seq_len,
     )
     assert ours.dtype == np.float64
-    np.testing.assert_allclose(ours, theirs.double().numpy(), rtol=4e-7)
+    # transformers computes in float32 (a power, a division and the rule's scaling:
+    # a few roundings, by PyTorch's vectorised math, which differs across CPUs).
+    np.testing.assert_allclose(
+        ours, theirs.double().numpy(), rtol=tolerance(np.float32, 8)["rtol"]
+    )
     assert our_factor == pytest.approx(factor, rel=1e-15)
 
 
@@ -244,7 +249,9 @@ def test_longrope_picks_the_factors_by_max_seq_len():
         np.asarray(scaling["long_factor"]) * 10_000.0 ** (np.arange(0, 16, 2) / 16)
     )
     np.testing.assert_allclose(
-        np.arctan2(long.sin[1], long.cos[1]), expected_long, rtol=1e-6
+        np.arctan2(long.sin[1], long.cos[1]),
+        expected_long,
+        rtol=tolerance(np.float32, 8)["rtol"],  # float32 tables, then arctan2
     )
     assert not np.allclose(short.cos[1], long.cos[1])
 
