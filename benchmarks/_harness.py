@@ -49,18 +49,22 @@ def time_interleaved(
     *,
     rounds: int = 15,
     min_round_seconds: float = 0.05,
+    samples: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
     """Median seconds per call of each zero-argument callable, measured interleaved.
 
     Each case is called once first (compilation), then calibrated to a number of calls
-    per round that takes at least `min_round_seconds`.
+    per round that takes at least `min_round_seconds`. Pass a dict as `samples` to
+    receive every round's seconds per call, per case (for min/median/max).
     """
     numbers = {}
     for name, fn in cases.items():
         jax.block_until_ready(fn())
         once = _run(fn, 1)
         numbers[name] = max(1, int(min_round_seconds / max(once, 1e-7)))
-    samples: dict[str, list[float]] = {name: [] for name in cases}
+    if samples is None:
+        samples = {}
+    samples.update({name: [] for name in cases})
     names = list(cases)
     for r in range(rounds):
         shift = r % len(names)

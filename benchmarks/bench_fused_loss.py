@@ -8,13 +8,18 @@ gradients with respect to the hidden states and the table.
 
 The plain loss is `logsumexp(logits) - logits[target]` on
 `logits = jax.vmap(decoder)(hidden)`, reduced by a mean, as a user would write it; the
-fused one is `decoder.cross_entropy(hidden, targets).mean()`.
+fused one is `decoder.cross_entropy(hidden, targets).mean()` (per-token losses, four
+matmuls); the reduced one is `decoder.mean_cross_entropy(hidden, targets)` (gradients
+in the forward pass, three matmuls; goal: within 1.05x of plain).
 
 Run: `python benchmarks/bench_fused_loss.py` (several minutes on a small CPU).
+`--sweep-block-size` instead times the per-token loss over vocabulary block sizes
+and the reduced one over token chunk sizes, at 2048 x 512 x 32000 float32.
 """
 
 import os
 import sys
+from statistics import median
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +67,13 @@ def fused_loss(table, hidden, targets):
     return jnp.mean(_decoder(table).cross_entropy(hidden, targets))
 
 
+def reduced_loss(table, hidden, targets):
+    return _decoder(table).mean_cross_entropy(hidden, targets)
+
+
+REDUCED_GOAL = 1.05
+
+
 def _loss_and_grads(loss):
     return jax.value_and_grad(loss, argnums=(0, 1))
 
@@ -73,7 +85,10 @@ def _label(tokens, width, vocab, dtype):
 def memory() -> list[Row]:
     rows = []
     print("\nXLA temporaries of loss + grads (compile only)")
-    print(f"  {'tokens x width x vocab dtype':<34} {'plain':>10} {'fused':>10} ratio")
+    print(
+        f"  {'tokens x width x vocab dtype':<34} {'plain':>10} {'fused':>10} ratio"
+        f" {'reduced':>10}"
+    )
     for tokens, width, vocab, dtype in MEMORY_SIZES:
         args = (
             jax.ShapeDtypeStruct((vocab, width), dtype),
@@ -82,35 +97,100 @@ def memory() -> list[Row]:
         )
         plain = compiled_temp_bytes(_loss_and_grads(plain_loss), *args) / 2**20
         fused = compiled_temp_bytes(_loss_and_grads(fused_loss), *args) / 2**20
+        reduced = compiled_temp_bytes(_loss_and_grads(reduced_loss), *args) / 2**20
         label = _label(tokens, width, vocab, dtype)
-        print(f"  {label:<34} {plain:7.0f} MiB {fused:6.0f} MiB {plain / fused:5.1f}x")
-        rows.append(Row("fused_loss_temp_mib", label + " plain", plain, 1.0, "plain"))
-        rows.append(
-            Row("fused_loss_temp_mib", label + " fused", fused, fused / plain, "plain")
+        print(
+            f"  {label:<34} {plain:7.0f} MiB {fused:6.0f} MiB {plain / fused:5.1f}x"
+            f" {reduced:6.0f} MiB"
         )
+        rows.append(Row("fused_loss_temp_mib", label + " plain", plain, 1.0, "plain"))
+        for name, mib in [("fused", fused), ("reduced", reduced)]:
+            rows.append(
+                Row("fused_loss_temp_mib", f"{label} {name}", mib, mib / plain, "plain")
+            )
     return rows
+
+
+def _inputs(tokens, width, vocab, dtype):
+    keys = jax.random.split(jax.random.key(0), 3)
+    table = (0.05 * jax.random.normal(keys[0], (vocab, width))).astype(dtype)
+    hidden = jax.random.normal(keys[1], (tokens, width), dtype)
+    targets = jax.random.randint(keys[2], (tokens,), 0, vocab)
+    return table, hidden, targets
+
+
+def _spread(samples: dict[str, list[float]], baseline: str) -> None:
+    """Prints min/median/max per case and the median's ratio to `baseline`."""
+    base = median(samples[baseline])
+    width = max(map(len, samples))
+    for name, values in samples.items():
+        low, mid, high = (1e3 * f(values) for f in (min, median, max))
+        print(
+            f"  {name:<{width}}  min {low:8.2f}  median {mid:8.2f}  max {high:8.2f} ms"
+            f"  {median(values) / base:5.2f}x"
+        )
 
 
 def timing(*, rounds: int = 9) -> list[Row]:
     rows = []
     for tokens, width, vocab, dtype in TIME_SIZES:
-        keys = jax.random.split(jax.random.key(0), 3)
-        table = (0.05 * jax.random.normal(keys[0], (vocab, width))).astype(dtype)
-        hidden = jax.random.normal(keys[1], (tokens, width), dtype)
-        targets = jax.random.randint(keys[2], (tokens,), 0, vocab)
-        args = (table, hidden, targets)
-        plain = jax.jit(_loss_and_grads(plain_loss))
-        fused = jax.jit(_loss_and_grads(fused_loss))
+        args = _inputs(tokens, width, vocab, dtype)
+        compiled = {
+            name: jax.jit(_loss_and_grads(loss))
+            for name, loss in [
+                ("plain", plain_loss),
+                ("fused", fused_loss),
+                ("reduced", reduced_loss),
+            ]
+        }
+        samples = {}
         medians = time_interleaved(
-            {
-                "plain": lambda plain=plain, args=args: plain(*args),
-                "fused": lambda fused=fused, args=args: fused(*args),
-            },
+            {name: lambda fn=fn, args=args: fn(*args) for name, fn in compiled.items()},
             rounds=rounds,
+            samples=samples,
         )
         label = _label(tokens, width, vocab, dtype)
         rows += report(f"loss + grads, {label}", medians, baseline="plain")
+        _spread(samples, "plain")
+        ratio = medians["reduced"] / medians["plain"]
+        verdict = "met" if ratio <= REDUCED_GOAL else "MISSED"
+        print(f"  reduced / plain {ratio:.2f}x, goal <= {REDUCED_GOAL}x: {verdict}")
     return rows
+
+
+def sweep_block_size(*, rounds: int = 5) -> None:
+    """Times loss + gradients over block sizes, interleaved, at one modest size."""
+    tokens, width, vocab, dtype = TIME_SIZES[0]
+    args = _inputs(tokens, width, vocab, dtype)
+    cases = {"plain": jax.jit(_loss_and_grads(plain_loss))}
+    for block_size in [512, 1024, 2048, 4096, 8192]:
+
+        def per_token(table, hidden, targets, block_size=block_size):
+            losses = _decoder(table).cross_entropy(
+                hidden, targets, block_size=block_size
+            )
+            return jnp.mean(losses)
+
+        cases[f"cross_entropy block_size={block_size}"] = jax.jit(
+            _loss_and_grads(per_token)
+        )
+    for chunk_size in [64, 128, 256, 512]:
+
+        def reduced(table, hidden, targets, chunk_size=chunk_size):
+            decoder = _decoder(table)
+            return decoder.mean_cross_entropy(hidden, targets, chunk_size=chunk_size)
+
+        cases[f"mean_cross_entropy chunk_size={chunk_size}"] = jax.jit(
+            _loss_and_grads(reduced)
+        )
+    samples = {}
+    time_interleaved(
+        {name: lambda fn=fn: fn(*args) for name, fn in cases.items()},
+        rounds=rounds,
+        samples=samples,
+    )
+    print(f"\nblock sizes, loss + grads, {_label(tokens, width, vocab, dtype)}")
+    _spread(samples, "plain")
 
 
 def main() -> list[Row]:
@@ -119,4 +199,8 @@ def main() -> list[Row]:
 
 
 if __name__ == "__main__":
-    main()
+    if "--sweep-block-size" in sys.argv[1:]:
+        print(machine_description())
+        sweep_block_size()
+    else:
+        main()

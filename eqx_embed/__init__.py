@@ -11,6 +11,10 @@ from . import models as models, nn as nn
 from .models import (
     TransformerConfig as TransformerConfig,
     TransformerLM as TransformerLM,
+    model_partition_specs as model_partition_specs,
+    shard_batch as shard_batch,
+    shard_model as shard_model,
+    sharding_rules as sharding_rules,
 )
 from .nn import (
     Embedding as Embedding,

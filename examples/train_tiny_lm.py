@@ -242,12 +242,15 @@ def summed_loss(model, tokens, targets, where):
     return jnp.sum(jax.vmap(model.loss)(tokens, targets, where=where))
 
 
-def held_out_bits_per_byte(model, windows, num_bytes: int, batch_size: int) -> float:
+def held_out_bits_per_byte(
+    model, windows, num_bytes: int, batch_size: int, mesh=None
+) -> float:
     tokens, targets, where = windows
     nats = 0.0
     for start in range(0, len(tokens), batch_size):
         batch = slice(start, start + batch_size)
-        nats += float(summed_loss(model, tokens[batch], targets[batch], where[batch]))
+        shares = process_share(mesh, tokens[batch], targets[batch], where[batch])
+        nats += float(summed_loss(model, *shares))
     return nats / math.log(2) / num_bytes
 
 
@@ -413,6 +416,86 @@ def non_empty(text: str) -> str:
     return text
 
 
+# --- More than one process ---------------------------------------------------------
+
+
+def add_process_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "more than one process",
+        "run the same command once per process, each with its --process-id: every "
+        "process computes each global batch, feeds its share of the rows, and "
+        "process 0 writes the outputs",
+    )
+    group.add_argument(
+        "--num-processes",
+        type=integer(1),
+        default=1,
+        help="how many processes run together (jax.distributed)",
+    )
+    group.add_argument(
+        "--process-id",
+        type=integer(0),
+        default=0,
+        help="this process's index, from 0; process 0 coordinates and writes",
+    )
+    group.add_argument(
+        "--coordinator",
+        default="127.0.0.1:12355",
+        help="host:port of process 0, which the others connect to",
+    )
+
+
+def start_processes(args: argparse.Namespace):
+    """Joins the run's other processes (`jax.distributed`; on CPU, collectives over
+    gloo) and sets a mesh of all their devices with one `"data"` axis, which it
+    returns; `None` for a run of one process."""
+    if args.num_processes == 1:
+        return None
+    if not 0 <= args.process_id < args.num_processes:
+        raise SystemExit(
+            f"--process-id must be in [0, {args.num_processes}), got {args.process_id}."
+        )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=120,
+    )
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    jax.set_mesh(mesh)  # For the rest of the run: explicit sharding needs it.
+    return mesh
+
+
+def process_share(mesh, *arrays: np.ndarray):
+    """Global arrays split over `mesh`'s data axis, from this process's share of the
+    rows of each global array (every process computes the whole batch), or the arrays
+    themselves without a mesh."""
+    if mesh is None:
+        return arrays
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    count, index = jax.process_count(), jax.process_index()
+    shares = []
+    for array in arrays:
+        if len(array) % jax.device_count():
+            raise SystemExit(
+                f"A batch of {len(array)} rows cannot be split over "
+                f"{jax.device_count()} devices: make --batch-size a multiple of it."
+            )
+        rows = len(array) // count
+        local = array[index * rows : (index + 1) * rows]
+        shares.append(jax.make_array_from_process_local_data(sharding, local))
+    return tuple(shares)
+
+
+def host_copies(mesh, *trees):
+    """`trees` with their arrays on the host: in a run of several processes the
+    model and optimiser state are replicated, so every process holds all of them."""
+    if mesh is None:
+        return trees
+    return jax.tree.map(lambda x: np.asarray(x) if eqx.is_array(x) else x, trees)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -485,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.7,
         help="sampling temperature; 0 takes the likeliest token",
     )
+    add_process_options(parser)
     return parser
 
 
@@ -512,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         resume_settings(args, record, out / RECORD_FILE)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    mesh = start_processes(args)
 
     documents = read_documents(args.text)
     train_bytes, held_out_bytes = split_documents(documents)
@@ -540,6 +625,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = make_config(args, tokenizer.vocab_size)
     model_key, sample_key = jax.random.split(jax.random.key(args.seed))
     model = eqx_embed.TransformerLM(config, key=model_key)
+    if mesh is not None:  # Replicated over the processes' devices.
+        model = eqx_embed.shard_model(model, mesh, eqx_embed.sharding_rules())
     optimiser = make_optimiser(args)
     optimiser_state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
     history = {"train_loss": [], "train_bits_per_byte": [], "held_out": []}
@@ -555,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     def evaluate(step: int) -> None:
         bits = held_out_bits_per_byte(
-            model, windows, len(scored_bytes), args.batch_size
+            model, windows, len(scored_bytes), args.batch_size, mesh
         )
         history["held_out"].append((step, bits))
         compressors = ", ".join(f"{k} {v:.3f}" for k, v in baselines.items())
@@ -579,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 seq_len=args.seq_len,
             )
             model, optimiser_state, loss = train_step(
-                model, optimiser_state, tokens, targets
+                model, optimiser_state, *process_share(mesh, tokens, targets)
             )
             loss = float(loss)
             if not math.isfinite(loss):
@@ -603,14 +690,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         bar.close()
         if interrupted:
             print(f"interrupted at step {step}: --resume continues from here")
-        save_checkpoint(
-            out,
-            model,
-            optimiser_state,
-            step,
-            checkpoint_record(args, model, history),
-            tokenizer.side_files(),
-        )
+        model, optimiser_state = host_copies(mesh, model, optimiser_state)
+        if jax.process_index() == 0:  # One checkpoint, however many processes.
+            save_checkpoint(
+                out,
+                model,
+                optimiser_state,
+                step,
+                checkpoint_record(args, model, history),
+                tokenizer.side_files(),
+            )
+    if jax.process_index() != 0:
+        return history
     source = "the Python standard library" if args.text is None else args.text
     title = (
         f"{num_params:,}-parameter TransformerLM on {source} ({tokenizer.kind} tokens)"

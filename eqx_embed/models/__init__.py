@@ -2,4 +2,10 @@
 Checkpoint interop lives in `eqx_embed.huggingface`, imported only when used."""
 
 from ._config import TransformerConfig as TransformerConfig
+from ._sharding import (
+    model_partition_specs as model_partition_specs,
+    shard_batch as shard_batch,
+    shard_model as shard_model,
+    sharding_rules as sharding_rules,
+)
 from ._transformer import TransformerLM as TransformerLM

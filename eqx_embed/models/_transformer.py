@@ -37,6 +37,7 @@ from ..nn._rope import RotaryPositionalEmbedding
 from ._attention import NO_WINDOW
 from ._blocks import DecoderBlock, Norm, make_norm
 from ._config import TransformerConfig
+from ._sharding import on_auto_axes
 
 
 def _make_rope(
@@ -310,25 +311,28 @@ class TransformerLM(eqx.Module):
             x = x + jax.vmap(self.position_embedding)(positions).astype(x.dtype)
         parameters, structure = eqx.partition(self.blocks, eqx.is_array)
 
-        def layer(x, parameters_and_window):
-            parameters, window = parameters_and_window
-            block = eqx.combine(parameters, structure)
-            layer_rotation = rotation
-            if local_rotation is not None:
-                # Gemma 3: the sliding layers rotate with the local RoPE.
-                layer_rotation = jax.tree.map(
-                    lambda local, full: jnp.where(window != NO_WINDOW, local, full),
-                    local_rotation,
-                    rotation,
-                )
-            return (
-                block(x, rotation=layer_rotation, window=window),
-                None,
-            )
+        def layers(x, parameters, rotation, local_rotation):
+            def layer(x, parameters_and_window):
+                parameters, window = parameters_and_window
+                block = eqx.combine(parameters, structure)
+                layer_rotation = rotation
+                if local_rotation is not None:
+                    # Gemma 3: the sliding layers rotate with the local RoPE.
+                    layer_rotation = jax.tree.map(
+                        lambda local, full: jnp.where(window != NO_WINDOW, local, full),
+                        local_rotation,
+                        rotation,
+                    )
+                return block(x, rotation=layer_rotation, window=window), None
 
-        x, _ = jax.lax.scan(
-            layer, x, (parameters, self._layer_windows()), unroll=config.scan_unroll
-        )
+            x, _ = jax.lax.scan(
+                layer, x, (parameters, self._layer_windows()), unroll=config.scan_unroll
+            )
+            return x
+
+        # The blocks' FSDP gathers and tensor-parallel reductions are GSPMD's to
+        # place, also under explicit mesh axes.
+        x = on_auto_axes(layers, x)(x, parameters, rotation, local_rotation)
         return self.final_norm(x)
 
     @jax.named_scope("eqx_embed.TransformerLM")
@@ -384,6 +388,67 @@ class TransformerLM(eqx.Module):
         """
         hidden = self.hidden_states(tokens, token_positions=token_positions)
         return self.embedding.cross_entropy(hidden, targets, where=where, z_loss=z_loss)
+
+    @checked
+    def mean_loss(
+        self,
+        tokens: Integer[ArrayLike, "batch seq"],
+        targets: Integer[ArrayLike, "batch seq"],
+        *,
+        where: Bool[ArrayLike, "batch seq"] | None = None,
+        weights: Float[ArrayLike, "batch seq"] | None = None,
+        token_positions: Int[ArrayLike, "batch seq"] | None = None,
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> Float[Array, ""]:
+        """The training loss of a whole batch: the mean cross-entropy over every
+        token of every sequence that `where` keeps, one scalar, through
+        [`ReversibleEmbedding.mean_cross_entropy`][eqx_embed.ReversibleEmbedding.mean_cross_entropy]
+        (gradients in the forward pass: three matmuls, no logits in memory).
+
+        Unlike the other methods, this takes the batch, not one sequence: the trunk
+        runs under `jax.vmap` here, and the batch's tokens are flattened into one
+        reduction, so the mean is over tokens (not a mean of per-sequence means)
+        and there is one table gradient, not one per sequence. Do not `jax.vmap`
+        it; call it on `(batch, seq)` (a batch of one for a single sequence).
+
+        **Arguments:**
+
+        - `tokens`: the input token ids, shape `(batch, seq)`.
+        - `targets`: the token expected after each prefix, shape `(batch, seq)`.
+        - `where`: which tokens count, shape `(batch, seq)`; the mean divides by
+            their number (by 1 when there are none).
+        - `weights`: optional per-token weights, shape `(batch, seq)`: the result
+            is then `sum(weights * losses)`, without division.
+        - `token_positions`: as for `hidden_states`, one row per sequence.
+        - `z_loss`: the weight of the `log(Z)**2` regulariser.
+        - `chunk_size`: tokens per chunk of the fused loss; see
+            `EmbeddingDecode.mean_cross_entropy`.
+
+        **Returns:**
+
+        A float32 scalar.
+        """
+        tokens = jnp.asarray(tokens)
+        batch, seq = tokens.shape
+        if token_positions is None:
+            hidden = jax.vmap(self.hidden_states)(tokens)
+        else:
+            hidden = jax.vmap(lambda t, p: self.hidden_states(t, token_positions=p))(
+                tokens, jnp.asarray(token_positions)
+            )
+
+        def flat(x):
+            return None if x is None else jnp.reshape(jnp.asarray(x), batch * seq)
+
+        return self.embedding.mean_cross_entropy(
+            hidden.reshape(batch * seq, hidden.shape[-1]),
+            flat(targets),
+            where=flat(where),
+            weights=flat(weights),
+            z_loss=z_loss,
+            chunk_size=chunk_size,
+        )
 
     @checked
     def score(

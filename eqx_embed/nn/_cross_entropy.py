@@ -20,7 +20,8 @@ softmax needs the final log-sum-exp, so the forward pass still needs two passes 
 the vocabulary, and its table gradient would be stored at the size of the table and
 be right only for a cotangent that is the same for every token (a mean or a sum), not
 for per-token losses weighted by the caller. The fourth matmul is paid back by never
-writing or reading the two logit-sized arrays.
+writing or reading the two logit-sized arrays. (For a loss reduced with weights known
+up front, `_reduced_cross_entropy.py` walks token chunks instead: three matmuls.)
 
 A vocabulary that is not a multiple of the block is not padded (padding would copy
 the table): the last block starts at `vocabulary - block_size` instead and the columns
@@ -50,6 +51,12 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._contracts import check_positive
 from ._numerics import accumulation_dtype
+from ._vocab_parallel import (
+    explicit_sharding,
+    sharded_like,
+    varying_like,
+    vocab_parallel_lse_and_target_logit,
+)
 
 DEFAULT_BLOCK_SIZE = 2048
 """The default number of vocabulary rows per block."""
@@ -65,7 +72,12 @@ class _Blocking(NamedTuple):
 
 
 def _contract(
-    left: Array, right: Array, left_axis: int, right_axis: int, blocking: _Blocking
+    left: Array,
+    right: Array,
+    left_axis: int,
+    right_axis: int,
+    blocking: _Blocking,
+    out_sharding=None,
 ) -> Array:
     # A dot_general rather than a matmul of a transpose, which XLA:CPU would copy.
     return lax.dot_general(
@@ -73,6 +85,7 @@ def _contract(
         right,
         (((left_axis,), (right_axis,)), ((), ())),
         preferred_element_type=blocking.accumulate_dtype,
+        out_sharding=out_sharding,
     )
 
 
@@ -141,7 +154,11 @@ def _lse_and_target_logit(
         return (lse, target_logit, table), None
 
     dtype = blocking.accumulate_dtype
-    initial = (jnp.full(tokens, -jnp.inf, dtype), jnp.zeros(tokens, dtype), table)
+    initial = (
+        varying_like(jnp.full(tokens, -jnp.inf, dtype), table),
+        varying_like(jnp.zeros(tokens, dtype), table),
+        table,
+    )
     (lse, target_logit, _), _ = lax.scan(
         step, initial, jnp.arange(_num_blocks(table, blocking))
     )
@@ -169,8 +186,13 @@ def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit)
         if block.cap_slope is not None:
             d_logits = d_logits * block.cap_slope
         d_logits = d_logits.astype(blocking.compute_dtype)
-        d_hidden = d_hidden + _contract(d_logits, block.rows, 1, 0, blocking)
-        d_rows = _contract(d_logits, hidden_compute, 0, 0, blocking)
+        d_hidden_block = _contract(d_logits, block.rows, 1, 0, blocking)
+        d_hidden = d_hidden + sharded_like(d_hidden_block, d_hidden)
+        # Summed over the tokens, which may be split over a mesh axis: the rows'
+        # gradient takes the table's layout.
+        d_rows = _contract(
+            d_logits, hidden_compute, 0, 0, blocking, explicit_sharding(d_table)
+        )
         # The blocks run from the last one: the rows that the shifted last block
         # shares with the block before are overwritten by that block. Writing
         # without reading keeps a 16-bit table's gradient in one buffer.
@@ -180,7 +202,7 @@ def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit)
         return (d_hidden, d_table, table), None
 
     initial = (
-        jnp.zeros(hidden.shape, blocking.accumulate_dtype),
+        varying_like(jnp.zeros(hidden.shape, blocking.accumulate_dtype), table),
         jnp.zeros_like(table),
         table,
     )
@@ -214,13 +236,21 @@ def _lse_and_target_logit_bwd(blocking, residuals, cotangents):
         tokens = per_token[0].shape[1]
         flat = [x.reshape(axis_size * tokens, *x.shape[2:]) for x in per_token]
         d_table, d_hidden = backward(table, *flat)
-        return (d_table, d_hidden.reshape(axis_size, tokens, -1)), (False, True)
+        d_hidden = sharded_like(d_hidden.reshape(per_token[0].shape), per_token[0])
+        return (d_table, d_hidden), (False, True)
 
     d_table, d_hidden = backward(*residuals, *cotangents)
     return d_table, d_hidden, None
 
 
 _lse_and_target_logit.defvjp(_lse_and_target_logit_fwd, _lse_and_target_logit_bwd)
+
+
+def _any_table_lse_and_target_logit(table, hidden, targets, blocking):
+    # A table split over its vocabulary runs the kernel on each shard.
+    return vocab_parallel_lse_and_target_logit(
+        table, hidden, targets, blocking, local=_lse_and_target_logit
+    )
 
 
 def _blocking(
@@ -262,7 +292,7 @@ def fused_log_sum_exp(
         block_size=block_size,
     )
     no_targets = jnp.zeros(hidden.shape[0], jnp.int32)
-    lse, _ = _lse_and_target_logit(table, hidden, no_targets, blocking)
+    lse, _ = _any_table_lse_and_target_logit(table, hidden, no_targets, blocking)
     return lse
 
 
@@ -295,7 +325,9 @@ def fused_cross_entropy(
         # cannot reach the table's gradient (in the backward pass, a masked row's zero
         # cotangent would meet its non-finite softmax: 0 * NaN is NaN).
         hidden = jnp.where(where[:, None], hidden, 0)
-    lse, target_logit = _lse_and_target_logit(table, hidden, targets, blocking)
+    lse, target_logit = _any_table_lse_and_target_logit(
+        table, hidden, targets, blocking
+    )
     losses = lse - target_logit
     if z_loss:
         losses = losses + z_loss * lse**2

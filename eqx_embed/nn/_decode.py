@@ -1,3 +1,5 @@
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from ._cross_entropy import fused_cross_entropy, fused_log_sum_exp
 from ._embedding import Embedding
 from ._indices import IntegerSequence, check_indices
 from ._numerics import dot_with_rows
+from ._reduced_cross_entropy import fused_weighted_cross_entropy
 
 
 class EmbeddingDecode(eqx.Module):
@@ -96,6 +99,25 @@ class EmbeddingDecode(eqx.Module):
             owner="table's embedding_size",
         )
 
+    def _check_loss_inputs(
+        self, hidden: Array, targets: Any, where: Any, z_loss: float
+    ) -> tuple[Array, Array | None]:
+        self._check_hidden_block(hidden)
+        if not z_loss >= 0:
+            raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
+        if where is not None:
+            where = jnp.asarray(where)
+        # Masked-out targets are never looked up, so they may be anything.
+        targets = check_indices(
+            targets,
+            size=self.embedding.num_embeddings,
+            out_of_range=self.embedding.out_of_range,
+            name="target",
+            negative_from_end=False,
+            where=where,
+        )
+        return targets, where
+
     @jax.named_scope("eqx_embed.EmbeddingDecode.cross_entropy")
     @checked
     def cross_entropy(
@@ -136,30 +158,23 @@ class EmbeddingDecode(eqx.Module):
         - `z_loss`: the weight of PaLM's auxiliary `logsumexp(logits)**2` term.
             Non-negative.
         - `block_size`: the number of vocabulary rows per block. Positive; one
-            larger than the vocabulary means one block. Defaults to 2048, the
-            fastest on CPU in `benchmarks/bench_fused_loss.py`; the temporaries
+            larger than the vocabulary means one block. Defaults to 2048,
+            the fastest (by minimum time; 1024 and 4096 within the noise, 512
+            and 8192 slower) in `benchmarks/bench_fused_loss.py
+            --sweep-block-size` at 2048 x 512 x 32000 float32 on a loaded
+            2-core CPU; the temporaries
             grow with `tokens * block_size` (144 MiB at 8,192 tokens, width 2,048
             and a float32 128k vocabulary, where the plain loss needs 8 GiB).
 
         **Returns:**
 
         The per-token losses, shape `(tokens,)`, float32 (float64 for a float64
-        compute dtype). Reduce them as you like: `losses.sum() / where.sum()`.
+        compute dtype). Reduce them as you like: `losses.sum() / where.sum()`; for
+        a mean or a weighted sum with weights known up front,
+        [`mean_cross_entropy`][eqx_embed.EmbeddingDecode.mean_cross_entropy] is
+        faster (three matmuls instead of four).
         """
-        self._check_hidden_block(hidden)
-        if not z_loss >= 0:
-            raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
-        if where is not None:
-            where = jnp.asarray(where)
-        # Masked-out targets are never looked up, so they may be anything.
-        targets = check_indices(
-            targets,
-            size=self.embedding.num_embeddings,
-            out_of_range=self.embedding.out_of_range,
-            name="target",
-            negative_from_end=False,
-            where=where,
-        )
+        targets, where = self._check_loss_inputs(hidden, targets, where, z_loss)
         return fused_cross_entropy(
             self.weight,
             hidden,
@@ -169,6 +184,78 @@ class EmbeddingDecode(eqx.Module):
             dtype=self.dtype,
             logit_soft_cap=self.logit_soft_cap,
             block_size=block_size,
+        )
+
+    @jax.named_scope("eqx_embed.EmbeddingDecode.mean_cross_entropy")
+    @checked
+    def mean_cross_entropy(
+        self,
+        hidden: Float[Array, "tokens embedding_size"],
+        targets: Integer[ArrayLike, " tokens"] | IntegerSequence,
+        *,
+        where: Bool[ArrayLike, " tokens"] | None = None,
+        weights: Float[ArrayLike, " tokens"] | None = None,
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> Float[Array, ""]:
+        """The training loss: the mean over the tokens where `where` is True of
+        [`cross_entropy`][eqx_embed.EmbeddingDecode.cross_entropy] (or, given
+        `weights`, their weighted sum), as one scalar, with both gradients computed
+        in the forward pass (Liger's fused linear cross-entropy): three matmuls, as
+        the plain loss, where the per-token `cross_entropy` needs four, and no
+        `(tokens, num_embeddings)` array. Values and targets' policy as
+        `cross_entropy`.
+
+        Pass all the tokens of a batch at once, flattened to `(tokens,
+        embedding_size)`: under `jax.vmap` each example would make a table gradient
+        of its own (and a mean of per-example means is not the mean over tokens).
+
+        **Arguments:**
+
+        - `hidden`: the hidden states, shape `(tokens, embedding_size)`.
+        - `targets`: the target token ids, shape `(tokens,)`, checked as for
+            `cross_entropy`.
+        - `where`: optional, shape `(tokens,)`: only these tokens count, and the
+            mean divides by their number (by 1 when there are none, so that a batch
+            of padding gives 0, not NaN). Masked-out targets are ignored.
+        - `weights`: optional, shape `(tokens,)`: the result is then
+            `sum(weights * losses)` over the tokens `where` keeps, without
+            division (`weights = 1 / global_count` gives a mean over several
+            calls, as in gradient accumulation). Differentiable.
+        - `z_loss`: as for `cross_entropy`.
+        - `chunk_size`: tokens per chunk, each against the whole vocabulary.
+            Positive. Defaults to about 16M logits per chunk (524 tokens for a
+            32k vocabulary; larger chunks were faster in
+            `benchmarks/bench_fused_loss.py --sweep-block-size`, up to 512).
+            The temporaries are a few `(chunk_size, num_embeddings)`
+            float32 arrays plus a float32 accumulator of the table's shape (for
+            a float32 table, the gradient itself): 1,067 MiB at 8,192 tokens,
+            width 2,048 and a float32 128k vocabulary (2,070 MiB for bfloat16),
+            where `cross_entropy` needs 144 MiB and the plain loss 8 GiB. Use
+            `cross_entropy` where memory matters more than speed.
+
+        **Returns:**
+
+        A scalar, float32 (float64 for a float64 compute dtype).
+        """
+        targets, where = self._check_loss_inputs(hidden, targets, where, z_loss)
+        if weights is None:
+            count = targets.shape[0] if where is None else jnp.sum(where)
+            weights = jnp.ones(targets.shape, jnp.float32) / jnp.maximum(count, 1)
+        if where is not None:
+            weights = jnp.where(where, weights, 0)
+            # A NaN or an infinity in a masked-out row must not reach the table's
+            # gradient (its zero weight times a NaN softmax is NaN).
+            hidden = jnp.where(where[:, None], hidden, 0)
+        return fused_weighted_cross_entropy(
+            self.weight,
+            hidden,
+            targets,
+            weights,
+            z_loss=z_loss,
+            dtype=self.dtype,
+            logit_soft_cap=self.logit_soft_cap,
+            chunk_size=chunk_size,
         )
 
     @jax.named_scope("eqx_embed.EmbeddingDecode.log_sum_exp")

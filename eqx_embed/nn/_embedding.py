@@ -24,6 +24,7 @@ from ._indices import (
     gather_rows,
 )
 from ._numerics import default_float_dtype, dot_with_rows
+from ._vocab_parallel import row_sharding
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
 
@@ -223,7 +224,12 @@ class Embedding(eqx.Module):
             # A one-row table needs no gather, only a select (as flax).
             row = jnp.where((token == 0) | (token == -1), self.weight[0], jnp.nan)
         else:
-            row = gather_rows(self.weight, token, negative_from_end=True)
+            row = gather_rows(
+                self.weight,
+                token,
+                negative_from_end=True,
+                out_sharding=row_sharding(self.weight),
+            )
         if self.padding_idx is not None:
             row = jnp.where(self._is_padding(token), jnp.zeros_like(row), row)
         return row if self.dtype is None else row.astype(self.dtype)

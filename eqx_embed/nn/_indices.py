@@ -188,11 +188,13 @@ def gather_rows(
     indices: Shaped[ArrayLike, "*shape"],
     *,
     negative_from_end: bool,
+    out_sharding=None,
 ) -> Array:
     """`table[indices]`, with NaN (or the integer minimum) for out-of-range indices.
 
     With `negative_from_end=False`, negative indices are out of range too, instead of
-    wrapping as `jnp.take` would make them.
+    wrapping as `jnp.take` would make them. `out_sharding`: the result's
+    `PartitionSpec`, which explicit mesh axes need for a sharded table.
     """
     if not negative_from_end:
         indices = jnp.where(jnp.asarray(indices) < 0, table.shape[0], indices)
@@ -200,4 +202,6 @@ def gather_rows(
         fill = jnp.nan
     else:
         fill = jnp.iinfo(table.dtype).min
-    return jnp.take(table, indices, axis=0, mode="fill", fill_value=fill)
+    return table.at[indices].get(
+        mode="fill", fill_value=fill, out_sharding=out_sharding
+    )

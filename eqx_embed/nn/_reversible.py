@@ -166,7 +166,8 @@ class ReversibleEmbedding(eqx.Module):
         """
         return self.decoder(hidden)
 
-    # The fused loss and its normaliser, exactly as the decoder computes them; tied,
-    # their gradients reach the lookup table.
+    # The fused losses and the normaliser, exactly as the decoder computes them;
+    # tied, their gradients reach the lookup table.
     cross_entropy = _on_the_decoder(EmbeddingDecode.cross_entropy)
+    mean_cross_entropy = _on_the_decoder(EmbeddingDecode.mean_cross_entropy)
     log_sum_exp = _on_the_decoder(EmbeddingDecode.log_sum_exp)

@@ -24,6 +24,7 @@ from ._indices import (
     gather_rows,
 )
 from ._numerics import accumulation_dtype, default_float_dtype
+from ._rope_rotate import rotate
 from ._rope_scaling import (
     RopeScaling,
     default_inverse_frequencies,
@@ -418,7 +419,7 @@ class RopeRotation(eqx.Module):
         compute = accumulation_dtype(x.dtype)
         cos, sin = self.cos.astype(compute), self.sin.astype(compute)
         rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
-        rotated = _rotate(rotated.astype(compute), cos, sin, self.interleaved)
+        rotated = rotate(rotated.astype(compute), cos, sin, self.interleaved)
         rotated = rotated.astype(x.dtype)
         if passed.shape[-1]:
             rotated = jnp.concatenate([rotated, passed], axis=-1)
@@ -439,31 +440,3 @@ def _tables(
         (attention_factor * np.sin(angles)).astype(dtype),
         attention_factor,
     )
-
-
-def _rotate(
-    x: Float[Array, "seq *heads rotary_dim"],
-    cos: Float[Array, "seq half_rotary_dim"],
-    sin: Float[Array, "seq half_rotary_dim"],
-    interleaved: bool,
-) -> Float[Array, "seq *heads rotary_dim"]:
-    """Rotates each pair `(a, b)` of features to `(a cos - b sin, b cos + a sin)`.
-
-    The pairs are `(x[i], x[i + half])` in the half-split layout and
-    `(x[2i], x[2i + 1])` in the interleaved one: a reshape to `(2, half)` or
-    `(half, 2)` puts the two members of each pair on an axis of size 2. Both results
-    are computed from static slices and stacked back on that axis, which XLA fuses
-    with the products into one loop over `x`.
-    """
-    half = cos.shape[-1]
-    pair_axis = -1 if interleaved else -2
-    pairs = x.reshape(*x.shape[:-1], *((half, 2) if interleaved else (2, half)))
-    first = jnp.take(pairs, 0, axis=pair_axis)
-    second = jnp.take(pairs, 1, axis=pair_axis)
-    # Broadcast the (seq, half) tables over the axes between seq and the features.
-    cos = cos.reshape(cos.shape[0], *(1,) * (x.ndim - 2), half)
-    sin = sin.reshape(sin.shape[0], *(1,) * (x.ndim - 2), half)
-    rotated = jnp.stack(
-        [first * cos - second * sin, second * cos + first * sin], axis=pair_axis
-    )
-    return rotated.reshape(x.shape)

@@ -613,3 +613,84 @@ def test_exported_from_the_package():
     assert eqx_embed.RotaryPositionalEmbedding is RotaryPositionalEmbedding
     rope = RotaryPositionalEmbedding(16, max_seq_len=4, rotary_dim=8)
     assert (rope.max_seq_len, rope.rotary_dim, rope.attention_factor) == (4, 8, 1.0)
+
+
+# Equinox's usage: vmapped over heads
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_vmap_over_heads_is_the_direct_call_without_transposes(interleaved):
+    """`jax.vmap(rope, in_axes=1, out_axes=1)` under a vmap over the batch, as
+    equinox documents, compiles to the loop of the direct call on
+    `(seq, heads, head_dim)`: no transposed copy of the queries."""
+    rope = RotaryPositionalEmbedding(16, max_seq_len=12, interleaved=interleaved)
+    x = random_x((3, 12, 4, 16), seed=1)
+
+    def over_heads(x):
+        return jax.vmap(jax.vmap(rope, in_axes=1, out_axes=1))(x)
+
+    text = jax.jit(over_heads).lower(x).compile().as_text()
+    assert " transpose(" not in text and " copy(" not in text, text
+    direct = jax.jit(jax.vmap(rope))(x)
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(jax.jit(over_heads)(x), direct, rtol=4 * eps, atol=eps)
+    expected = [
+        reference_rope(
+            example, np.arange(12), theta=rope.theta, interleaved=interleaved
+        )
+        for example in x
+    ]
+    np.testing.assert_allclose(over_heads(x), np.stack(expected), atol=1e-6)
+
+
+def test_vmapped_axes_anywhere_and_vmapped_positions():
+    rope = RotaryPositionalEmbedding(8, max_seq_len=10)
+    x = random_x((6, 3, 8, 5), seed=2)  # (seq, heads, features, extra)
+    # An axis after the features, then one between: each example is (seq, 8).
+    rotated = jax.vmap(jax.vmap(rope, in_axes=2, out_axes=2), in_axes=1, out_axes=1)(x)
+    per_slice = np.moveaxis(np.asarray(x), 2, -1)  # (seq, heads, extra, features)
+    expected = reference_rope(
+        per_slice, np.arange(6), theta=rope.theta, rotary_dim=8, interleaved=False
+    )
+    np.testing.assert_allclose(np.moveaxis(rotated, 2, -1), expected, atol=1e-6)
+    # Positions per example batch the tables too.
+    positions = jnp.array([[0, 1, 2, 3, 4, 5], [4, 5, 6, 7, 8, 9]])
+    batch = jnp.stack([x[..., 0], x[..., 1]])
+    rotated = jax.vmap(lambda x, p: rope(x, positions=p))(batch, positions)
+    for example in range(2):
+        expected = reference_rope(
+            batch[example],
+            positions[example],
+            theta=rope.theta,
+            rotary_dim=8,
+            interleaved=False,
+        )
+        np.testing.assert_allclose(rotated[example], expected, atol=1e-6)
+
+
+def test_gradients_under_the_heads_vmap_match_float64():
+    """The rotation's transpose rotates back; the tables' gradient (through a float
+    `RopeRotation`) is the product rule's."""
+    rope = RotaryPositionalEmbedding(8, max_seq_len=5)
+    x = random_x((5, 3, 8), seed=3)
+    weights = random_x((5, 3, 8), seed=4)
+    rotation = rope.rotation(5)
+
+    def loss(x, cos, sin):
+        rotated = jax.vmap(
+            lambda h: eqx.tree_at(lambda r: (r.cos, r.sin), rotation, (cos, sin))(h),
+            in_axes=1,
+            out_axes=1,
+        )(x)
+        return jnp.sum(rotated * weights)
+
+    d_x, d_cos, d_sin = jax.grad(loss, argnums=(0, 1, 2))(x, rotation.cos, rotation.sin)
+    w = np.asarray(weights, np.float64)
+    a, b = np.asarray(x, np.float64)[..., :4], np.asarray(x, np.float64)[..., 4:]
+    w1, w2 = w[..., :4], w[..., 4:]
+    cos = np.asarray(rotation.cos, np.float64)[:, None]
+    sin = np.asarray(rotation.sin, np.float64)[:, None]
+    expected_d_x = np.concatenate([w1 * cos + w2 * sin, w2 * cos - w1 * sin], -1)
+    np.testing.assert_allclose(d_x, expected_d_x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(d_cos, (w1 * a + w2 * b).sum(1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(d_sin, (w2 * a - w1 * b).sum(1), rtol=1e-5, atol=1e-5)

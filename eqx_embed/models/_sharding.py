@@ -1,0 +1,240 @@
+"""Sharding a `TransformerLM` and its batches over a device mesh, by rules.
+
+Every array of the model has *logical* axes (`"vocab"`, `"embed"`, `"heads"`, `"mlp"`,
+`"layers"`, `"norm"`), named by where it sits in the model; the rules map each logical
+axis to mesh axes, as MaxText's `logical_axis_rules`. So one small dictionary says how
+a whole model is laid out, and the same model code runs on one device or on many.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+Rules = Mapping[str, tuple[str, ...]]
+"""Logical axis name -> the mesh axes that split it (`()`: replicated)."""
+
+LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "mlp", "layers", "norm")
+
+# The logical axes of each kind of leaf, by the end of its path in the model. The
+# blocks' arrays have a leading layer axis besides.
+_LEAF_AXES = {
+    "embedding.weight": ("vocab", "embed"),
+    "reverse_embedding.weight": ("vocab", "embed"),
+    "query_proj.weight": ("heads", "embed"),
+    "key_proj.weight": ("heads", "embed"),
+    "value_proj.weight": ("heads", "embed"),
+    "output_proj.weight": ("embed", "heads"),
+    "query_proj.bias": ("heads",),
+    "key_proj.bias": ("heads",),
+    "value_proj.bias": ("heads",),
+    "output_proj.bias": ("norm",),
+    "gate.weight": ("mlp", "embed"),
+    "up.weight": ("mlp", "embed"),
+    "down.weight": ("embed", "mlp"),
+    "gate.bias": ("mlp",),
+    "up.bias": ("mlp",),
+    "down.bias": ("norm",),
+}
+
+
+def on_auto_axes(function, like: jax.Array):
+    """`function`, run with the mesh's explicit axes turned to auto ones (GSPMD then
+    places its collectives: the gathers of FSDP, the reductions of tensor
+    parallelism), its result laid out as `like`. `function` itself without
+    explicit mesh axes."""
+    sharding = getattr(jax.typeof(like), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or AxisType.Explicit not in mesh.axis_types:
+        return function
+    return jax.sharding.auto_axes(function, out_sharding=sharding.spec)
+
+
+def sharding_rules(
+    *,
+    data: str | Sequence[str] | None = None,
+    fsdp: str | None = None,
+    tensor: str | None = None,
+    vocab: str | None = None,
+) -> dict[str, tuple[str, ...]]:
+    """The rules for the usual kinds of parallelism, each on a mesh axis of its own.
+
+    **Arguments:**
+
+    - `data`: the mesh axis (or axes) that split the batch; the weights are
+        replicated over it.
+    - `fsdp`: a mesh axis that splits the batch as `data` does and also every
+        weight's `embed` axis (fully sharded data parallelism: the weights are
+        gathered layer by layer where they are used).
+    - `tensor`: a mesh axis that splits the attention heads and the MLP's hidden
+        units (Megatron-LM's tensor parallelism).
+    - `vocab`: a mesh axis that splits the vocabulary of the embedding table(s), for
+        the lookup, the decode and the fused loss, which then never gathers the table.
+
+    **Returns:**
+
+    A dictionary from each logical axis name to a tuple of mesh axis names, for
+    [`shard_model`][eqx_embed.shard_model]; edit it to taste.
+    """
+    data = () if data is None else (data,) if isinstance(data, str) else tuple(data)
+    fsdp_axes = () if fsdp is None else (fsdp,)
+    tensor_axes = () if tensor is None else (tensor,)
+    return dict(
+        batch=data + fsdp_axes,
+        vocab=() if vocab is None else (vocab,),
+        embed=fsdp_axes,
+        heads=tensor_axes,
+        mlp=tensor_axes,
+        layers=(),
+        norm=(),
+    )
+
+
+def _leaf_axes(name: str, ndim: int) -> tuple[str | None, ...]:
+    """The logical axes of the leaf at dotted path `name`."""
+    axes: tuple[str | None, ...] = ("norm",) * ndim  # norms, RoPE tables: replicated
+    for suffix, logical in _LEAF_AXES.items():
+        if name == suffix or name.endswith("." + suffix):
+            axes = logical
+            break
+    if name.startswith("blocks."):
+        axes = ("layers", *axes[: ndim - 1])
+    return axes[:ndim] + ("norm",) * (ndim - len(axes))
+
+
+def _spec(
+    name: str,
+    shape: tuple[int, ...],
+    logical: Sequence[str | None],
+    rules: Rules,
+    mesh: Mesh | AbstractMesh,
+) -> PartitionSpec:
+    entries = []
+    used: dict[str, str] = {}
+    for size, axis in zip(shape, logical, strict=True):
+        if axis not in rules:
+            raise ValueError(
+                f"The rules have no entry for the logical axis {axis!r} of {name}; "
+                f"give every one of {LOGICAL_AXES}."
+            )
+        mesh_axes = rules[axis]
+        devices = 1
+        for mesh_axis in mesh_axes:
+            if mesh_axis not in mesh.shape:
+                raise ValueError(
+                    f"The rule {axis!r} -> {mesh_axes} for {name} names the mesh axis "
+                    f"{mesh_axis!r}, which the mesh does not have (its axes: "
+                    f"{tuple(mesh.axis_names)})."
+                )
+            if mesh_axis in used:
+                raise ValueError(
+                    f"{name} would be split over the mesh axis {mesh_axis!r} twice "
+                    f"(by its {used[mesh_axis]!r} and {axis!r} axes); a PartitionSpec "
+                    "uses each mesh axis at most once."
+                )
+            used[mesh_axis] = axis
+            devices *= mesh.shape[mesh_axis]
+        if size % devices:
+            raise ValueError(
+                f"{name} has {size} entries along its {axis!r} axis, which its "
+                f"{devices} devices on mesh axes {mesh_axes} do not divide; pad it to "
+                f"a multiple of {devices} or change the rule for {axis!r}."
+            )
+        entries.append(mesh_axes or None)
+    return PartitionSpec(*entries)
+
+
+def model_partition_specs(model: Any, mesh: Mesh | AbstractMesh, rules: Rules) -> Any:
+    """The `PartitionSpec` of every array of `model` under `rules`.
+
+    **Arguments:**
+
+    - `model`: a [`TransformerLM`][eqx_embed.TransformerLM] (or any of its parts).
+    - `mesh`: the `jax.sharding.Mesh` the rules refer to.
+    - `rules`: from [`sharding_rules`][eqx_embed.sharding_rules].
+
+    **Returns:**
+
+    A pytree like `eqx.filter(model, eqx.is_array)` with a `PartitionSpec` for each
+    array. A rule that names an axis the mesh lacks, that splits an array along an
+    axis the devices do not divide, or that uses a mesh axis twice in one array
+    raises a `ValueError` naming the array and the axis.
+    """
+
+    def spec(path, leaf):
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        return _spec(name, leaf.shape, _leaf_axes(name, leaf.ndim), rules, mesh)
+
+    arrays = eqx.filter(model, eqx.is_array)
+    return jax.tree_util.tree_map_with_path(spec, arrays)
+
+
+def shard_model(model: Any, mesh: Mesh, rules: Rules) -> Any:
+    """`model` with every array placed on `mesh` as `rules` say.
+
+    Training then needs nothing else: `eqx.filter_jit` keeps the layout, the
+    optimiser state built from the sharded model (`optax` `init`) takes it too, and
+    with the mesh set (`jax.set_mesh(mesh)`) the embedding's lookup, decode and fused
+    loss run vocabulary-parallel. The RoPE tables are replicated.
+
+    **Arguments:**
+
+    - `model`: a [`TransformerLM`][eqx_embed.TransformerLM] (or any of its parts).
+    - `mesh`: a `jax.sharding.Mesh`, as from `jax.make_mesh`.
+    - `rules`: from [`sharding_rules`][eqx_embed.sharding_rules].
+
+    **Returns:**
+
+    The same model, its arrays sharded. Raises as
+    [`model_partition_specs`][eqx_embed.model_partition_specs].
+    """
+    specs = model_partition_specs(model, mesh, rules)
+    arrays, static = eqx.partition(model, eqx.is_array)
+    # `jax.device_put` rather than `eqx.filter_shard`, whose sharding constraint is
+    # an assertion (not a move) under explicit mesh axes.
+    arrays = jax.tree.map(
+        lambda leaf, spec: jax.device_put(leaf, NamedSharding(mesh, spec)),
+        arrays,
+        specs,
+    )
+    return eqx.combine(arrays, static)
+
+
+def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Every array of `batch` split along its leading (batch) axis as the rule for
+    `"batch"` says, and replicated over the other mesh axes.
+
+    **Arguments:**
+
+    - `batch`: a pytree of arrays with a common leading batch axis (token ids,
+        targets, masks), on the host or on devices.
+    - `mesh`, `rules`: as for [`shard_model`][eqx_embed.shard_model].
+
+    **Returns:**
+
+    The batch on the mesh. Raises a `ValueError` naming the array where the batch
+    rule uses a mesh axis that also splits the vocabulary, heads or MLP (each device
+    of such an axis must see the same tokens), or the batch size is not divisible.
+    """
+    batch_axes = tuple(rules.get("batch", ()))
+    model_axes = {
+        mesh_axis
+        for logical in ("vocab", "heads", "mlp")
+        for mesh_axis in rules.get(logical, ())
+    }
+
+    def place(path, leaf):
+        name = "batch" + jax.tree_util.keystr(path)
+        clash = sorted(model_axes.intersection(batch_axes))
+        if clash:
+            raise ValueError(
+                f"{name} cannot be split over the mesh axes {clash}: they split the "
+                "model's vocabulary, heads or MLP, whose devices must all see the same "
+                "tokens. Split the batch over data or fsdp axes only."
+            )
+        spec = _spec(name, leaf.shape[:1], ("batch",), rules, mesh)
+        return jax.device_put(leaf, NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map_with_path(place, batch)
