@@ -304,6 +304,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         source = pathlib.Path(__file__)
         write_demo_checkpoint(pathlib.Path(directory), source.read_text())
         args.checkpoint, args.text = pathlib.Path(directory), source
+        print(
+            "--demo: a tiny Llama with RANDOM, untrained weights, scoring this file. "
+            "Its perplexity is of the order of its vocabulary size and says nothing "
+            "about any real model; give a checkpoint directory for that."
+        )
         return score(args)
 
 

@@ -110,3 +110,75 @@ def test_page_code_runs(page):
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, str(DOCS / page), "exec"), namespace)
+
+
+def documented_objects() -> list[str]:
+    """The public classes and functions (not the type aliases, whose documentation is
+    their section of an API page)."""
+    return [
+        name
+        for name in public_names()
+        if inspect.isclass(getattr(eqx_embed, name))
+        or inspect.isfunction(getattr(eqx_embed, name))
+    ]
+
+
+@pytest.mark.parametrize("name", documented_objects())
+def test_public_docstring_says_what_raises_and_has_an_example_that_runs(name):
+    """Each public class and function: a **Raises:** section and an **Example:**
+    whose code runs, in a fresh namespace, as a reader would paste it."""
+    doc = inspect.getdoc(getattr(eqx_embed, name))
+    assert "**Raises:**" in doc, f"{name}: no **Raises:** section"
+    examples = re.findall(r"\*\*Example:\*\*\s*```python\n(.*?)```", doc, re.DOTALL)
+    assert examples, f"{name}: no **Example:** with a ```python block"
+    for example in examples:
+        exec(compile(example, f"<{name} example>", "exec"), {})
+
+
+def is_checked(function) -> bool:
+    """Whether `function` is wrapped by jaxtyping's `jaxtyped` (`checked`)."""
+    while function is not None:
+        code = getattr(function, "__code__", None)
+        if "jaxtyping" in getattr(code, "co_filename", ""):
+            return True
+        function = getattr(function, "__wrapped__", None)
+    return False
+
+
+def test_contracts_page_every_public_call_is_checked():
+    unchecked = []
+    for name in documented_objects():
+        value = getattr(eqx_embed, name)
+        if inspect.isfunction(value):
+            unchecked += [] if is_checked(value) else [name]
+            continue
+        for member_name, member in vars(value).items():
+            if isinstance(member, classmethod | staticmethod):
+                member = member.__func__
+            if member_name.startswith("_") and member_name != "__call__":
+                continue  # private, or a constructor (which checks its arguments)
+            if inspect.isfunction(member) and not is_checked(member):
+                unchecked.append(f"{name}.{member_name}")
+    assert not unchecked, f"public calls without `checked`: {unchecked}"
+
+
+def test_contracts_page_quotes_the_real_annotation_of_token():
+    import numpy as np
+    from jaxtyping import Array, Float, Integer, PRNGKeyArray
+
+    page = (DOCS / "guides" / "contracts.md").read_text()
+    quoted = re.search(r"Embedding\.__call__\(\n(.*?)\n\) -> (.*?)\n", page, re.DOTALL)
+    parameters, returns = quoted.groups()
+    namespace = dict(
+        Array=Array, Float=Float, Integer=Integer, PRNGKeyArray=PRNGKeyArray, np=np
+    )
+    signature = inspect.signature(inspect.unwrap(eqx_embed.Embedding.__call__))
+    for line in parameters.strip().rstrip(",").split(",\n"):
+        name, _, annotation = line.strip().partition(": ")
+        if name == "*":
+            continue
+        annotation = annotation.split(" = ")[0]
+        expected = signature.parameters[name].annotation
+        # jaxtyping makes a new class per subscription: compare what they print.
+        assert str(eval(annotation, namespace)) == str(expected), name
+    assert str(eval(returns, namespace)) == str(signature.return_annotation)

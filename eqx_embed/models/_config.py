@@ -7,7 +7,7 @@ from typing import Any, Literal, get_args
 import jax
 import jax.numpy as jnp
 
-from ..nn._contracts import check_positive
+from ..nn._contracts import check_positive, checked
 from ..nn._indices import OutOfRange, check_policy
 from .families import FAMILY_SPECS, FamilySpec, Presets, family_spec
 from .families._spec import NormKind, PositionKind
@@ -199,6 +199,31 @@ class TransformerConfig:
     family's value; the stored config holds the resolved value. Any combination of
     them builds a model; only the family's own combinations can be saved as a
     Hugging Face checkpoint of that family.
+
+    **Raises:**
+
+    - `ValueError`, naming the field: an unknown `family` or `hidden_act`, a size that
+        is not positive or not finite, `num_kv_heads` not dividing `num_heads`, RoPE
+        tables too large to build, an unknown `out_of_range`; unknown keys in
+        `from_dict`.
+
+    **Example:**
+
+    ```python
+    import eqx_embed
+
+    config = eqx_embed.TransformerConfig(
+        "llama",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+    )
+    assert config.head_dim == 16 and config.norm_eps is not None  # resolved
+    assert eqx_embed.TransformerConfig.from_dict(config.to_dict()) == config
+    ```
     """
 
     family: Family
@@ -390,6 +415,7 @@ class TransformerConfig:
             for kind in types
         )
 
+    @checked
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-able dict, which `from_dict` turns back into it."""
         values = dataclasses.asdict(self)
@@ -400,6 +426,7 @@ class TransformerConfig:
         return values
 
     @classmethod
+    @checked
     def from_dict(cls, values: Mapping[str, Any]) -> "TransformerConfig":
         """The inverse of `to_dict`. Unknown keys raise a `ValueError` naming them."""
         names = {field.name for field in dataclasses.fields(cls)}

@@ -77,6 +77,20 @@ def sharding_rules(
 
     A dictionary from each logical axis name to a tuple of mesh axis names, for
     [`shard_model`][eqx_embed.shard_model]; edit it to taste.
+
+    **Raises:**
+
+    Nothing: the rules are checked where they are used (see
+    [`model_partition_specs`][eqx_embed.model_partition_specs]).
+
+    **Example:**
+
+    ```python
+    import eqx_embed
+
+    rules = eqx_embed.sharding_rules(data="data", vocab="model")
+    assert rules["batch"] == ("data",) and rules["vocab"] == ("model",)
+    ```
     """
     data = () if data is None else (data,) if isinstance(data, str) else tuple(data)
     fsdp_axes = () if fsdp is None else (fsdp,)
@@ -161,6 +175,28 @@ def model_partition_specs(model: Any, mesh: Mesh | AbstractMesh, rules: Rules) -
     array. A rule that names an axis the mesh lacks, that splits an array along an
     axis the devices do not divide, or that uses a mesh axis twice in one array
     raises a `ValueError` naming the array and the axis.
+
+    **Raises:**
+
+    - `ValueError`, naming the array and the axis, as said above.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    config = eqx_embed.TransformerConfig(
+        "llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+        num_heads=2,
+    )
+    model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    rules = eqx_embed.sharding_rules(data="data")
+    specs = eqx_embed.model_partition_specs(model, mesh, rules)
+    ```
     """
 
     def spec(path, leaf):
@@ -189,6 +225,29 @@ def shard_model(model: Any, mesh: Mesh, rules: Rules) -> Any:
 
     The same model, its arrays sharded. Raises as
     [`model_partition_specs`][eqx_embed.model_partition_specs].
+
+    **Raises:**
+
+    - `ValueError`: as [`model_partition_specs`][eqx_embed.model_partition_specs].
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    config = eqx_embed.TransformerConfig(
+        "llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+        num_heads=2,
+    )
+    model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    rules = eqx_embed.sharding_rules(data="data")
+    sharded = eqx_embed.shard_model(model, mesh, rules)
+    assert sharded(jnp.array([1, 2, 3])).shape == (3, 64)
+    ```
     """
     specs = model_partition_specs(model, mesh, rules)
     arrays, static = eqx.partition(model, eqx.is_array)
@@ -217,6 +276,29 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
     The batch on the mesh. Raises a `ValueError` naming the array where the batch
     rule uses a mesh axis that also splits the vocabulary, heads or MLP (each device
     of such an axis must see the same tokens), or the batch size is not divisible.
+
+    **Raises:**
+
+    - `ValueError`, naming the array, as said above.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    config = eqx_embed.TransformerConfig(
+        "llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+        num_heads=2,
+    )
+    model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    rules = eqx_embed.sharding_rules(data="data")
+    batch = eqx_embed.shard_batch(jnp.zeros((4, 8), jnp.int32), mesh, rules)
+    assert batch.shape == (4, 8)
+    ```
     """
     batch_axes = tuple(rules.get("batch", ()))
     model_axes = {

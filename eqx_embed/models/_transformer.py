@@ -37,6 +37,7 @@ from ..nn._rope import RotaryPositionalEmbedding
 from ._attention import NO_WINDOW
 from ._blocks import DecoderBlock, Norm, make_norm
 from ._config import TransformerConfig
+from ._eager import compiled_when_eager
 from ._sharding import on_auto_axes
 
 
@@ -134,6 +135,41 @@ class TransformerLM(eqx.Module):
     `out_of_range` policy, as for [`Embedding`][eqx_embed.Embedding]), positions
     against the RoPE tables, and the sequence length against
     `max_position_embeddings`.
+
+    Called outside any transformation, the public methods compile themselves once per
+    shape (and config), so that a notebook's eager calls run at compiled speed. (Under
+    `out_of_range="error"`, eager calls stay eager, so that bad ids known at once raise
+    at once.)
+
+    **Raises:**
+
+    - `ValueError`: both or neither of `key` and the modules; modules that disagree with
+        the config (the first mismatch named); a sequence longer than
+        `max_position_embeddings`; an out-of-range token id or position under
+        `out_of_range="error"`; from `from_huggingface`, a config key or value the model
+        does not implement.
+    - `jaxtyping.TypeCheckError`: a batch passed to a per-sequence call (use
+        `jax.vmap`), float token ids, `targets` of another length than `tokens`.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    config = eqx_embed.TransformerConfig(
+        "qwen2", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=1,
+        num_heads=2, max_position_embeddings=64,
+    )
+    model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
+    tokens = jnp.array([1, 2, 3, 4, 5])
+    logits = model(tokens)
+    loss = model.loss(tokens[:-1], tokens[1:]).mean()
+    batch_logits = jax.vmap(model)(jnp.stack([tokens, tokens]))
+    assert logits.shape == (5, 128) and batch_logits.shape == (2, 5, 128)
+    ```
     """
 
     embedding: ReversibleEmbedding
@@ -150,8 +186,10 @@ class TransformerLM(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
         embedding: ReversibleEmbedding | None = None,
-        blocks: DecoderBlock | None = None,
-        final_norm: Norm | None = None,
+        # Typed as any module, not as the private `DecoderBlock` and `Norm`: they come
+        # from a built model, and `__check_init__` checks them against `config`.
+        blocks: eqx.Module | None = None,
+        final_norm: eqx.Module | None = None,
         position_embedding: PositionEmbedding | None = None,
     ):
         """**Arguments:**
@@ -249,6 +287,7 @@ class TransformerLM(eqx.Module):
         windows = [NO_WINDOW if w is None else w for w in self.config.layer_windows]
         return jnp.asarray(windows, dtype=jnp.int32)
 
+    @compiled_when_eager
     @jax.named_scope("eqx_embed.TransformerLM.hidden_states")
     @checked
     def hidden_states(
@@ -335,6 +374,7 @@ class TransformerLM(eqx.Module):
         x = on_auto_axes(layers, x)(x, parameters, rotation, local_rotation)
         return self.final_norm(x)
 
+    @compiled_when_eager
     @jax.named_scope("eqx_embed.TransformerLM")
     @checked
     def __call__(
@@ -359,6 +399,7 @@ class TransformerLM(eqx.Module):
         hidden = self.hidden_states(tokens, token_positions=token_positions)
         return jax.vmap(self.embedding.decode)(hidden)
 
+    @compiled_when_eager
     @checked
     def loss(
         self,
@@ -389,6 +430,7 @@ class TransformerLM(eqx.Module):
         hidden = self.hidden_states(tokens, token_positions=token_positions)
         return self.embedding.cross_entropy(hidden, targets, where=where, z_loss=z_loss)
 
+    @compiled_when_eager
     @checked
     def mean_loss(
         self,
@@ -450,6 +492,7 @@ class TransformerLM(eqx.Module):
             chunk_size=chunk_size,
         )
 
+    @compiled_when_eager
     @checked
     def score(
         self,
@@ -475,6 +518,7 @@ class TransformerLM(eqx.Module):
         return -self.loss(tokens, next_tokens, token_positions=token_positions)
 
     @classmethod
+    @checked
     def from_huggingface(
         cls,
         path: str | pathlib.Path,
@@ -510,6 +554,7 @@ class TransformerLM(eqx.Module):
             out_of_range=out_of_range,
         )
 
+    @checked
     def to_huggingface(self, path: str | pathlib.Path) -> None:
         """Writes a Hugging Face checkpoint directory (`config.json` and
         `model.safetensors`) that `transformers.AutoModelForCausalLM.from_pretrained`

@@ -29,6 +29,30 @@ class EmbeddingDecode(eqx.Module):
     through [`ReversibleEmbedding`][eqx_embed.ReversibleEmbedding]), and do not store
     it next to that embedding in a model, or the table becomes two leaves that
     training pulls apart (the weight tying guide explains the trap).
+
+    **Raises:**
+
+    - `ValueError`: a `logit_soft_cap` that is not positive; a hidden state whose width
+        is not the table's `embedding_size`; a target outside the table under the
+        embedding's `out_of_range="error"`.
+    - `jaxtyping.TypeCheckError`: a batch passed to the per-token `__call__`, targets
+        that are not integers or do not match the hidden states' `tokens` axis.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    embedding = eqx_embed.Embedding(100, 16, key=jax.random.key(0))
+    hidden = jax.random.normal(jax.random.key(1), (5, 16))
+    decode = eqx_embed.EmbeddingDecode(embedding)  # built where needed, never stored
+    logits = jax.vmap(decode)(hidden)
+    loss = decode.cross_entropy(hidden, jnp.array([1, 2, 3, 4, 5]))
+    assert logits.shape == (5, 100) and loss.shape == (5,)
+    ```
     """
 
     embedding: Embedding

@@ -35,6 +35,7 @@ TokenId = Integer[Array, ""] | Integer[np.ndarray, ""] | np.integer | int
 
 # A function rather than `jax.nn.initializers.normal(stddev=1.0)` (same draws), so that
 # it has a docstring of its own in the API docs.
+@checked
 def default_embedding_init(
     key: PRNGKeyArray, shape: tuple[int, ...], dtype: Any = jnp.float32
 ) -> Array:
@@ -54,6 +55,28 @@ def default_embedding_init(
     **Returns:**
 
     An array of standard normal draws.
+
+    **Raises:**
+
+    - `jaxtyping.TypeCheckError` for a `shape` that is not a tuple of integers.
+
+    **Example:**
+
+    ```python
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    table = eqx_embed.default_embedding_init(jax.random.key(0), (100, 16))
+    # The same draws as equinox.nn.Embedding's from the same key.
+    peer = eqx.nn.Embedding(100, 16, key=jax.random.key(0))
+    assert jnp.array_equal(table, peer.weight)
+    # For a tied table, flax's default keeps the initial logits of order one.
+    tied = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+    embedding = eqx_embed.Embedding(100, 16, init=tied, key=jax.random.key(0))
+    ```
     """
     return jax.random.normal(key, shape, dtype)
 
@@ -67,7 +90,25 @@ class EmbeddingOptions(TypedDict, total=False):
     and the key, as a `TypedDict`: what
     [`ReversibleEmbedding`][eqx_embed.ReversibleEmbedding] takes as
     `**embedding_options` and passes on to its lookup table unchanged. Each is
-    documented on `Embedding.__init__`."""
+    documented on `Embedding.__init__`.
+
+    **Raises:**
+
+    - Nothing itself: it is a type. `Embedding` raises `ValueError` for bad values.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import eqx_embed
+
+    options: eqx_embed.EmbeddingOptions = dict(padding_idx=0, dtype=jnp.bfloat16)
+    table = eqx_embed.ReversibleEmbedding(16, 8, key=jax.random.key(0), **options)
+    assert table.embedding.padding_idx == 0
+    assert table(3).dtype == jnp.bfloat16
+    ```
+    """
 
     dtype: DTypeLike | None
     param_dtype: DTypeLike | None
@@ -86,6 +127,31 @@ class Embedding(eqx.Module):
 
     Batch it with `jax.vmap`, over as many axes as you like:
     `jax.vmap(jax.vmap(embedding))(tokens)` for `tokens` of shape `(batch, seq)`.
+
+    **Raises:**
+
+    - `ValueError` at construction, naming the argument: sizes that are not positive,
+        a `weight` that is not 2-D or disagrees with the sizes given, a `padding_idx`
+        outside the table, an unknown `out_of_range`, an `init` that returns the wrong
+        shape. When called: an out-of-range token id under `out_of_range="error"`; a
+        query of the wrong width (`attend`); `mask` without a `padding_idx`.
+    - `jaxtyping.TypeCheckError` when called with anything but one integer token id (a
+        batch: use `jax.vmap`; a float).
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    embedding = eqx_embed.Embedding(100, 16, key=jax.random.key(0))
+    row = embedding(jnp.array(7))
+    rows = jax.vmap(jax.vmap(embedding))(jnp.array([[1, 2, 3], [4, 5, 6]]))
+    assert row.shape == (16,) and rows.shape == (2, 3, 16)
+    assert jnp.isnan(embedding(jnp.array(100))).all()  # outside the table: NaNs
+    ```
     """
 
     weight: Float[Array, "num_embeddings embedding_size"]
@@ -140,7 +206,10 @@ class Embedding(eqx.Module):
         - `out_of_range`: what a token id outside `[-num_embeddings, num_embeddings)`
             gives: `"nan"` (the default, a row of NaNs, free under `jit`, as flax) or
             `"error"` (an error naming the id and the table size, under `jit` too).
-            Ids in `[-num_embeddings, 0)` count from the end, as in flax and equinox.
+            Ids in `[-num_embeddings, 0)` count from the end, as in flax and equinox
+            (so Hugging Face's `-100` ignore label reads a real row of a table of 100
+            rows or more: mask it). A one-row table is no exception, unlike flax's,
+            which returns its row for every id.
         """
         check_policy(out_of_range)
         if weight is None:
@@ -221,7 +290,9 @@ class Embedding(eqx.Module):
             negative_from_end=True,
         )
         if self.num_embeddings == 1:
-            # A one-row table needs no gather, only a select (as flax).
+            # A one-row table needs no gather, only a select. Unlike flax's, whose
+            # select returns the row for every id, ids other than 0 and -1 read NaNs
+            # here, as they would from any table.
             row = jnp.where((token == 0) | (token == -1), self.weight[0], jnp.nan)
         else:
             row = gather_rows(

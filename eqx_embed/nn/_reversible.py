@@ -32,6 +32,30 @@ class ReversibleEmbedding(eqx.Module):
     the module: gradients from the lookup and the decode add up in it, and optimisers,
     serialisation and `jax.tree_util` see it once. Untied, the decode has its own table
     of the same shape.
+
+    **Raises:**
+
+    - `ValueError`: as [`Embedding`][eqx_embed.Embedding] and
+        [`EmbeddingDecode`][eqx_embed.EmbeddingDecode] do, and for a `reverse_weight`
+        given to a tied module or of another shape than the lookup table.
+    - `jaxtyping.TypeCheckError`: as `Embedding` and `EmbeddingDecode` do.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    layer = eqx_embed.ReversibleEmbedding(100, 16, key=jax.random.key(0))
+    tokens = jnp.array([5, 6, 7])
+    hidden = jax.vmap(layer)(tokens)
+    logits = jax.vmap(layer.decode)(hidden)
+    loss = layer.cross_entropy(hidden, jnp.array([6, 7, 8]))
+    assert logits.shape == (3, 100) and loss.shape == (3,)
+    assert len(jax.tree.leaves(layer)) == 1  # tied: one table, one leaf
+    ```
     """
 
     embedding: Embedding
@@ -166,8 +190,8 @@ class ReversibleEmbedding(eqx.Module):
         """
         return self.decoder(hidden)
 
-    # The fused losses and the normaliser, exactly as the decoder computes them;
-    # tied, their gradients reach the lookup table.
+    # The fused loss and its normaliser, exactly as the decoder computes them; tied,
+    # their gradients reach the lookup table.
     cross_entropy = _on_the_decoder(EmbeddingDecode.cross_entropy)
-    mean_cross_entropy = _on_the_decoder(EmbeddingDecode.mean_cross_entropy)
     log_sum_exp = _on_the_decoder(EmbeddingDecode.log_sum_exp)
+    mean_cross_entropy = _on_the_decoder(EmbeddingDecode.mean_cross_entropy)

@@ -94,6 +94,34 @@ class RotaryPositionalEmbedding(eqx.Module):
     [`cos`][eqx_embed.RotaryPositionalEmbedding.cos] and
     [`sin`][eqx_embed.RotaryPositionalEmbedding.sin]. Several layers can share one
     instance.
+
+    **Raises:**
+
+    - `ValueError` at construction, naming the argument: a size or `theta` that is not
+        positive, an odd or too large `rotary_dim`, a `dtype` that is not floating, a
+        `scaling` dict with an unknown rule or key, or a `rope_theta` /
+        `partial_rotary_factor` that disagrees with `theta` / `rotary_dim`. When
+        called: more rows than `max_seq_len`, a feature axis that is not
+        `embedding_size`, positions not one per row of `x`, positions outside the
+        tables (known ones at once; traced ones under `out_of_range="error"` when the
+        program runs).
+    - `jaxtyping.TypeCheckError`: integer `x`, float positions.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    rope = eqx_embed.RotaryPositionalEmbedding(8, max_seq_len=32)
+    queries = jax.random.normal(jax.random.key(0), (10, 4, 8))  # (seq, heads, head_dim)
+    rotated = rope(queries)
+    # A KV-cache step: the 11th token, at position 10.
+    step = rope(queries[:1], positions=jnp.array([10]))
+    assert rotated.shape == queries.shape and step.shape == (1, 4, 8)
+    ```
     """
 
     cos_bits: UInt[Array, "max_seq_len half_rotary_dim"] | None
@@ -384,6 +412,27 @@ class RopeRotation(eqx.Module):
     Apply it to every tensor rotated at those positions (queries and keys, in every
     layer). It is built per call, never stored in a model, so its float rows are
     never trained.
+
+    **Raises:**
+
+    - `ValueError`: an `x` whose first axis is not the rotation's number of positions,
+        or whose last axis is not `embedding_size`.
+    - `jaxtyping.TypeCheckError`: an integer `x`.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    rope = eqx_embed.RotaryPositionalEmbedding(8, max_seq_len=32)
+    queries, keys = jax.random.normal(jax.random.key(0), (2, 10, 4, 8))
+    rotation = rope.rotation(10)  # positions checked and gathered once
+    assert jnp.array_equal(rotation(queries), rope(queries))
+    assert jnp.array_equal(rotation(keys), rope(keys))
+    ```
     """
 
     cos: Float[Array, "seq half_rotary_dim"]
