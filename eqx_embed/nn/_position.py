@@ -52,6 +52,26 @@ class PositionEmbedding(eqx.Module):
     learned positions start at row 2). A position outside `[0, max_seq_len)` reads
     NaNs or raises, as out-of-range token ids do; it is never clamped to the last
     row, so a sequence longer than the model was trained for cannot pass unnoticed.
+
+    **Raises:**
+
+    - `ValueError` at construction, naming the argument: sizes that are not positive,
+        a negative `offset`, a `weight` that disagrees with the sizes given; at call
+        time, in `"error"` mode, a position outside `[0, max_seq_len)`.
+    - `jaxtyping.TypeCheckError` for a position that is not one integer.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import eqx_embed
+
+    positions = eqx_embed.PositionEmbedding(1024, 16, key=jax.random.key(0))
+    rows = jax.vmap(positions)(jnp.arange(8))
+    assert rows.shape == (8, 16)
+    assert jnp.isnan(positions(1024)).all()  # out of range: NaNs, never a clamp
+    ```
     """
 
     weight: Float[Array, "rows embedding_size"]
@@ -191,6 +211,25 @@ class SinusoidalPositionalEncoding(eqx.Module):
     Call it on one position (it needs `max_seq_len`), and batch with `jax.vmap`; or
     take a whole sequence's rows with
     [`encodings`][eqx_embed.SinusoidalPositionalEncoding.encodings].
+
+    **Raises:**
+
+    - `ValueError` at construction, naming the argument: a size that is not
+        positive, `max_wavelength <= 1`, a dtype that is not floating; at call time,
+        a per-position call without `max_seq_len`, or (in `"error"` mode) a position
+        out of range.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import eqx_embed
+
+    encoding = eqx_embed.SinusoidalPositionalEncoding(16)
+    assert encoding.encodings(10).shape == (10, 16)
+    assert jax.tree.leaves(encoding) == []  # nothing to train
+    ```
     """
 
     table_bits: UInt[Array, "max_seq_len embedding_size"] | None
