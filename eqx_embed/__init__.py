@@ -23,9 +23,11 @@ from .nn import (
     EmbeddingOptions as EmbeddingOptions,
     Initializer as Initializer,
     OutOfRange as OutOfRange,
+    PositionEmbedding as PositionEmbedding,
     ReversibleEmbedding as ReversibleEmbedding,
     RopeRotation as RopeRotation,
     RotaryPositionalEmbedding as RotaryPositionalEmbedding,
+    SinusoidalPositionalEncoding as SinusoidalPositionalEncoding,
     default_embedding_init as default_embedding_init,
 )
 

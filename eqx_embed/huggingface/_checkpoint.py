@@ -40,35 +40,51 @@ def _huggingface_name(name: str, config: TransformerConfig) -> str | list[str]:
 
 
 def _split_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
-    """Replaces each of GPT-NeoX's fused `attention.query_key_value` weights and biases
-    by separate query, key and value tensors, in place. The fused rows are laid out
-    per head: `(heads, 3, head_dim)`, each head's query, key and value rows adjacent."""
-    fused = (".query_key_value.weight", ".query_key_value.bias")
+    """Replaces each fused query/key/value weight and bias of the files (GPT-NeoX's
+    `query_key_value`, GPT-2's `c_attn`) by separate `query`, `key` and `value`
+    tensors, in place. The fused rows are laid out per head, `(heads, 3, head_dim)`
+    (GPT-NeoX), or as all queries, all keys, all values (GPT-2)."""
+    names = config.spec.weight_names
+    fused = (f".{names.fused_qkv}.weight", f".{names.fused_qkv}.bias")
     for fused_name in [name for name in tensors if name.endswith(fused)]:
         array = tensors.pop(fused_name)
-        per_head = array.reshape(config.num_heads, 3, -1, *array.shape[1:])
-        prefix, leaf = fused_name.rsplit(".query_key_value.", 1)
-        for index, part in enumerate(("query", "key", "value")):
-            tensors[f"{prefix}.{part}.{leaf}"] = per_head[:, index].reshape(
-                -1, *array.shape[1:]
-            )
+        prefix, leaf = fused_name.rsplit(f".{names.fused_qkv}.", 1)
+        rest = array.shape[1:]
+        if names.fused_qkv_per_head:
+            parts = array.reshape(config.num_heads, 3, -1, *rest).swapaxes(0, 1)
+        else:
+            parts = array.reshape(3, -1, *rest)
+        for part, rows in zip(("query", "key", "value"), parts, strict=True):
+            tensors[f"{prefix}.{part}.{leaf}"] = rows.reshape(-1, *rest)
 
 
 def _fuse_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
     """The inverse of `_split_qkv`, in place."""
-    for query_name in [n for n in tensors if ".attention.query." in n]:
-        prefix, leaf = query_name.split(".attention.query.")
+    names = config.spec.weight_names
+    for query_name in [n for n in tensors if n.rsplit(".", 2)[-2] == "query"]:
+        prefix, leaf = query_name.rsplit(".query.", 1)
         parts = [
-            tensors.pop(f"{prefix}.attention.{part}.{leaf}")
-            for part in ("query", "key", "value")
+            tensors.pop(f"{prefix}.{part}.{leaf}") for part in ("query", "key", "value")
         ]
-        per_head = np.stack(
-            [part.reshape(config.num_heads, -1, *part.shape[1:]) for part in parts],
-            axis=1,
-        )
-        tensors[f"{prefix}.attention.query_key_value.{leaf}"] = per_head.reshape(
-            -1, *parts[0].shape[1:]
-        )
+        rest = parts[0].shape[1:]
+        if names.fused_qkv_per_head:
+            parts = [part.reshape(config.num_heads, -1, *rest) for part in parts]
+            fused = np.stack(parts, axis=1)
+        else:
+            fused = np.stack(parts)
+        tensors[f"{prefix}.{names.fused_qkv}.{leaf}"] = fused.reshape(-1, *rest)
+
+
+def _transpose_conv1d(
+    tensors: dict[str, np.ndarray], config: TransformerConfig
+) -> None:
+    """Transposes, in place, the weights that the files store as `(in, out)`
+    (Hugging Face's `Conv1D`); its own inverse."""
+    suffixes = tuple(
+        f".{module}.weight" for module in config.spec.weight_names.transposed
+    )
+    for name in [n for n in tensors if suffixes and n.endswith(suffixes)]:
+        tensors[name] = tensors[name].T
 
 
 # The model's name of the decode head, which a tied model does not have.
@@ -79,6 +95,8 @@ _RECOMPUTED_SUFFIXES = (
     ".rotary_emb.inv_freq",
     ".attention.bias",
     ".attention.masked_bias",
+    ".attn.bias",
+    ".attn.masked_bias",
 )
 
 
@@ -146,6 +164,11 @@ def read_weights(
             tensors[name] = array
     for name in [n for n in tensors if n.endswith(_RECOMPUTED_SUFFIXES)]:
         del tensors[name]
+    prefix = config.spec.weight_names.base_model_prefix
+    if prefix and not any(name.startswith(prefix) for name in tensors):
+        # The base model's files alone: transformers adds the prefix back.
+        tensors = {f"{prefix}{name}": array for name, array in tensors.items()}
+    _transpose_conv1d(tensors, config)
     if config.spec.weight_names.fused_qkv:
         _split_qkv(tensors, config)
     arrays = {}
@@ -205,5 +228,6 @@ def write_checkpoint(
             tensors[hf_name] = array
     if config.spec.weight_names.fused_qkv:
         _fuse_qkv(tensors, config)
+    _transpose_conv1d(tensors, config)
     tensors = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
     write_checkpoint_files(pathlib.Path(path), tensors, values)

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from ..models._config import FAMILIES, TransformerConfig
+from ..models._config import FAMILIES, LAYER_TYPES, TransformerConfig
 from ..models.families import ConfigKeys, family_spec
 from ..nn._contracts import check_positive
 
@@ -57,6 +57,14 @@ def _rope_settings(keys: ConfigKeys, max_position_embeddings: int) -> dict[str, 
     transformers 4's `rope_theta` + `rope_scaling` (GPT-NeoX: `rotary_emb_base`,
     `rotary_pct`) or transformers 5's `rope_parameters`."""
     parameters = dict(keys.take("rope_parameters") or keys.take("rope_scaling") or {})
+    local_theta = None
+    if keys.family.local_rope:
+        parameters, local_theta = _local_rope(keys, parameters)
+    elif parameters.keys() & set(LAYER_TYPES):
+        raise ValueError(
+            f"config.json gives RoPE settings per layer type ({sorted(parameters)}), "
+            f"which {keys.family.name} models do not have."
+        )
     theta = parameters.pop("rope_theta", None)
     for key in ("rope_theta", "rotary_emb_base"):
         value = keys.take(key)
@@ -86,7 +94,16 @@ def _rope_settings(keys: ConfigKeys, max_position_embeddings: int) -> dict[str, 
             f"config.json's RoPE settings have keys {sorted(parameters)} but no "
             "scaling rule (rope_type) that uses them."
         )
-    settings: dict[str, Any] = dict(rope_scaling=scaling)
+    if keys.family.presets.position_embedding != "rope":
+        given = dict(rope_theta=theta, partial_rotary_factor=partial, scaling=scaling)
+        given = {key: value for key, value in given.items() if value is not None}
+        if given:
+            raise ValueError(
+                f"config.json has RoPE settings ({given}), but {keys.family.name} "
+                "models have learned positions."
+            )
+        return {}
+    settings: dict[str, Any] = dict(rope_scaling=scaling, rope_local_theta=local_theta)
     if theta is not None:
         check_positive("config.json's rope_theta", theta)
         settings["rope_theta"] = float(theta)
@@ -94,6 +111,36 @@ def _rope_settings(keys: ConfigKeys, max_position_embeddings: int) -> dict[str, 
         check_positive("config.json's partial_rotary_factor", partial)
         settings["partial_rotary_factor"] = float(partial)
     return settings
+
+
+def _local_rope(
+    keys: ConfigKeys, parameters: dict[str, Any]
+) -> tuple[dict[str, Any], float]:
+    """Splits Gemma 3's RoPE settings: those of the full-attention layers, in the
+    layout of every other family, and the local theta of the sliding layers, from
+    transformers 5's `rope_parameters` per layer type or transformers 4's
+    `rope_local_base_freq`."""
+    local: dict[str, Any] = {}
+    if parameters.keys() & set(LAYER_TYPES):
+        unknown = parameters.keys() - set(LAYER_TYPES)
+        if unknown:
+            raise ValueError(
+                "config.json's rope_parameters mixes layer types with "
+                f"{sorted(unknown)}."
+            )
+        local = dict(parameters.get("sliding_attention") or {})
+        parameters = dict(parameters.get("full_attention") or {})
+    rope_type = local.pop("rope_type", local.pop("type", "default"))
+    local_theta = local.pop("rope_theta", None)
+    if local_theta is None:
+        local_theta = keys.take("rope_local_base_freq")
+    if rope_type != "default" or local:
+        raise ValueError(
+            "config.json scales the RoPE of the sliding layers (rope_type="
+            f"{rope_type!r}, {sorted(local)}), which this model does not implement."
+        )
+    check_positive("config.json's local rope_theta", local_theta)
+    return parameters, float(local_theta)
 
 
 def config_from_huggingface(
@@ -112,6 +159,8 @@ def config_from_huggingface(
             f"config.json has model_type={model_type!r}; supported: {FAMILIES}."
         )
     spec = family_spec(model_type)
+    if spec.normalise_config is not None:
+        values = spec.normalise_config(dict(values))
     keys = ConfigKeys(values, spec)
     if param_dtype is None:
         stored = values.get("dtype") or values.get("torch_dtype") or "float32"
@@ -157,6 +206,8 @@ def config_to_huggingface(config: TransformerConfig) -> dict[str, Any]:
         dtype=config.param_dtype,
         **spec.write_config(config),
     )
+    if spec.denormalise_config is not None:
+        values = spec.denormalise_config(values)
     # What the family cannot express is what does not come back when read.
     reread = config_from_huggingface(
         values,

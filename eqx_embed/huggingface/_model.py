@@ -61,7 +61,4 @@ def load_transformer(
 def save_transformer(model: TransformerLM, path: str | pathlib.Path) -> None:
     """Writes `model` as a Hugging Face checkpoint directory; see
     [`TransformerLM.to_huggingface`][eqx_embed.TransformerLM.to_huggingface]."""
-    parts = dict(
-        embedding=model.embedding, blocks=model.blocks, final_norm=model.final_norm
-    )
-    write_checkpoint(path, model.config, _named_leaves(parts))
+    write_checkpoint(path, model.config, _named_leaves(model.parts()))

@@ -11,6 +11,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ..nn._contracts import checked
 from ..nn._rope import RopeRotation
 from ._linear import Linear
+from ._norms import LayerNorm, RMSNorm
 
 NO_WINDOW = jnp.iinfo(jnp.int32).max
 """The window of a layer that attends to every earlier token."""
@@ -59,6 +60,8 @@ class Attention(eqx.Module):
     key_proj: Linear
     value_proj: Linear
     output_proj: Linear
+    query_norm: RMSNorm | LayerNorm | None
+    key_norm: RMSNorm | LayerNorm | None
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
@@ -79,6 +82,8 @@ class Attention(eqx.Module):
         dtype: jnp.dtype,
         param_dtype: jnp.dtype,
         key: PRNGKeyArray,
+        query_norm: RMSNorm | LayerNorm | None = None,
+        key_norm: RMSNorm | LayerNorm | None = None,
     ):
         """**Arguments:**
 
@@ -92,6 +97,8 @@ class Attention(eqx.Module):
             the output projection.
         - `dtype`, `param_dtype`: compute and weight dtypes.
         - `key`: a `jax.random.PRNGKey`.
+        - `query_norm`, `key_norm`: norms over `head_dim` applied to each query and
+            key head before the rotation (Qwen3, Gemma 3), or `None`.
         """
         query_key, key_proj_key, value_key, output_key = jax.random.split(key, 4)
         common: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype)
@@ -123,6 +130,8 @@ class Attention(eqx.Module):
             key=output_key,
             **common,
         )
+        self.query_norm = query_norm
+        self.key_norm = key_norm
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -130,17 +139,18 @@ class Attention(eqx.Module):
         self.logit_soft_cap = logit_soft_cap
 
     def _project(
-        self, x: Float[Array, "seq hidden_size"], rotation: RopeRotation
+        self, x: Float[Array, "seq hidden_size"], rotation: RopeRotation | None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Rotated queries `(seq, heads, head_dim)`, rotated keys and values
-        `(seq, kv_heads, head_dim)`."""
+        """Queries `(seq, heads, head_dim)`, keys and values `(seq, kv_heads,
+        head_dim)`; queries and keys normalised per head (Qwen3, Gemma 3) and rotated
+        (unless `rotation` is `None`: positions added to the embeddings, GPT-2)."""
         seq_len = x.shape[0]
-        queries = rotation(
-            self.query_proj(x).reshape(seq_len, self.num_heads, self.head_dim)
-        )
-        keys = rotation(
-            self.key_proj(x).reshape(seq_len, self.num_kv_heads, self.head_dim)
-        )
+        queries = self.query_proj(x).reshape(seq_len, self.num_heads, self.head_dim)
+        keys = self.key_proj(x).reshape(seq_len, self.num_kv_heads, self.head_dim)
+        if self.query_norm is not None:
+            queries, keys = self.query_norm(queries), self.key_norm(keys)
+        if rotation is not None:
+            queries, keys = rotation(queries), rotation(keys)
         values = self.value_proj(x).reshape(seq_len, self.num_kv_heads, self.head_dim)
         return queries, keys, values
 
@@ -153,7 +163,7 @@ class Attention(eqx.Module):
     def _self_attend(
         self,
         x: Float[Array, "seq hidden_size"],
-        rotation: RopeRotation,
+        rotation: RopeRotation | None,
         window: Window,
         segment_ids: Int[Array, " seq"] | None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -207,7 +217,7 @@ class Attention(eqx.Module):
         self,
         x: Float[Array, "seq hidden_size"],
         *,
-        rotation: RopeRotation,
+        rotation: RopeRotation | None,
         window: Window,
         segment_ids: Int[Array, " seq"] | None = None,
     ) -> Float[Array, "seq hidden_size"]:
@@ -215,7 +225,8 @@ class Attention(eqx.Module):
 
         - `x`: the (normalised) hidden states of one sequence.
         - `rotation`: the [`RopeRotation`][eqx_embed.RopeRotation] of the tokens'
-            positions, applied to queries and keys.
+            positions, applied to queries and keys; `None` for a model whose
+            positions are added to its embeddings (GPT-2).
         - `window`: how many of the most recent tokens (the current one included)
             each token attends to: an `int`, `None` or `NO_WINDOW` for all of them,
             or a traced scalar.
@@ -233,7 +244,7 @@ class Attention(eqx.Module):
         self,
         x: Float[Array, "seq hidden_size"],
         *,
-        rotation: RopeRotation,
+        rotation: RopeRotation | None,
         window: Window,
     ) -> tuple[Float[Array, "seq hidden_size"], jax.Array, jax.Array]:
         """As `__call__`, also returning the rotated keys and values
@@ -245,7 +256,7 @@ class Attention(eqx.Module):
         self,
         x: Float[Array, "1 hidden_size"],
         *,
-        rotation: RopeRotation,
+        rotation: RopeRotation | None,
         cached_keys: Float[Array, "slots kv_heads head_dim"],
         cached_values: Float[Array, "slots kv_heads head_dim"],
         cached_mask: Bool[Array, " slots"],

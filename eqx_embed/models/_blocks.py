@@ -2,9 +2,9 @@
 connections in the family's layout.
 
 ```
-pre-norm (Llama, Mistral, Qwen2, Gemma)     x = x + attention(norm(x))
-                                            x = x + mlp(norm(x))
-sandwich (Gemma 2)                          x = x + norm(attention(norm(x)))
+pre-norm (Llama, Mistral, Qwen2, Qwen3,     x = x + attention(norm(x))
+          Gemma, GPT-2)                     x = x + mlp(norm(x))
+sandwich (Gemma 2, Gemma 3)                 x = x + norm(attention(norm(x)))
                                             x = x + norm(mlp(norm(x)))
 parallel (GPT-NeoX)                         x = x + attention(norm(x)) + mlp(norm(x))
 ```
@@ -28,16 +28,18 @@ from ._norms import LayerNorm, RMSNorm
 Norm = RMSNorm | LayerNorm
 
 
-def make_norm(config: TransformerConfig) -> Norm:
-    """The family's norm over `hidden_size`, as a new (identity) module."""
+def make_norm(config: TransformerConfig, size: int | None = None) -> Norm:
+    """The family's norm over `size` (default `hidden_size`), as a new (identity)
+    module."""
+    size = config.hidden_size if size is None else size
     dtypes = dict(
         dtype=jnp.dtype(config.activation_dtype),
         param_dtype=jnp.dtype(config.param_dtype),
     )
     if config.norm == "layer":
-        return LayerNorm(config.hidden_size, eps=config.norm_eps, **dtypes)
+        return LayerNorm(size, eps=config.norm_eps, **dtypes)
     return RMSNorm(
-        config.hidden_size,
+        size,
         eps=config.norm_eps,
         unit_offset=config.norm == "rms_unit_offset",
         **dtypes,
@@ -144,6 +146,8 @@ class DecoderBlock(eqx.Module):
             qkv_bias=config.attention_bias,
             output_bias=config.attention_output_bias,
             key=attention_key,
+            query_norm=make_norm(config, config.head_dim) if config.qk_norm else None,
+            key_norm=make_norm(config, config.head_dim) if config.qk_norm else None,
             **dtypes,
         )
         self.attention_output_norm = make_norm(config) if sandwich else None
@@ -182,7 +186,7 @@ class DecoderBlock(eqx.Module):
         self,
         x: Float[Array, "seq hidden_size"],
         *,
-        rotation: RopeRotation,
+        rotation: RopeRotation | None,
         window: Window,
         segment_ids: Int[Array, " seq"] | None = None,
     ) -> Float[Array, "seq hidden_size"]:
@@ -208,7 +212,7 @@ class DecoderBlock(eqx.Module):
         self,
         x: Float[Array, "seq hidden_size"],
         *,
-        rotation: RopeRotation,
+        rotation: RopeRotation | None,
         window: Window,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """As `__call__`, also returning this layer's keys and values."""
@@ -225,7 +229,7 @@ class DecoderBlock(eqx.Module):
         self,
         x: Float[Array, "1 hidden_size"],
         *,
-        rotation: RopeRotation,
+        rotation: RopeRotation | None,
         cached_keys: jax.Array,
         cached_values: jax.Array,
         cached_mask: jax.Array,

@@ -79,12 +79,13 @@ def prefill(
     seq_len = prompts.shape[1]
 
     def one(tokens, length):
-        x = model._embed(tokens)
-        rotation = model.rope.rotation(seq_len)
+        x = model._embed(model._check_tokens(tokens))
+        rotations = model._rotations(seq_len)
         # Empty slots take row 0: decode_step masks them by `held_indices`.
         held = jnp.maximum(held_indices(length, slots), 0)
 
         def layer(block, x, window, _):
+            rotation = model._layer_rotation(rotations, window)
             x, (keys, values) = block.prefill(x, rotation=rotation, window=window)
             return x, (keys[held], values[held])
 
@@ -103,12 +104,13 @@ def decode_step(
     slots = cache.slots
 
     def one(token, length, keys, values):
-        x = model._embed(token[None])
-        rotation = model.rope.rotation(1, positions=length[None])
+        x = model._embed(model._check_tokens(token[None]), length[None])
+        rotations = model._rotations(1, length[None])
         held = held_indices(length, slots)
 
         def layer(block, x, window, cached):
             cached_keys, cached_values = cached
+            rotation = model._layer_rotation(rotations, window)
             window = NO_WINDOW if window is None else window
             x, (key, value) = block.decode(
                 x,

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from ..nn._contracts import check_positive, checked
 from ..nn._indices import OutOfRange, check_policy
 from .families import FAMILY_SPECS, FamilySpec, Presets, family_spec
-from .families._spec import NormKind
+from .families._spec import NormKind, PositionKind
 
 FAMILIES: tuple[str, ...] = tuple(FAMILY_SPECS)
 """The families `TransformerConfig` accepts, by their Hugging Face `model_type`."""
@@ -31,6 +31,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 NORMS: tuple[NormKind, ...] = get_args(NormKind)
+POSITION_KINDS: tuple[PositionKind, ...] = get_args(PositionKind)
 
 # The fields a family presets when they are left None.
 _PRESET_FIELDS = tuple(field.name for field in dataclasses.fields(Presets))
@@ -43,6 +44,7 @@ _BOOLEAN_FIELDS = (
     "attention_bias",
     "attention_output_bias",
     "mlp_bias",
+    "qk_norm",
 )
 _SIZE_FIELDS = (
     "vocab_size",
@@ -122,12 +124,14 @@ class TransformerConfig:
 
     **Fields:**
 
-    - `family`: `"llama"`, `"mistral"`, `"qwen2"`, `"gemma"`, `"gemma2"` or
-        `"gpt_neox"` (Hugging Face's `model_type`). A preset: it gives the structure
-        flags below their family's values (RMSNorm, Gemma's with `1 + scale`, or
-        LayerNorm with bias for GPT-NeoX; a gated MLP, GeGLU / SwiGLU, or a plain one
-        for GPT-NeoX; Gemma's embeddings scaled by `sqrt(hidden_size)`; Gemma 2's
-        norms on the attention and MLP outputs), and names the Hugging Face
+    - `family`: `"llama"`, `"mistral"`, `"qwen2"`, `"qwen3"`, `"gemma"`,
+        `"gemma2"`, `"gemma3_text"`, `"gpt_neox"` or `"gpt2"` (Hugging Face's
+        `model_type`). A preset: it gives the structure flags below their family's
+        values (RMSNorm, Gemma's with `1 + scale`, or LayerNorm with bias for
+        GPT-NeoX and GPT-2; a gated MLP, GeGLU / SwiGLU, or a plain one for GPT-NeoX
+        and GPT-2; Gemma's embeddings scaled by `sqrt(hidden_size)`; Gemma 2's and 3's
+        norms on the attention and MLP outputs; Qwen3's and Gemma 3's query/key
+        norms; GPT-2's learned positions), and names the Hugging Face
         architecture the model loads from and saves to.
     - `vocab_size`, `hidden_size`, `intermediate_size` (the MLP's width),
         `num_layers`, `num_heads`: positive integers.
@@ -157,7 +161,8 @@ class TransformerConfig:
         that a sliding-window layer attends to.
     - `layer_types`: per layer, `"full_attention"` or `"sliding_attention"`. `None`:
         every layer slides if `sliding_window` is set (Mistral), except for Gemma 2,
-        whose even-numbered layers slide and odd-numbered ones attend fully.
+        whose even-numbered layers slide and odd-numbered ones attend fully, and
+        Gemma 3, whose every sixth layer attends fully.
     - `attention_logit_soft_cap`, `final_logit_soft_cap`: Gemma 2's `tanh` caps on the
         attention scores and on the output logits. `None`: no cap.
     - `query_pre_attn_scalar`: attention scores are scaled by
@@ -170,6 +175,15 @@ class TransformerConfig:
         rather than `down(act(up(x)))`.
     - `scale_embeddings`: the embeddings scaled by `sqrt(hidden_size)` (Gemma).
     - `sandwich_norms`: norms on the attention and MLP outputs too (Gemma 2).
+    - `qk_norm`: a norm (the model's kind, over `head_dim`) on each query and key
+        head, before the rotation (Qwen3, Gemma 3).
+    - `position_embedding`: `"rope"` (rotary positions in every layer) or
+        `"learned"` (a [`PositionEmbedding`][eqx_embed.PositionEmbedding] of
+        `max_position_embeddings` rows added to the token embeddings, GPT-2; the
+        RoPE fields are then unused).
+    - `rope_local_theta`: Gemma 3's second RoPE: the sliding-window layers rotate
+        with this base and no scaling, the full-attention layers with `rope_theta`
+        and `rope_scaling`. `None`: every layer uses `rope_theta`.
     - `out_of_range`: the policy for token ids outside the vocabulary and positions
         outside the RoPE tables: `"nan"` or `"error"`, as for
         [`Embedding`][eqx_embed.Embedding].
@@ -180,10 +194,11 @@ class TransformerConfig:
         It does not change the results.
 
     The `None` defaults of `norm`, `gated_mlp`, `scale_embeddings`,
-    `sandwich_norms`, `parallel_residual`, `norm_eps`, `hidden_act`, the biases and
-    `partial_rotary_factor` take the family's value; the stored config holds the
-    resolved value. Any combination of them builds a model; only the family's own
-    combinations can be saved as a Hugging Face checkpoint of that family.
+    `sandwich_norms`, `qk_norm`, `position_embedding`, `parallel_residual`,
+    `norm_eps`, `hidden_act`, the biases and `partial_rotary_factor` take the
+    family's value; the stored config holds the resolved value. Any combination of
+    them builds a model; only the family's own combinations can be saved as a
+    Hugging Face checkpoint of that family.
 
     **Raises:**
 
@@ -241,6 +256,9 @@ class TransformerConfig:
     gated_mlp: bool | None = None
     scale_embeddings: bool | None = None
     sandwich_norms: bool | None = None
+    qk_norm: bool | None = None
+    position_embedding: PositionKind | None = None
+    rope_local_theta: float | int | None = None
     out_of_range: OutOfRange = "nan"
     scan_unroll: int = 1
 
@@ -306,7 +324,9 @@ class TransformerConfig:
                 "partial_rotary_factor must be in (0, 1], got "
                 f"{self.partial_rotary_factor!r}."
             )
-        if self.rotary_dim % 2 or self.rotary_dim == 0:
+        if self.position_embedding == "rope" and (
+            self.rotary_dim % 2 or self.rotary_dim == 0
+        ):
             raise ValueError(
                 f"head_dim * partial_rotary_factor = {self.head_dim} * "
                 f"{self.partial_rotary_factor} gives a rotary width of "
@@ -314,7 +334,7 @@ class TransformerConfig:
             )
         # cos and sin, rotary_dim / 2 float64 values each, per position.
         table_bytes = self.max_position_embeddings * self.rotary_dim * 8
-        if table_bytes > MAX_ROPE_TABLE_BYTES:
+        if self.position_embedding == "rope" and table_bytes > MAX_ROPE_TABLE_BYTES:
             raise ValueError(
                 f"max_position_embeddings={self.max_position_embeddings} with a "
                 f"rotary width of {self.rotary_dim} needs RoPE tables of "
@@ -335,6 +355,18 @@ class TransformerConfig:
             )
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
+        if self.position_embedding not in POSITION_KINDS:
+            raise ValueError(
+                f"position_embedding must be one of {POSITION_KINDS}, got "
+                f"{self.position_embedding!r}."
+            )
+        if self.rope_local_theta is not None:
+            check_positive("rope_local_theta", self.rope_local_theta)
+            if self.position_embedding != "rope":
+                raise ValueError(
+                    "rope_local_theta needs position_embedding='rope', got "
+                    f"{self.position_embedding!r}."
+                )
         if self.sliding_window is not None:
             check_positive("sliding_window", self.sliding_window, integer=True)
         if self.layer_types is not None:
@@ -371,8 +403,11 @@ class TransformerConfig:
             types = self.layer_types
         elif self.sliding_window is None:
             types = ("full_attention",) * self.num_layers
-        elif self.spec.alternating_sliding_layers:
-            types = tuple(LAYER_TYPES[1 - i % 2] for i in range(self.num_layers))
+        elif self.spec.full_attention_every is not None:
+            every = self.spec.full_attention_every
+            types = tuple(
+                LAYER_TYPES[(i + 1) % every != 0] for i in range(self.num_layers)
+            )
         else:
             types = ("sliding_attention",) * self.num_layers
         return tuple(

@@ -32,8 +32,9 @@ from jaxtyping import (
 
 from ..nn._contracts import checked
 from ..nn._indices import IntegerSequence, OutOfRange, check_indices
+from ..nn._position import PositionEmbedding
 from ..nn._reversible import ReversibleEmbedding
-from ..nn._rope import RotaryPositionalEmbedding
+from ..nn._rope import RopeRotation, RotaryPositionalEmbedding
 from ._attention import NO_WINDOW, segment_runs
 from ._blocks import DecoderBlock, Norm, make_norm
 from ._cache import KVCache, decode_step, prefill
@@ -43,13 +44,21 @@ from ._generate import check_prompts, generate
 from ._sharding import on_auto_axes
 
 
-def _make_rope(config: TransformerConfig) -> RotaryPositionalEmbedding:
+def _make_rope(
+    config: TransformerConfig, *, local: bool = False
+) -> RotaryPositionalEmbedding | None:
+    """The model's RoPE, or with `local=True` Gemma 3's second one for the sliding
+    layers (its own theta, unscaled); `None` where the config has no such RoPE."""
+    if config.position_embedding != "rope" or (
+        local and config.rope_local_theta is None
+    ):
+        return None
     return RotaryPositionalEmbedding(
         config.head_dim,
         max_seq_len=config.max_position_embeddings,
-        theta=config.rope_theta,
+        theta=config.rope_local_theta if local else config.rope_theta,
         rotary_dim=config.rotary_dim,
-        scaling=config.rope_scaling,
+        scaling=None if local else config.rope_scaling,
         out_of_range=config.out_of_range,
     )
 
@@ -80,15 +89,27 @@ def _make_embedding(
 
 
 def _random_parts(config: TransformerConfig, key: PRNGKeyArray) -> dict[str, Any]:
-    """Freshly initialised `embedding`, `blocks` (stacked) and `final_norm`."""
-    embedding_key, blocks_key = jax.random.split(key)
+    """Freshly initialised `embedding`, `blocks` (stacked), `final_norm` and
+    `position_embedding` (`None` unless the config's positions are learned)."""
+    embedding_key, blocks_key, position_key = jax.random.split(key, 3)
     blocks = eqx.filter_vmap(lambda k: DecoderBlock(config, key=k))(
         jax.random.split(blocks_key, config.num_layers)
     )
+    position_embedding = None
+    if config.position_embedding == "learned":
+        position_embedding = PositionEmbedding(
+            config.max_position_embeddings,
+            config.hidden_size,
+            key=position_key,
+            dtype=jnp.dtype(config.activation_dtype),
+            param_dtype=jnp.dtype(config.param_dtype),
+            out_of_range=config.out_of_range,
+        )
     return dict(
         embedding=_make_embedding(config, key=embedding_key),
         blocks=blocks,
         final_norm=make_norm(config),
+        position_embedding=position_embedding,
     )
 
 
@@ -103,7 +124,7 @@ def _named_leaves(tree: Any) -> dict[str, Any]:
 
 class TransformerLM(eqx.Module):
     """A decoder-only transformer language model: Llama (2, 3, 3.1), Mistral, Qwen2,
-    Gemma, Gemma 2 or GPT-NeoX, as set by its
+    Qwen3, Gemma, Gemma 2, Gemma 3 (text), GPT-NeoX or GPT-2, as set by its
     [`TransformerConfig`][eqx_embed.TransformerConfig].
 
     It holds the body (the [`ReversibleEmbedding`][eqx_embed.ReversibleEmbedding],
@@ -157,7 +178,9 @@ class TransformerLM(eqx.Module):
     embedding: ReversibleEmbedding
     blocks: DecoderBlock
     final_norm: Norm
-    rope: RotaryPositionalEmbedding
+    position_embedding: PositionEmbedding | None
+    rope: RotaryPositionalEmbedding | None
+    local_rope: RotaryPositionalEmbedding | None
     config: TransformerConfig = eqx.field(static=True)
 
     def __init__(
@@ -170,6 +193,7 @@ class TransformerLM(eqx.Module):
         # from a built model, and `__check_init__` checks them against `config`.
         blocks: eqx.Module | None = None,
         final_norm: eqx.Module | None = None,
+        position_embedding: PositionEmbedding | None = None,
     ):
         """**Arguments:**
 
@@ -186,6 +210,9 @@ class TransformerLM(eqx.Module):
         - `blocks`: one `DecoderBlock` (as `model.blocks` of a built model) whose arrays
             have a leading axis of size `num_layers`.
         - `final_norm`: the norm before the decode.
+        - `position_embedding`: the
+            [`PositionEmbedding`][eqx_embed.PositionEmbedding] of a model with
+            learned positions (GPT-2); `None` otherwise.
         """
         parts = dict(embedding=embedding, blocks=blocks, final_norm=final_norm)
         given = [name for name, part in parts.items() if part is not None]
@@ -200,19 +227,20 @@ class TransformerLM(eqx.Module):
                     "TransformerLM needs either `key` or all of `embedding`, `blocks` "
                     f"and `final_norm`; missing {missing}."
                 )
+            parts["position_embedding"] = position_embedding
         else:
             parts = _random_parts(config, key)
         self.embedding = parts["embedding"]
         self.blocks = parts["blocks"]
         self.final_norm = parts["final_norm"]
+        self.position_embedding = parts["position_embedding"]
         self.rope = _make_rope(config)
+        self.local_rope = _make_rope(config, local=True)
         self.config = config
 
     def __check_init__(self):
         expected = eqx.filter_eval_shape(_random_parts, self.config, jax.random.key(0))
-        actual = dict(
-            embedding=self.embedding, blocks=self.blocks, final_norm=self.final_norm
-        )
+        actual = self.parts()
         expected_leaves, actual_leaves = _named_leaves(expected), _named_leaves(actual)
         if expected_leaves.keys() != actual_leaves.keys():
             raise ValueError(
@@ -248,6 +276,16 @@ class TransformerLM(eqx.Module):
                 )
             seen[id(leaf)] = name
 
+    def parts(self) -> dict[str, Any]:
+        """The modules that hold the weights, by the names `__init__` takes them
+        under (the RoPE tables, which are not weights, left out)."""
+        return dict(
+            embedding=self.embedding,
+            blocks=self.blocks,
+            final_norm=self.final_norm,
+            position_embedding=self.position_embedding,
+        )
+
     def _layer_windows(self) -> int | None | Int[Array, " num_layers"]:
         """The window shared by every layer, static, or one traced per layer."""
         windows = self.config.layer_windows
@@ -281,10 +319,10 @@ class TransformerLM(eqx.Module):
             unroll=self.config.scan_unroll,
         )
 
-    def _embed(
+    def _check_tokens(
         self, tokens: Integer[ArrayLike, " seq"] | IntegerSequence
-    ) -> Float[Array, "seq hidden"]:
-        """Checks a sequence's ids and length; its (scaled) embeddings."""
+    ) -> Int[Array, " seq"]:
+        """Checks a sequence's ids and length."""
         config = self.config
         # Checked here, in their own dtype and with the embedding's policy, before the
         # per-token lookup traces them, so that bad ids known now raise now. They come
@@ -307,10 +345,52 @@ class TransformerLM(eqx.Module):
                 f"tokens has {seq_len} tokens but the model supports at most "
                 f"max_position_embeddings={config.max_position_embeddings}."
             )
+        return tokens
+
+    def _embed(
+        self,
+        tokens: Int[Array, " seq"],
+        positions: Integer[ArrayLike, " seq"] | None = None,
+    ) -> Float[Array, "seq hidden"]:
+        """The (scaled) embeddings of checked `tokens`, plus the learned embeddings
+        of `positions` (default `0 .. seq-1`) for a model that has them (GPT-2)."""
+        config = self.config
         x = jax.vmap(self.embedding)(tokens)
         if config.scale_embeddings:
             x = x * jnp.asarray(config.hidden_size**0.5, dtype=x.dtype)
+        if self.position_embedding is not None:
+            if positions is None:
+                positions = jnp.arange(tokens.shape[0])
+            x = x + jax.vmap(self.position_embedding)(positions).astype(x.dtype)
         return x
+
+    def _rotations(
+        self, seq_len: int, positions: Integer[ArrayLike, " seq"] | None = None
+    ) -> tuple[RopeRotation | None, RopeRotation | None]:
+        """The rotations of the global and the local (Gemma 3's sliding layers) RoPE
+        at `positions`, checked and gathered once for every layer; `None` where the
+        model has no such RoPE."""
+        return tuple(
+            None if rope is None else rope.rotation(seq_len, positions=positions)
+            for rope in (self.rope, self.local_rope)
+        )
+
+    @staticmethod
+    def _layer_rotation(
+        rotations: tuple[RopeRotation | None, RopeRotation | None], window: Any
+    ) -> RopeRotation | None:
+        """The rotation of a layer with `window` (static, or traced per layer):
+        the local one for a sliding layer when the model has one."""
+        rotation, local_rotation = rotations
+        if local_rotation is None:
+            return rotation
+        if not isinstance(window, jax.Array):
+            return rotation if window is None else local_rotation
+        return jax.tree.map(
+            lambda local, full: jnp.where(window != NO_WINDOW, local, full),
+            local_rotation,
+            rotation,
+        )
 
     @compiled_when_eager
     @jax.named_scope("eqx_embed.TransformerLM.hidden_states")
@@ -341,8 +421,8 @@ class TransformerLM(eqx.Module):
 
         Shape `(seq, hidden_size)`, in the activation dtype.
         """
-        x = self._embed(tokens)
-        seq_len = x.shape[0]
+        tokens = self._check_tokens(tokens)
+        seq_len = tokens.shape[0]
         runs = None
         if segment_ids is not None:
             segment_ids = jnp.asarray(segment_ids)
@@ -354,13 +434,13 @@ class TransformerLM(eqx.Module):
             runs, run_positions = segment_runs(segment_ids)
             if token_positions is None:
                 token_positions = run_positions
-        # Positions are checked and their table rows gathered once, for every layer.
-        rotation = self.rope.rotation(seq_len, positions=token_positions)
-
+        rotations = self._rotations(seq_len, token_positions)
+        x = self._embed(tokens, token_positions)
         parameters, structure = eqx.partition(self.blocks, eqx.is_array)
 
-        def layers(x, parameters, rotation, runs):
+        def layers(x, parameters, rotations, runs):
             def layer(block, x, window, _):
+                rotation = self._layer_rotation(rotations, window)
                 out = block(x, rotation=rotation, window=window, segment_ids=runs)
                 return out, None
 
@@ -369,7 +449,7 @@ class TransformerLM(eqx.Module):
 
         # The blocks' FSDP gathers and tensor-parallel reductions are GSPMD's to
         # place, also under explicit mesh axes.
-        x = on_auto_axes(layers, x)(x, parameters, rotation, runs)
+        x = on_auto_axes(layers, x)(x, parameters, rotations, runs)
         return self.final_norm(x)
 
     @compiled_when_eager

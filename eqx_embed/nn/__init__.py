@@ -1,5 +1,5 @@
-"""The core: token embeddings, tied decoding, the fused cross-entropy and rotary
-position embeddings. Imports nothing from `eqx_embed.models` or
+"""The core: token embeddings, tied decoding, the fused cross-entropy, and position
+embeddings (learned, sinusoidal and rotary). Imports nothing from `eqx_embed.models` or
 `eqx_embed.huggingface`."""
 
 from ._decode import EmbeddingDecode as EmbeddingDecode
@@ -10,6 +10,10 @@ from ._embedding import (
     default_embedding_init as default_embedding_init,
 )
 from ._indices import OutOfRange as OutOfRange
+from ._position import (
+    PositionEmbedding as PositionEmbedding,
+    SinusoidalPositionalEncoding as SinusoidalPositionalEncoding,
+)
 from ._reversible import ReversibleEmbedding as ReversibleEmbedding
 from ._rope import (
     RopeRotation as RopeRotation,

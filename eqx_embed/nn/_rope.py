@@ -25,14 +25,13 @@ from ._indices import (
 )
 from ._numerics import accumulation_dtype, default_float_dtype
 from ._rope_rotate import rotate
-from ._rope_scaling import inverse_frequencies, parse_scaling
-
-_UNSIGNED_OF_WIDTH = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
-
-
-def _as_bits(table: np.ndarray) -> Array:
-    """Reinterprets a float table as unsigned integers of the same width."""
-    return jnp.asarray(table.view(_UNSIGNED_OF_WIDTH[table.dtype.itemsize]))
+from ._rope_scaling import (
+    RopeScaling,
+    default_inverse_frequencies,
+    inverse_frequencies,
+    parse_scaling,
+)
+from ._tables import TablesPerLength, as_bits, frozen
 
 
 class RotaryPositionalEmbedding(eqx.Module):
@@ -40,8 +39,30 @@ class RotaryPositionalEmbedding(eqx.Module):
 
     Rotates pairs of features of a query or key by an angle proportional to the
     token's position, so that the dot product of a rotated query and key depends on
-    their positions only through the difference. A drop-in for
-    `equinox.nn.RotaryPositionalEmbedding`, with what real checkpoints need on top:
+    their positions only through the difference.
+
+    **A drop-in for `equinox.nn.RotaryPositionalEmbedding`.** The same constructor
+    (`RotaryPositionalEmbedding(embedding_size, theta, dtype)`, positionally or by
+    keyword, with no table length to give), the same call on `(seq, embedding_size)`
+    and the same results, under `jax.vmap(rope, in_axes=1, out_axes=1)` over heads as
+    equinox documents, and the same static methods `rotate_half` and
+    `precompute_freqs_cis`. The differences are deliberate:
+
+    - **Tables per instance.** equinox caches its tables globally, keyed by
+        `(embedding_size, dtype)` only, so a second module with another `theta` (as
+        Gemma 3's local and global layers) silently reuses the first one's. Here
+        they belong to the instance: stored when `max_seq_len` is given, otherwise
+        built at trace time per static sequence length and kept with the instance.
+    - **float64 angles.** The tables are computed in float64 and cast once, where
+        equinox computes its angles in float32 (off by up to `seq` ulps of an
+        angle).
+    - **Low-precision inputs.** A float16 or bfloat16 `x` against float32 tables is
+        rotated in float32 and cast back once, where equinox raises
+        `TypePromotionError` under strict dtype promotion.
+    - **Validation.** `embedding_size` must be positive (equinox accepts 0), and
+        each bad argument gets a `ValueError` naming it.
+
+    And what real checkpoints need on top:
 
     - **Queries and keys with heads, directly.** `x` may be `(seq, embedding_size)` or
         `(seq, heads, head_dim)` (any number of axes between `seq` and the features),
@@ -59,8 +80,9 @@ class RotaryPositionalEmbedding(eqx.Module):
         dict from `config.json` and reproduces transformers' cos and sin, attention
         factor included.
 
-    **The tables are not parameters.** cos and sin are computed once, at
-    construction, in float64 and cast once to `dtype`; they belong to the instance.
+    **The tables are not parameters.** With `max_seq_len`, cos and sin are computed
+    once, at construction, in float64 and cast once to `dtype`; they belong to the
+    instance.
     They are stored bit-cast to unsigned integers of the same width (`cos_bits`,
     `sin_bits`) and cast back for free at call time. Being integer arrays, they are
     not `eqx.is_inexact_array`, so the plain Equinox training recipe
@@ -102,25 +124,26 @@ class RotaryPositionalEmbedding(eqx.Module):
     ```
     """
 
-    cos_bits: UInt[Array, "max_seq_len half_rotary_dim"]
-    sin_bits: UInt[Array, "max_seq_len half_rotary_dim"]
+    cos_bits: UInt[Array, "max_seq_len half_rotary_dim"] | None
+    sin_bits: UInt[Array, "max_seq_len half_rotary_dim"] | None
     embedding_size: int = eqx.field(static=True)
-    max_seq_len: int = eqx.field(static=True)
-    rotary_dim: int = eqx.field(static=True)
     theta: float = eqx.field(static=True)
+    dtype: jnp.dtype = eqx.field(static=True)
+    max_seq_len: int | None = eqx.field(static=True)
+    rotary_dim: int = eqx.field(static=True)
     interleaved: bool = eqx.field(static=True)
     rope_type: str = eqx.field(static=True)
     attention_factor: float = eqx.field(static=True)
-    dtype: jnp.dtype = eqx.field(static=True)
     out_of_range: OutOfRange = eqx.field(static=True)
+    _tables_per_length: "TablesPerLength | None" = eqx.field(static=True, repr=False)
 
     def __init__(
         self,
         embedding_size: int,
-        *,
-        max_seq_len: int,
         theta: float | int = 10_000.0,
         dtype: DTypeLike | None = None,
+        *,
+        max_seq_len: int | None = None,
         rotary_dim: int | None = None,
         interleaved: bool = False,
         scaling: Mapping[str, Any] | None = None,
@@ -131,11 +154,19 @@ class RotaryPositionalEmbedding(eqx.Module):
         - `embedding_size`: the width of the vectors rotated: the head dimension when
             rotating queries and keys. Positive and even (unless `rotary_dim` is
             smaller).
-        - `max_seq_len`: the number of positions in the tables, `0 .. max_seq_len-1`.
-            (Keyword only, as all that follow.)
         - `theta`: the base of the frequencies, `theta ** (-2i / rotary_dim)`.
         - `dtype`: the dtype of the tables. Defaults to float32 (float64 when JAX
             runs in 64-bit mode).
+
+        These three may be positional, as in `equinox.nn.RotaryPositionalEmbedding`;
+        all that follow are keyword only.
+
+        - `max_seq_len`: the number of positions in the tables, `0 .. max_seq_len-1`,
+            built now and stored in the module. `None` (the default, as equinox):
+            the tables are built when a call is traced, for that call's static
+            sequence length, and kept per instance and length, so each length is
+            computed once however many calls use it. Explicit `positions` need
+            `max_seq_len`: a traced position could be anywhere.
         - `rotary_dim`: how many leading features to rotate; even, at most
             `embedding_size`. Defaults to all of them (or to
             `int(embedding_size * partial_rotary_factor)` when `scaling` has one).
@@ -143,16 +174,18 @@ class RotaryPositionalEmbedding(eqx.Module):
             of adjacent features.
         - `scaling`: a Hugging Face `rope_scaling` or `rope_parameters` dict, with its
             rule in `rope_type` or `type`: `"default"`, `"linear"`, `"dynamic"`,
-            `"yarn"`, `"longrope"` or `"llama3"`, and that rule's keys. Values that
-            transformers reads from the model config go in the dict:
-            `original_max_position_embeddings` (for `"dynamic"`, the config's
+            `"yarn"`, `"longrope"`, `"llama3"` or `"proportional"`, and that rule's
+            keys. Values that transformers reads from the model config go in the
+            dict: `original_max_position_embeddings` (for `"dynamic"`, the config's
             `max_position_embeddings`) and, for `"yarn"` and `"longrope"` without a
             `factor`, `max_position_embeddings`. A `rope_theta` or
             `partial_rotary_factor` in the dict must agree with `theta` and
-            `rotary_dim`. The rules that depend on the current sequence length
-            (`"dynamic"`, and `"longrope"`'s choice of short or long factors) give the
-            tables that transformers computes for a sequence of length `max_seq_len`,
-            for every position.
+            `rotary_dim` (except for `"proportional"`, which rotates every feature
+            and reads `partial_rotary_factor` itself). The rules that depend on the
+            current sequence length (`"dynamic"`, and `"longrope"`'s choice of short
+            or long factors) give the tables that transformers computes for a
+            sequence of length `max_seq_len` (without `max_seq_len`: of the length
+            of the call), for every position.
         - `out_of_range`: what a traced position outside `[0, max_seq_len)` gives:
             `"nan"` (the default, NaN rows) or `"error"` (an error when the program
             runs), as for token ids in [`Embedding`][eqx_embed.Embedding]. Positions
@@ -162,7 +195,8 @@ class RotaryPositionalEmbedding(eqx.Module):
         check_policy(out_of_range)
         parsed = parse_scaling(scaling)
         check_positive("embedding_size", embedding_size, integer=True)
-        check_positive("max_seq_len", max_seq_len, integer=True)
+        if max_seq_len is not None:
+            check_positive("max_seq_len", max_seq_len, integer=True)
         check_positive("theta", theta)
         if parsed.rope_theta is not None and parsed.rope_theta != theta:
             raise ValueError(
@@ -198,32 +232,96 @@ class RotaryPositionalEmbedding(eqx.Module):
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
 
-        frequencies, attention_factor = inverse_frequencies(
-            parsed, rotary_dim=rotary_dim, theta=theta, max_seq_len=max_seq_len
-        )
-        angles = np.outer(np.arange(max_seq_len, dtype=np.float64), frequencies)
-        # As transformers, the attention factor scales cos and sin themselves.
-        self.cos_bits = _as_bits((attention_factor * np.cos(angles)).astype(dtype))
-        self.sin_bits = _as_bits((attention_factor * np.sin(angles)).astype(dtype))
+        def build(seq_len: int) -> tuple[np.ndarray, np.ndarray, float]:
+            return _tables(
+                parsed, rotary_dim=rotary_dim, theta=theta, seq_len=seq_len, dtype=dtype
+            )
+
+        # Validates the rule's parameters now, whether or not the tables wait.
+        *tables, attention_factor = build(max_seq_len or 1)
+        if max_seq_len is None:
+            self.cos_bits = self.sin_bits = None
+            settings = (rotary_dim, float(theta), dtype, frozen(scaling))
+            self._tables_per_length = TablesPerLength(settings, build)
+        else:
+            self.cos_bits, self.sin_bits = (as_bits(table) for table in tables)
+            self._tables_per_length = None
         self.embedding_size = embedding_size
+        self.theta = float(theta)
+        self.dtype = dtype
         self.max_seq_len = max_seq_len
         self.rotary_dim = rotary_dim
-        self.theta = float(theta)
         self.interleaved = interleaved
         self.rope_type = parsed.rope_type
         self.attention_factor = float(attention_factor)
-        self.dtype = dtype
         self.out_of_range = out_of_range
+
+    @staticmethod
+    def rotate_half(x: Float[Array, "*shape embedding_size"]):
+        """`(a, b) -> (-b, a)` on the two halves of the features: the half-split
+        rotation by a quarter turn, as `equinox.nn.RotaryPositionalEmbedding`'s."""
+        half = x.shape[-1] // 2
+        return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+    @staticmethod
+    def precompute_freqs_cis(
+        embedding_size: int, end: int, theta: float, dtype: DTypeLike
+    ) -> tuple[Float[Array, "end half_emb_size"], Float[Array, "end half_emb_size"]]:
+        """The unscaled cos and sin tables for positions `0 .. end-1`, as
+        `equinox.nn.RotaryPositionalEmbedding.precompute_freqs_cis` returns them, but
+        computed in float64 and cast once to `dtype`."""
+        angles = np.outer(
+            np.arange(end, dtype=np.float64),
+            default_inverse_frequencies(embedding_size, theta),
+        )
+        return jnp.asarray(np.cos(angles).astype(dtype)), jnp.asarray(
+            np.sin(angles).astype(dtype)
+        )
 
     @property
     def cos(self) -> Float[Array, "max_seq_len half_rotary_dim"]:
-        """`attention_factor * cos(position * frequency)`, in `dtype`."""
-        return jax.lax.bitcast_convert_type(self.cos_bits, self.dtype)
+        """`attention_factor * cos(position * frequency)`, in `dtype`. Only with
+        `max_seq_len`; without it, see
+        [`tables`][eqx_embed.RotaryPositionalEmbedding.tables]."""
+        return self.tables(self._stored_length("cos"))[0]
 
     @property
     def sin(self) -> Float[Array, "max_seq_len half_rotary_dim"]:
-        """`attention_factor * sin(position * frequency)`, in `dtype`."""
-        return jax.lax.bitcast_convert_type(self.sin_bits, self.dtype)
+        """`attention_factor * sin(position * frequency)`, in `dtype`. Only with
+        `max_seq_len`; without it, see
+        [`tables`][eqx_embed.RotaryPositionalEmbedding.tables]."""
+        return self.tables(self._stored_length("sin"))[1]
+
+    def _stored_length(self, name: str) -> int:
+        if self.max_seq_len is None:
+            raise ValueError(
+                f"This module stores no {name} table (it was built without "
+                f"max_seq_len); use tables(seq_len)."
+            )
+        return self.max_seq_len
+
+    def tables(
+        self, seq_len: int
+    ) -> tuple[
+        Float[Array, "seq_len half_rotary_dim"], Float[Array, "seq_len half_rotary_dim"]
+    ]:
+        """cos and sin for positions `0 .. seq_len-1`, in `dtype`: a static slice of
+        the stored tables, or, without `max_seq_len`, this instance's tables for
+        `seq_len` (built in float64 the first time a length is asked for, then
+        kept)."""
+        if self._tables_per_length is not None:
+            cos, sin, _ = self._tables_per_length(seq_len)
+            return jnp.asarray(cos), jnp.asarray(sin)
+        if seq_len > self.max_seq_len:
+            raise ValueError(
+                f"x has {seq_len} positions (its first axis) but the tables hold "
+                f"max_seq_len={self.max_seq_len}; build the module with a larger "
+                "max_seq_len."
+            )
+        cos = jax.lax.bitcast_convert_type(self.cos_bits, self.dtype)
+        sin = jax.lax.bitcast_convert_type(self.sin_bits, self.dtype)
+        # A static slice, not a gather: it fuses into the rotation.
+        return cos[:seq_len], sin[:seq_len]
 
     @checked
     def rotation(
@@ -247,14 +345,13 @@ class RotaryPositionalEmbedding(eqx.Module):
         `self(x, positions=positions)` for every `x` of `seq_len` rows.
         """
         if positions is None:
-            if seq_len > self.max_seq_len:
-                raise ValueError(
-                    f"x has {seq_len} positions (its first axis) but the tables hold "
-                    f"max_seq_len={self.max_seq_len}; build the module with a larger "
-                    "max_seq_len."
-                )
-            # A static slice, not a gather: it fuses into the rotation.
-            cos, sin = self.cos[:seq_len], self.sin[:seq_len]
+            cos, sin = self.tables(seq_len)
+        elif self.max_seq_len is None:
+            raise ValueError(
+                "positions need a module built with max_seq_len (tables of a known "
+                "size: a traced position could be anywhere); this one has "
+                "max_seq_len=None."
+            )
         else:
             if np.shape(positions) != (seq_len,):
                 raise ValueError(
@@ -376,3 +473,19 @@ class RopeRotation(eqx.Module):
         if passed.shape[-1]:
             rotated = jnp.concatenate([rotated, passed], axis=-1)
         return rotated
+
+
+def _tables(
+    scaling: RopeScaling, *, rotary_dim: int, theta: float, seq_len: int, dtype
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """cos and sin for positions `0 .. seq_len-1` in float64, cast once to `dtype`,
+    and the attention factor, which (as transformers) scales them both."""
+    frequencies, attention_factor = inverse_frequencies(
+        scaling, rotary_dim=rotary_dim, theta=theta, max_seq_len=seq_len
+    )
+    angles = np.outer(np.arange(seq_len, dtype=np.float64), frequencies)
+    return (
+        (attention_factor * np.cos(angles)).astype(dtype),
+        (attention_factor * np.sin(angles)).astype(dtype),
+        attention_factor,
+    )

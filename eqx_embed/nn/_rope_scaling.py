@@ -18,7 +18,9 @@ they are accepted in the dict under the same names:
     `max_position_embeddings / original_max_position_embeddings`.
 - `rope_theta` and `partial_rotary_factor` (transformers 5 moves them into the dict):
     these describe the module itself, and are reconciled with its `theta` and
-    `rotary_dim` arguments by `RotaryPositionalEmbedding`.
+    `rotary_dim` arguments by `RotaryPositionalEmbedding`. The one exception is
+    `proportional` (Gemma 4), whose `partial_rotary_factor` belongs to the rule: it
+    rotates every feature, the trailing pairs with frequency zero.
 """
 
 import math
@@ -194,6 +196,29 @@ def _llama3(parameters, *, rotary_dim, theta, max_seq_len) -> RopeTables:
     return np.where(is_medium, smoothed, scaled), 1.0
 
 
+def _proportional(parameters, *, rotary_dim, theta, max_seq_len) -> RopeTables:
+    factor = parameters.get("factor")
+    factor = 1.0 if factor is None else _number(parameters, "factor", "proportional")
+    proportion = parameters.get("partial_rotary_factor")
+    proportion = (
+        1.0
+        if proportion is None
+        else _number(parameters, "partial_rotary_factor", "proportional")
+    )
+    if proportion > 1:
+        raise ValueError(
+            "scaling['partial_rotary_factor'] must be at most 1 for rope_type "
+            f"'proportional', got {proportion}."
+        )
+    # The first pairs get the frequencies that a full rotation of rotary_dim features
+    # would give them (the exponent's denominator stays rotary_dim); the others get
+    # frequency zero, so cos = 1 and sin = 0 pass them through.
+    rotated = int(proportion * rotary_dim // 2)
+    inverse = np.zeros(rotary_dim // 2, dtype=np.float64)
+    inverse[:rotated] = default_inverse_frequencies(rotary_dim, theta)[:rotated]
+    return inverse / factor, 1.0
+
+
 @dataclass(frozen=True)
 class _Rule:
     required: frozenset[str]
@@ -239,6 +264,9 @@ _RULES: dict[str, _Rule] = {
         frozenset(),
         _llama3,
     ),
+    "proportional": _Rule(
+        frozenset(), frozenset({"factor", "partial_rotary_factor"}), _proportional
+    ),
 }
 
 ROPE_TYPES = tuple(_RULES)
@@ -277,10 +305,13 @@ def parse_scaling(scaling: Mapping[str, Any] | None) -> RopeScaling:
             f"Unknown RoPE scaling type {rope_type!r}; expected one of {ROPE_TYPES}."
         )
     rule = _RULES[rope_type]
+    # A rule that reads a module key itself (proportional's partial_rotary_factor)
+    # keeps it; the module does not see it.
+    module_keys = _MODULE_KEYS - rule.optional
     parameters = {
         key: value
         for key, value in scaling.items()
-        if key not in _TYPE_KEYS | _MODULE_KEYS
+        if key not in _TYPE_KEYS | module_keys
     }
     missing = rule.required - parameters.keys()
     if missing:
@@ -298,7 +329,11 @@ def parse_scaling(scaling: Mapping[str, Any] | None) -> RopeScaling:
             f"{sorted(rule.required | rule.optional | _TYPE_KEYS | _MODULE_KEYS)}."
         )
     rope_theta = scaling.get("rope_theta")
-    partial_rotary_factor = scaling.get("partial_rotary_factor")
+    partial_rotary_factor = (
+        scaling.get("partial_rotary_factor")
+        if "partial_rotary_factor" in module_keys
+        else None
+    )
     for key, value in (
         ("rope_theta", rope_theta),
         ("partial_rotary_factor", partial_rotary_factor),

@@ -22,6 +22,17 @@ MOVED_IN_TRANSFORMERS_5 = {
     ("gpt_neox", "rotary_pct"),
     # Set to None unless use_sliding_window (whose default is False), as we read it.
     ("qwen2", "sliding_window"),
+    ("qwen3", "sliding_window"),
+    # Kept in rope_parameters per layer type.
+    ("gemma3_text", "rope_theta"),
+    ("gemma3_text", "rope_local_base_freq"),
+}
+# Where a family's config names the norm epsilon and the activation its own way.
+EPS_KEYS = {"gpt2": "layer_norm_epsilon"}
+ACTIVATION_KEYS = {
+    "gemma2": "hidden_activation",
+    "gemma3_text": "hidden_activation",
+    "gpt2": "activation_function",
 }
 
 
@@ -51,10 +62,20 @@ def test_the_defaults_are_transformers_defaults(name):
     if name == "gpt_neox":
         rope = defaults.rope_parameters
         assert rope["partial_rotary_factor"] == spec.presets.partial_rotary_factor
+    if name == "gemma3_text":
+        rope = defaults.rope_parameters
+        assert (
+            rope["full_attention"]["rope_theta"]
+            == spec.huggingface_defaults["rope_theta"]
+        )
+        assert (
+            rope["sliding_attention"]["rope_theta"]
+            == spec.huggingface_defaults["rope_local_base_freq"]
+        )
     presets = spec.presets
     eps_key = "layer_norm_eps" if presets.norm == "layer" else "rms_norm_eps"
-    assert getattr(defaults, eps_key) == presets.norm_eps
-    activation_key = "hidden_activation" if name == "gemma2" else "hidden_act"
+    assert getattr(defaults, EPS_KEYS.get(name, eps_key)) == presets.norm_eps
+    activation_key = ACTIVATION_KEYS.get(name, "hidden_act")
     assert getattr(defaults, activation_key) == presets.hidden_act
 
 

@@ -59,6 +59,16 @@ CASES = {
             max_window_layers=1,
         ),
     ),
+    "qwen3": (
+        transformers.Qwen3Config,
+        dict(
+            num_key_value_heads=2,
+            head_dim=24,
+            use_sliding_window=True,
+            sliding_window=5,
+            max_window_layers=1,
+        ),
+    ),
     "gemma": (transformers.GemmaConfig, dict(num_key_value_heads=1, head_dim=16)),
     "gemma2": (
         transformers.Gemma2Config,
@@ -69,13 +79,36 @@ CASES = {
             query_pre_attn_scalar=24,
         ),
     ),
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        dict(
+            num_hidden_layers=7,  # two groups of five sliding layers and a full one
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            rope_parameters={
+                "full_attention": {
+                    "rope_type": "linear",
+                    "factor": 8.0,
+                    "rope_theta": 1_000_000.0,
+                },
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+        ),
+    ),
+    "gpt2": (transformers.GPT2Config, dict(n_inner=80)),
+    "gpt2-untied": (
+        transformers.GPT2Config,
+        dict(tie_word_embeddings=False, activation_function="gelu"),
+    ),
     "gpt_neox": (transformers.GPTNeoXConfig, dict()),
     "gpt_neox-sequential": (
         transformers.GPTNeoXConfig,
         dict(use_parallel_residual=False, rotary_pct=0.5),
     ),
 }
-WINDOWED = ("mistral", "qwen2", "gemma2")
+WINDOWED = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 
 
 def randomise(model: torch.nn.Module, *, unit_offset_norms: bool) -> None:
@@ -95,7 +128,7 @@ def randomise(model: torch.nn.Module, *, unit_offset_norms: bool) -> None:
 
 def build(case: str) -> torch.nn.Module:
     config_class, settings = CASES[case]
-    config = config_class(**COMMON, **settings)
+    config = config_class(**{**COMMON, **settings})
     model = transformers.AutoModelForCausalLM.from_config(
         config, attn_implementation="eager"
     )
@@ -182,13 +215,23 @@ def test_families_and_settings_are_read(loaded):
         "llama-biases": "llama",
         "mistral": "mistral",
         "qwen2": "qwen2",
+        "qwen3": "qwen3",
         "gemma": "gemma",
         "gemma2": "gemma2",
+        "gemma3": "gemma3_text",
+        "gpt2": "gpt2",
+        "gpt2-untied": "gpt2",
         "gpt_neox": "gpt_neox",
         "gpt_neox-sequential": "gpt_neox",
     }
     assert loaded["qwen2"].config.layer_windows == (None, 5)
     assert loaded["gemma2"].config.layer_windows == (4, None)
+    assert loaded["gemma3"].config.layer_windows == (4,) * 5 + (None, 4)
+    assert loaded["gemma3"].config.rope_local_theta == 100.0
+    assert loaded["gemma3"].rope.theta == 1e6
+    assert loaded["gemma3"].rope.rope_type == "linear"
+    assert loaded["gemma3"].local_rope.theta == 100.0
+    assert loaded["qwen3"].config.qk_norm and loaded["gemma3"].config.qk_norm
     assert loaded["mistral"].config.layer_windows == (5, 5)
     assert loaded["gpt_neox"].config.rotary_dim == 4  # 16 * rotary_pct 0.25
     assert loaded["gpt_neox"].config.parallel_residual
@@ -199,7 +242,18 @@ def test_families_and_settings_are_read(loaded):
     assert not loaded["gpt_neox"].embedding.tie_weights
 
 
-@pytest.mark.parametrize("case", ["llama", "gemma2", "gpt_neox"])
+def test_gemma3_rotates_its_sliding_layers_with_their_own_theta(loaded, logits, tokens):
+    """Both RoPEs matter: with the full layers' RoPE everywhere (what equinox's
+    theta-blind cache would give), the logits move far from transformers'."""
+    model = loaded["gemma3"]
+    one_rope = TransformerLM(
+        dataclasses.replace(model.config, rope_local_theta=None), **model.parts()
+    )
+    assert one_rope.local_rope is None
+    assert np.abs(ours(one_rope, tokens) - logits["gemma3"]).max() > 1e-2
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma2", "gemma3", "gpt_neox", "gpt2"])
 def test_positions_match_transformers_position_ids(case, checkpoints, loaded, tokens):
     hf_model, _ = checkpoints[case]
     positions = np.stack([np.arange(SEQ) + 7, np.arange(SEQ) * 2 + 1])
@@ -241,6 +295,17 @@ def test_sharded_checkpoint(checkpoints, tokens, tmp_path):
     hf_model.save_pretrained(tmp_path, max_shard_size="50KB")
     shards = sorted(path.name for path in tmp_path.glob("*.safetensors"))
     assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    model = TransformerLM.from_huggingface(tmp_path)
+    np.testing.assert_allclose(
+        ours(model, tokens), hf_logits(hf_model, tokens), atol=1e-4, rtol=0
+    )
+
+
+def test_gpt2_base_model_files_without_the_prefix(checkpoints, tokens, tmp_path):
+    """The gpt2 checkpoints on the Hub hold `GPT2Model`'s weights (`h.0.attn...`,
+    `wte`), with the head tied to `wte`."""
+    hf_model, _ = checkpoints["gpt2"]
+    hf_model.transformer.save_pretrained(tmp_path)
     model = TransformerLM.from_huggingface(tmp_path)
     np.testing.assert_allclose(
         ours(model, tokens), hf_logits(hf_model, tokens), atol=1e-4, rtol=0
@@ -326,7 +391,14 @@ def edited_checkpoint(source: str, destination, **changes):
         ("gemma", dict(hidden_activation="gelu"), "hidden_activation='gelu'"),
         ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional"),
         ("gpt_neox", dict(head_dim=8), "head_dim=8"),
-        ("gpt_neox", dict(model_type="gpt2"), "model_type='gpt2'"),
+        ("gpt_neox", dict(model_type="opt"), "model_type='opt'"),
+        (
+            "gpt2",
+            dict(scale_attn_by_inverse_layer_idx=True),
+            "scale_attn_by_inverse_layer_idx=True",
+        ),
+        ("gpt2", dict(scale_attn_weights=False), "scale_attn_weights=False"),
+        ("gpt2", dict(rotary_pct=0.5), "'partial_rotary_factor': 0.5"),
         ("llama", dict(hidden_size=None), "no 'hidden_size'"),
     ],
 )

@@ -226,7 +226,7 @@ def test_family_defaults_are_resolved():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(family="gpt2"), "family"),
+        (dict(family="opt"), "family"),
         (dict(num_kv_heads=3), r"num_heads \(4\) must be a multiple of num_kv_heads"),
         (dict(hidden_size=30), r"hidden_size \(30\) must be a multiple of num_heads"),
         (dict(hidden_act="tanh"), "hidden_act must be one of"),

@@ -409,3 +409,64 @@ def test_theta_and_partial_rotary_factor_from_the_dict_when_they_agree():
         },
     )
     assert (rope.theta, rope.rotary_dim, rope.rope_type) == (500.0, 32, "default")
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"partial_rotary_factor": 0.25},
+        {"partial_rotary_factor": 0.5, "factor": 8.0},
+        {"factor": 2.0},
+        {},
+    ],
+)
+@pytest.mark.parametrize("key", ["rope_type", "type"])
+def test_proportional_matches_transformers(parameters, key):
+    """Gemma 4's rule: every feature rotates, the first pairs at the frequencies of a
+    full rotation and the rest at frequency zero, all divided by `factor`."""
+    head_dim, max_seq_len, theta = 32, 40, 10_000.0
+    config = LlamaConfig(
+        hidden_size=HEADS * head_dim,
+        num_attention_heads=HEADS,
+        head_dim=head_dim,
+        max_position_embeddings=max_seq_len,
+        rope_parameters={
+            "rope_type": "proportional",
+            "rope_theta": theta,
+            **copy.deepcopy(parameters),
+        },
+    )
+    theirs, factor = ROPE_INIT_FUNCTIONS["proportional"](config)
+    scaling = {key: "proportional", **parameters}
+    ours, our_factor = inverse_frequencies(
+        parse_scaling(scaling), rotary_dim=head_dim, theta=theta, max_seq_len=1
+    )
+    np.testing.assert_allclose(ours, theirs.double().numpy(), rtol=4e-7, atol=0)
+    assert our_factor == factor == 1.0
+    rotated = int(parameters.get("partial_rotary_factor", 1.0) * head_dim // 2)
+    assert (ours[rotated:] == 0).all() and (ours[:rotated] > 0).all()
+
+    q, k = random_queries_and_keys(max_seq_len, head_dim, seed=2)
+    _, _, _, q_hf, k_hf = hf_cos_sin_and_rotation(config, q, k, max_seq_len)
+    rope = eqx_embed.RotaryPositionalEmbedding(
+        head_dim, theta, max_seq_len=max_seq_len, scaling=scaling
+    )
+    assert rope.rotary_dim == head_dim and rope.rope_type == "proportional"
+    tolerance = angle_tolerance(max_seq_len)
+    np.testing.assert_allclose(rope(jnp.asarray(q)), q_hf, atol=10 * tolerance)
+    np.testing.assert_allclose(rope(jnp.asarray(k)), k_hf, atol=10 * tolerance)
+    # The pairs at frequency zero pass through exactly.
+    half = head_dim // 2
+    unrotated = np.r_[rotated:half, half + rotated : head_dim]
+    np.testing.assert_array_equal(
+        rope(jnp.asarray(q))[..., unrotated], q[..., unrotated]
+    )
+
+
+def test_proportional_rotary_factor_above_one_is_a_clear_error():
+    with pytest.raises(ValueError, match="partial_rotary_factor'] must be at most 1"):
+        eqx_embed.RotaryPositionalEmbedding(
+            8,
+            max_seq_len=4,
+            scaling={"rope_type": "proportional", "partial_rotary_factor": 1.5},
+        )

@@ -10,13 +10,27 @@ from ._spec import (
 )
 from .gemma import GEMMA
 from .gemma2 import GEMMA2
+from .gemma3 import GEMMA3
+from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
 from .mistral import MISTRAL
 from .qwen2 import QWEN2
+from .qwen3 import QWEN3
 
 FAMILY_SPECS: dict[str, FamilySpec] = {
-    spec.name: spec for spec in (LLAMA, MISTRAL, QWEN2, GEMMA, GEMMA2, GPT_NEOX)
+    spec.name: spec
+    for spec in (
+        LLAMA,
+        MISTRAL,
+        QWEN2,
+        QWEN3,
+        GEMMA,
+        GEMMA2,
+        GEMMA3,
+        GPT_NEOX,
+        GPT2,
+    )
 }
 """Every family `TransformerConfig` accepts, by name."""
 

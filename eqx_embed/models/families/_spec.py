@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 NormKind = Literal["rms", "rms_unit_offset", "layer"]
 """RMSNorm, Gemma's RMSNorm scaled by `1 + weight`, or LayerNorm with a bias."""
 
+PositionKind = Literal["rope", "learned"]
+"""Rotary positions on the queries and keys of every layer, or a learned absolute
+position embedding added to the token embeddings (GPT-2)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Presets:
@@ -44,6 +48,8 @@ class Presets:
     attention_output_bias: bool
     mlp_bias: bool
     partial_rotary_factor: float
+    qk_norm: bool = False  # a norm on each query and key head (Qwen3, Gemma 3)
+    position_embedding: PositionKind = "rope"
 
 
 LLAMA_PRESETS = Presets(
@@ -71,15 +77,28 @@ class WeightNames:
     - `layer`: the Hugging Face module of each of the block's submodules, by its path
         in `DecoderBlock` (`"attention.query_proj"` to `"self_attn.q_proj"`).
     - `top`: the same for the modules outside the blocks (`"final_norm"`, ...).
-    - `fused_qkv`: whether the files fuse the query, key and value projections into
-        one `attention.query_key_value` per layer, per head (GPT-NeoX); `layer` then
-        names the split parts `attention.query`, `attention.key`, `attention.value`.
+    - `fused_qkv`: the Hugging Face module that fuses the query, key and value
+        projections in the files (`"query_key_value"` for GPT-NeoX, `"c_attn"` for
+        GPT-2), or `None`; `layer` then names the split parts `query`, `key` and
+        `value`, siblings of the fused module (`"attention.query"`).
+    - `fused_qkv_per_head`: how the fused rows are laid out: per head, each head's
+        query, key and value rows adjacent (GPT-NeoX), or all the queries, then all
+        the keys, then all the values (GPT-2).
+    - `transposed`: the Hugging Face modules (last name) whose weights the files
+        store as `(in, out)` rather than `(out, in)`: `Conv1D`'s (GPT-2).
+    - `base_model_prefix`: the prefix of every name but the head's in a checkpoint
+        of the whole model (`"transformer."` for GPT-2), which files of the base
+        model alone leave out (the `gpt2` checkpoints on the Hub); `None`: such
+        files are not read.
     """
 
     layer_prefix: str
     layer: Mapping[str, str]
     top: Mapping[str, str]
-    fused_qkv: bool = False
+    fused_qkv: str | None = None
+    fused_qkv_per_head: bool = True
+    transposed: frozenset[str] = frozenset()
+    base_model_prefix: str | None = None
 
 
 LLAMA_WEIGHT_NAMES = WeightNames(
@@ -175,8 +194,17 @@ class FamilySpec:
         `eqx_embed.huggingface`, not here.
     - `write_config`: the inverse: the family's own `config.json` keys of a
         `TransformerConfig` (the RoPE ones included).
-    - `alternating_sliding_layers`: with a `sliding_window` and no `layer_types`,
-        only the even-numbered layers slide (Gemma 2); otherwise every layer does.
+    - `full_attention_every`: with a `sliding_window` and no `layer_types`, every
+        `n`-th layer attends fully and the others slide (`2` for Gemma 2, whose
+        even-numbered layers slide; `6` for Gemma 3's 5:1 pattern). `None`: every
+        layer slides.
+    - `normalise_config`, `denormalise_config`: for a family whose `config.json`
+        spells the shared keys its own way (GPT-2's `n_embd`, `n_layer`, ...): the
+        dict with the shared names (`hidden_size`, ...), and back. `None`: the
+        shared names are the family's.
+    - `local_rope`: whether the sliding layers have a RoPE of their own
+        (`rope_local_theta`, Gemma 3), which `config.json` gives per layer type in
+        `rope_parameters` (or as `rope_local_base_freq`).
     """
 
     name: str
@@ -186,7 +214,10 @@ class FamilySpec:
     huggingface_defaults: Mapping[str, Any]
     read_config: Callable[[ConfigKeys], dict[str, Any]]
     write_config: Callable[[TransformerConfig], dict[str, Any]]
-    alternating_sliding_layers: bool = False
+    full_attention_every: int | None = None
+    local_rope: bool = False
+    normalise_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    denormalise_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 # The translations shared by several families.

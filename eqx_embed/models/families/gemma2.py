@@ -84,5 +84,5 @@ GEMMA2 = FamilySpec(
     ),
     read_config=read_config,
     write_config=write_config,
-    alternating_sliding_layers=True,
+    full_attention_every=2,
 )

@@ -82,7 +82,7 @@ GPT_NEOX = FamilySpec(
             "embedding.reverse_embedding": "embed_out",
             "final_norm": "gpt_neox.final_layer_norm",
         },
-        fused_qkv=True,
+        fused_qkv="query_key_value",
     ),
     huggingface_defaults=dict(
         max_position_embeddings=2048,
