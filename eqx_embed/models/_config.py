@@ -1,4 +1,9 @@
-"""The static description of a decoder-only transformer: `TransformerConfig`."""
+"""The static description of a decoder-only transformer: `TransformerConfig`.
+
+Why this module is longer than the others: `TransformerConfig` documents each of its
+thirty-odd fields in words (the API page shows them), and its validation names every
+field it rejects; the families' presets live in `families/`.
+"""
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence

@@ -10,6 +10,13 @@ tokens ─ embedding ─ (× sqrt(hidden_size), Gemma) ─┬─ block 0 ─ ...
 The blocks are one `DecoderBlock` whose arrays have a leading layer axis; the forward
 pass scans over it, so compiling a deep model costs what compiling one layer does.
 What differs between layers (Gemma 2's alternating sliding window) is scanned data.
+
+Why this module is longer than the others: `TransformerLM` is the class users read,
+and each of its public methods (forward, the two losses, scoring, prefill, a decode
+step, generation, Hugging Face interop) carries its full signature, checks and API
+documentation here, about a third of the lines. The machinery behind them lives in
+modules of its own: `_cache.py`, `_generate.py`, `_eager.py`, `_sharding.py`, and
+`eqx_embed.huggingface`.
 """
 
 import pathlib

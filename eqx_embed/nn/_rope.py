@@ -1,3 +1,13 @@
+"""Rotary position embeddings: `RotaryPositionalEmbedding` and the `RopeRotation` it
+returns for many tensors at once.
+
+Why this module is longer than the others: the module is a drop-in for
+`equinox.nn.RotaryPositionalEmbedding` as well as Hugging Face's RoPE, so its class
+docstring documents both contracts and every difference (about 200 of its lines);
+the scaling rules live in `_rope_scaling.py`, the rotation's kernel in
+`_rope_rotate.py` and the stored tables in `_tables.py`.
+"""
+
 from collections.abc import Mapping
 from typing import Any
 

@@ -251,7 +251,7 @@ def test_help_documents_the_demo(capsys):
     "arguments, message",
     [
         ([], "give a checkpoint directory, or --demo"),
-        (["CHECKPOINT"], "give --text or --token-ids"),
+        (["CHECKPOINT"], "give --text, --token-ids or --generate"),
         (["--demo", "CHECKPOINT"], "--demo makes its own checkpoint"),
         (["CHECKPOINT", "--token-ids", "IDS", "--window", "0"], "--window must be"),
     ],

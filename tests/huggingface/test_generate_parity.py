@@ -17,13 +17,17 @@ def livelier(model: torch.nn.Module, case: str) -> None:
     """Layers that outweigh the residual stream. With `build`'s weights alone, a tied
     embedding's greedy continuation repeats a token forever (the last token's own
     embedding wins), which would test little."""
+    embeddings = ("embed", "lm_head", "wte", "wpe")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if parameter.ndim == 2 and "embed" not in name and "lm_head" not in name:
+            if parameter.ndim == 2 and not any(part in name for part in embeddings):
                 parameter.mul_(3.0)
-            if case == "gemma2" and "post_" in name and "norm" in name:
-                # Gemma 2's norms on the layers' outputs set their scale.
+            if case in ("gemma2", "gemma3") and "post_" in name and "norm" in name:
+                # Gemma 2's and 3's norms on the layers' outputs set their scale.
                 parameter.add_(5.0)
+            if "wpe" in name:
+                # GPT-2's learned positions, which vary at every step, lead.
+                parameter.mul_(30.0)
 
 
 def hf_greedy(model: torch.nn.Module, prompt: np.ndarray, **settings) -> np.ndarray:
