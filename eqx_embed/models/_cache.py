@@ -54,6 +54,29 @@ class KVCache(eqx.Module):
         `2 * num_layers * batch * slots * num_kv_heads * head_dim * itemsize`.
     - `lengths`: shape `(batch,)`, the tokens each sequence has written.
     - `capacity`: the most tokens a sequence may write.
+
+    **Raises:**
+
+    - Nothing itself: `prefill` and `decode_step` raise `ValueError` for bad
+        prompts, lengths or capacities, before anything is compiled.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import eqx_embed
+
+    config = eqx_embed.TransformerConfig(
+        "mistral", vocab_size=64, hidden_size=16, intermediate_size=32,
+        num_layers=2, num_heads=2, sliding_window=4,
+    )
+    model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
+    logits, cache = model.prefill(jnp.array([[1, 2, 3]]), capacity=16)
+    assert cache.slots == 4  # a sliding window keeps only its window
+    logits, cache = model.decode_step(cache, jnp.argmax(logits, axis=-1))
+    assert int(cache.lengths[0]) == 4
+    ```
     """
 
     keys: Float[Array, "layers batch slots kv_heads head_dim"]

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import equinox as eqx
 import jax
+import numpy as np
 
 from ..nn._indices import check_indices
 
@@ -33,6 +34,18 @@ def _has_sequences(args, kwargs) -> bool:
     return any(isinstance(value, list | tuple) for value in (*args, *kwargs.values()))
 
 
+def _has_narrowed_integers(args, kwargs) -> bool:
+    """Whether an argument is a NumPy integer array that JAX would narrow (int64 or
+    uint64 without x64) when it becomes an argument of a compiled call: checked
+    eagerly instead, in its own dtype, so that a wide id cannot wrap onto a row."""
+    return any(
+        isinstance(value, np.ndarray | np.integer)
+        and np.issubdtype(value.dtype, np.integer)
+        and jax.dtypes.canonicalize_dtype(value.dtype) != value.dtype
+        for value in (*args, *kwargs.values())
+    )
+
+
 def compiled_when_eager(method: Method) -> Method:
     """Runs `method(self, ...)` through `eqx.filter_jit` when no argument (`self`'s
     arrays included) is traced.
@@ -40,7 +53,9 @@ def compiled_when_eager(method: Method) -> Method:
     Under the `"error"` index policy the call stays eager: there, concrete token ids
     and positions raise a `ValueError` at once, which a compiled call could only
     report when it runs, as a runtime error. Python sequences of ids stay eager too
-    (as static values they would compile once per sequence). Under `"nan"`,
+    (as static values they would compile once per sequence), and so do NumPy ids of
+    a dtype that JAX would narrow (int64 without x64), which are checked in their
+    own dtype eagerly. Under `"nan"`,
     concrete positions are checked before the call, as they would be eagerly.
     """
     compiled = eqx.filter_jit(method)
@@ -50,6 +65,7 @@ def compiled_when_eager(method: Method) -> Method:
         if (
             self.config.out_of_range == "error"
             or _has_sequences(args, kwargs)
+            or _has_narrowed_integers(args, kwargs)
             or _is_traced((self, args, kwargs))
         ):
             return method(self, *args, **kwargs)

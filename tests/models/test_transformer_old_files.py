@@ -9,6 +9,7 @@ import equinox as eqx
 import jax
 import numpy as np
 import pytest
+from _tolerances import tolerance
 
 from eqx_embed import TransformerConfig, TransformerLM
 
@@ -24,7 +25,15 @@ def test_an_old_file_loads_and_gives_the_same_logits(family):
     skeleton = TransformerLM(config, key=jax.random.key(1))
     model = eqx.tree_deserialise_leaves(DATA / f"transformer_{family}.eqx", skeleton)
     expected = np.load(DATA / f"transformer_{family}_logits.npy")
-    # The same program as the one that wrote them, on the same machine: exact.
-    np.testing.assert_array_equal(np.asarray(model(TOKENS)), expected)
+    # The weights load bitwise, but the program that wrote the logits (attention by
+    # einsum then) is not today's (jax.nn.dot_product_attention), and the file may be
+    # read on another CPU: equal to within float32 roundings over every layer's
+    # reductions (the MLP's the longest).
+    reduction = config.num_layers * (config.hidden_size + config.intermediate_size)
+    np.testing.assert_allclose(
+        np.asarray(model(TOKENS)),
+        expected,
+        **tolerance(np.float32, reduction, scale=float(np.abs(expected).max())),
+    )
     # Not the skeleton's own weights.
     assert not np.allclose(np.asarray(skeleton(TOKENS)), expected)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tolerances import tolerance
 
 from eqx_embed import ReversibleEmbedding
 
@@ -25,6 +26,9 @@ def test_an_old_file_loads_and_decodes_the_same(tie_weights):
     embedding = eqx.tree_deserialise_leaves(DATA / f"reversible_{name}.eqx", skeleton)
     expected = np.load(DATA / f"reversible_{name}_logits.npy")
     logits = jax.vmap(embedding.decode)(jnp.asarray(HIDDEN))
-    np.testing.assert_array_equal(np.asarray(logits), expected)
+    # A matmul of width 8, which another CPU may round differently.
+    np.testing.assert_allclose(
+        np.asarray(logits), expected, **tolerance(np.float32, 8, scale=8.0)
+    )
     assert not np.allclose(jax.vmap(skeleton.decode)(jnp.asarray(HIDDEN)), expected)
     assert embedding.tie_weights == tie_weights
