@@ -26,6 +26,10 @@ up front, `_reduced_cross_entropy.py` walks token chunks instead: three matmuls.
 A vocabulary that is not a multiple of the block is not padded (padding would copy
 the table): the last block starts at `vocabulary - block_size` instead and the columns
 it shares with the block before are masked out of the log-sum-exp and the gradient.
+A table that is itself padded (rows past the vocabulary, so that a device mesh can
+split it evenly: `pad_vocabulary`) has those rows masked out the same way, by
+`row_limit`, the number of rows in use (per shard, where the table is split); they
+get no gradient, and a target there is out of range.
 
 XLA:CPU has no 16-bit float data movement: it would slice a bfloat16 table as a
 float32 copy of the whole table, hoisted out of the loop. So blocks of a 16-bit table
@@ -94,7 +98,8 @@ class _Block(NamedTuple):
     logits: Array  # (tokens, block_size), soft-capped, the accumulation dtype
     cap_slope: Array | None  # d capped / d raw logits, when soft-capped
     columns: Array  # (block_size,), vocabulary index of each column
-    is_new: Array  # (block_size,), False for columns an earlier block covered
+    is_new: Array  # (block_size,), False for columns an earlier block covered or
+    # that are padding
     first_new: Array  # the first vocabulary index this block adds
 
 
@@ -108,7 +113,9 @@ def _slice_rows(table: Array, start: Array, size: int) -> Array:
     return lax.bitcast_convert_type(rows, table.dtype)
 
 
-def _block(table: Array, hidden: Array, index: Array, blocking: _Blocking) -> _Block:
+def _block(
+    table: Array, hidden: Array, index: Array, row_limit: Array, blocking: _Blocking
+) -> _Block:
     size = blocking.block_size
     first_new = index * size
     # The last block is shifted back to end at the last row rather than padded.
@@ -121,7 +128,8 @@ def _block(table: Array, hidden: Array, index: Array, blocking: _Blocking) -> _B
         logits = blocking.logit_soft_cap * squashed
         cap_slope = 1 - squashed**2
     columns = start + jnp.arange(size)
-    return _Block(rows, logits, cap_slope, columns, columns >= first_new, first_new)
+    is_new = (columns >= first_new) & (columns < row_limit)
+    return _Block(rows, logits, cap_slope, columns, is_new, first_new)
 
 
 def _num_blocks(table: Array, blocking: _Blocking) -> int:
@@ -133,9 +141,9 @@ def _num_blocks(table: Array, blocking: _Blocking) -> int:
 # loop, which copies the whole table.
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _lse_and_target_logit(
-    table: Array, hidden: Array, targets: Array, blocking: _Blocking
+    table: Array, hidden: Array, targets: Array, row_limit: Array, blocking: _Blocking
 ) -> tuple[Array, Array]:
     hidden = hidden.astype(blocking.compute_dtype)
     tokens = hidden.shape[0]
@@ -143,7 +151,7 @@ def _lse_and_target_logit(
     def step(carry, index):
         lse, target_logit, table = carry
         table = lax.optimization_barrier(table)
-        block = _block(table, hidden, index, blocking)
+        block = _block(table, hidden, index, row_limit, blocking)
         masked = jnp.where(block.is_new, block.logits, -jnp.inf)
         lse = jnp.logaddexp(lse, jax.nn.logsumexp(masked, axis=1))
         start = block.columns[0]
@@ -162,22 +170,26 @@ def _lse_and_target_logit(
     (lse, target_logit, _), _ = lax.scan(
         step, initial, jnp.arange(_num_blocks(table, blocking))
     )
-    in_range = (targets >= 0) & (targets < table.shape[0])
+    in_range = (targets >= 0) & (targets < row_limit)
     return lse, jnp.where(in_range, target_logit, jnp.nan)
 
 
-def _lse_and_target_logit_fwd(table, hidden, targets, blocking):
-    lse, target_logit = _lse_and_target_logit(table, hidden, targets, blocking)
-    return (lse, target_logit), (table, hidden, targets, lse)
+def _lse_and_target_logit_fwd(table, hidden, targets, row_limit, blocking):
+    lse, target_logit = _lse_and_target_logit(
+        table, hidden, targets, row_limit, blocking
+    )
+    return (lse, target_logit), (table, row_limit, hidden, targets, lse)
 
 
-def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit):
+def _backward_pass(
+    blocking, table, row_limit, hidden, targets, lse, d_lse, d_target_logit
+):
     hidden_compute = hidden.astype(blocking.compute_dtype)
 
     def step(carry, index):
         d_hidden, d_table, table = carry
         table = lax.optimization_barrier(table)
-        block = _block(table, hidden_compute, index, blocking)
+        block = _block(table, hidden_compute, index, row_limit, blocking)
         softmax = jnp.where(block.is_new, jnp.exp(block.logits - lse[:, None]), 0)
         is_target = block.is_new & (block.columns == targets[:, None])
         d_logits = softmax * d_lse[:, None] + jnp.where(
@@ -224,32 +236,35 @@ def _lse_and_target_logit_bwd(blocking, residuals, cotangents):
         return backward_pass(*arrays)
 
     @backward.def_vmap
-    def fold_batch_into_tokens(axis_size, in_batched, table, *per_token):
-        if in_batched[0]:
+    def fold_batch_into_tokens(axis_size, in_batched, table, row_limit, *per_token):
+        if in_batched[0] or in_batched[1]:
             in_axes = tuple(0 if batched else None for batched in in_batched)
-            d_table, d_hidden = jax.vmap(backward_pass, in_axes)(table, *per_token)
+            d_table, d_hidden = jax.vmap(backward_pass, in_axes)(
+                table, row_limit, *per_token
+            )
             return (d_table, d_hidden), (True, True)
         per_token = [
             x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-            for x, batched in zip(per_token, in_batched[1:], strict=True)
+            for x, batched in zip(per_token, in_batched[2:], strict=True)
         ]
         tokens = per_token[0].shape[1]
         flat = [x.reshape(axis_size * tokens, *x.shape[2:]) for x in per_token]
-        d_table, d_hidden = backward(table, *flat)
+        d_table, d_hidden = backward(table, row_limit, *flat)
         d_hidden = sharded_like(d_hidden.reshape(per_token[0].shape), per_token[0])
         return (d_table, d_hidden), (False, True)
 
     d_table, d_hidden = backward(*residuals, *cotangents)
-    return d_table, d_hidden, None
+    return d_table, d_hidden, None, None
 
 
 _lse_and_target_logit.defvjp(_lse_and_target_logit_fwd, _lse_and_target_logit_bwd)
 
 
-def _any_table_lse_and_target_logit(table, hidden, targets, blocking):
+def _any_table_lse_and_target_logit(table, hidden, targets, row_limit, blocking):
     # A table split over its vocabulary runs the kernel on each shard.
+    row_limit = jnp.asarray(row_limit, jnp.int32)
     return vocab_parallel_lse_and_target_logit(
-        table, hidden, targets, blocking, local=_lse_and_target_logit
+        table, hidden, targets, row_limit, blocking, local=_lse_and_target_logit
     )
 
 
@@ -278,8 +293,11 @@ def fused_log_sum_exp(
     dtype: jnp.dtype | None,
     logit_soft_cap: float | None,
     block_size: int | None,
+    num_rows: int | None = None,
 ) -> Float[Array, " tokens"]:
-    """`logsumexp(dot_with_rows(table, hidden, ...), axis=-1)`, blockwise.
+    """`logsumexp(dot_with_rows(table, hidden, ...)[:, :num_rows], axis=-1)`,
+    blockwise: `num_rows` (default: all) is the vocabulary, the rows of a padded
+    table that are in use.
 
     Accumulated in float32 for a low-precision compute `dtype` (`None`: the promoted
     dtype of `table` and `hidden`), and returned in that accumulation dtype.
@@ -292,7 +310,10 @@ def fused_log_sum_exp(
         block_size=block_size,
     )
     no_targets = jnp.zeros(hidden.shape[0], jnp.int32)
-    lse, _ = _any_table_lse_and_target_logit(table, hidden, no_targets, blocking)
+    row_limit = table.shape[0] if num_rows is None else num_rows
+    lse, _ = _any_table_lse_and_target_logit(
+        table, hidden, no_targets, row_limit, blocking
+    )
     return lse
 
 
@@ -306,11 +327,12 @@ def fused_cross_entropy(
     dtype: jnp.dtype | None,
     logit_soft_cap: float | None,
     block_size: int | None,
+    num_rows: int | None = None,
 ) -> Float[Array, " tokens"]:
     """Per-token `lse - logit[target] + z_loss * lse**2`, zero where `where` is False.
 
     `targets` must already have been checked against the caller's out-of-range
-    policy; one outside `[0, num_embeddings)` gives a NaN loss. Dtypes as
+    policy; one outside `[0, num_rows)` gives a NaN loss. Dtypes and `num_rows` as
     [`fused_log_sum_exp`][].
     """
     blocking = _blocking(
@@ -325,8 +347,9 @@ def fused_cross_entropy(
         # cannot reach the table's gradient (in the backward pass, a masked row's zero
         # cotangent would meet its non-finite softmax: 0 * NaN is NaN).
         hidden = jnp.where(where[:, None], hidden, 0)
+    row_limit = table.shape[0] if num_rows is None else num_rows
     lse, target_logit = _any_table_lse_and_target_logit(
-        table, hidden, targets, blocking
+        table, hidden, targets, row_limit, blocking
     )
     losses = lse - target_logit
     if z_loss:

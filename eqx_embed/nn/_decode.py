@@ -19,6 +19,7 @@ from ._embedding import Embedding
 from ._indices import IntegerSequence, check_indices
 from ._numerics import dot_with_rows
 from ._reduced_cross_entropy import fused_weighted_cross_entropy
+from ._vocab_parallel import first_columns
 
 
 class EmbeddingDecode(eqx.Module):
@@ -111,9 +112,10 @@ class EmbeddingDecode(eqx.Module):
             name="hidden",
             owner="table's embedding_size",
         )
-        return dot_with_rows(
+        logits = dot_with_rows(
             self.weight, hidden, dtype=self.dtype, soft_cap=self.logit_soft_cap
         )
+        return first_columns(logits, self.embedding.num_embeddings)
 
     def _check_hidden_block(self, hidden: Array) -> None:
         check_feature_size(
@@ -208,6 +210,7 @@ class EmbeddingDecode(eqx.Module):
             dtype=self.dtype,
             logit_soft_cap=self.logit_soft_cap,
             block_size=block_size,
+            num_rows=self.embedding.num_embeddings,
         )
 
     @jax.named_scope("eqx_embed.EmbeddingDecode.mean_cross_entropy")
@@ -280,6 +283,7 @@ class EmbeddingDecode(eqx.Module):
             dtype=self.dtype,
             logit_soft_cap=self.logit_soft_cap,
             chunk_size=chunk_size,
+            num_rows=self.embedding.num_embeddings,
         )
 
     @jax.named_scope("eqx_embed.EmbeddingDecode.log_sum_exp")
@@ -311,4 +315,5 @@ class EmbeddingDecode(eqx.Module):
             dtype=self.dtype,
             logit_soft_cap=self.logit_soft_cap,
             block_size=block_size,
+            num_rows=self.embedding.num_embeddings,
         )

@@ -24,7 +24,7 @@ from ._indices import (
     gather_rows,
 )
 from ._numerics import default_float_dtype, dot_with_rows
-from ._vocab_parallel import row_sharding
+from ._vocab_parallel import first_columns, row_sharding
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
 
@@ -295,6 +295,12 @@ class Embedding(eqx.Module):
             # here, as they would from any table.
             row = jnp.where((token == 0) | (token == -1), self.weight[0], jnp.nan)
         else:
+            if self.weight.shape[0] > self.num_embeddings:
+                # A padded table (`pad_vocabulary`): a bad id, which comes back as
+                # `num_embeddings`, must read past the padding rows, as NaNs.
+                token = jnp.where(
+                    token < self.num_embeddings, token, self.weight.shape[0]
+                )
             row = gather_rows(
                 self.weight,
                 token,
@@ -324,7 +330,8 @@ class Embedding(eqx.Module):
         check_feature_size(
             query, self.embedding_size, name="query", owner="table's embedding_size"
         )
-        return dot_with_rows(self.weight, query, dtype=self.dtype)
+        logits = dot_with_rows(self.weight, query, dtype=self.dtype)
+        return first_columns(logits, self.num_embeddings)
 
     @checked
     def mask(

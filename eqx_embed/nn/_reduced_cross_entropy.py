@@ -27,6 +27,9 @@ A token count that is not a multiple of the chunk is not padded (padding would c
 the hidden states): the last chunk starts at `tokens - chunk_size` instead, its
 tokens that the chunk before covers get weight zero, and the chunks run from the last
 one so that the chunk before writes those tokens' gradient rows last.
+
+A padded table (rows past the vocabulary, `pad_vocabulary`) has its padding columns
+masked out of every chunk's logits: they count in no log-sum-exp and get no gradient.
 """
 
 from functools import partial
@@ -57,6 +60,7 @@ def _reduced_pass(
     weights: Array,
     blocking: _Blocking,
     z_loss: float,
+    num_rows: int,
     with_gradients: bool,
 ) -> _Reduced:
     tokens, size = hidden.shape[0], blocking.block_size
@@ -79,9 +83,11 @@ def _reduced_pass(
         if blocking.logit_soft_cap is not None:
             squashed = jnp.tanh(logits / blocking.logit_soft_cap)
             logits = blocking.logit_soft_cap * squashed
+        if num_rows < table.shape[0]:
+            logits = jnp.where(vocabulary < num_rows, logits, -jnp.inf)
         lse = jax.nn.logsumexp(logits, axis=1)
-        in_range = (chunk_targets >= 0) & (chunk_targets < table.shape[0])
-        local = jnp.clip(chunk_targets, 0, table.shape[0] - 1)
+        in_range = (chunk_targets >= 0) & (chunk_targets < num_rows)
+        local = jnp.clip(chunk_targets, 0, num_rows - 1)
         picked = jnp.take_along_axis(logits, local[:, None], axis=1)[:, 0]
         chunk_losses = lse - jnp.where(in_range, picked, jnp.nan)
         if z_loss:
@@ -119,17 +125,21 @@ def _reduced_pass(
     return _Reduced(total, losses, d_table, d_hidden)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _weighted_sum(table, hidden, targets, weights, blocking, z_loss):
-    return _reduced_pass(table, hidden, targets, weights, blocking, z_loss, False).total
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _weighted_sum(table, hidden, targets, weights, blocking, z_loss, num_rows):
+    return _reduced_pass(
+        table, hidden, targets, weights, blocking, z_loss, num_rows, False
+    ).total
 
 
-def _weighted_sum_fwd(table, hidden, targets, weights, blocking, z_loss):
-    reduced = _reduced_pass(table, hidden, targets, weights, blocking, z_loss, True)
+def _weighted_sum_fwd(table, hidden, targets, weights, blocking, z_loss, num_rows):
+    reduced = _reduced_pass(
+        table, hidden, targets, weights, blocking, z_loss, num_rows, True
+    )
     return reduced.total, (reduced.d_table, reduced.d_hidden, reduced.losses)
 
 
-def _weighted_sum_bwd(blocking, z_loss, residuals, d_total):
+def _weighted_sum_bwd(blocking, z_loss, num_rows, residuals, d_total):
     d_table, d_hidden, losses = residuals
 
     def scale(gradient: Array) -> Array:
@@ -152,17 +162,20 @@ def fused_weighted_cross_entropy(
     dtype: jnp.dtype | None,
     logit_soft_cap: float | None,
     chunk_size: int | None,
+    num_rows: int | None = None,
 ) -> Float[Array, ""]:
     """`sum(weights * (lse - logit[target] + z_loss * lse**2))`, with both gradients
-    computed in the forward pass, `chunk_size` tokens at a time.
+    computed in the forward pass, `chunk_size` tokens at a time, over the first
+    `num_rows` rows of `table` (default: all; the others are padding).
 
     `targets` must already have been checked against the caller's out-of-range
-    policy; one outside `[0, num_embeddings)` gives a NaN loss for that token (and
+    policy; one outside `[0, num_rows)` gives a NaN loss for that token (and
     so a NaN total). Accumulated in float32 for a low-precision compute `dtype`
     (`None`: the promoted dtype of `table` and `hidden`), and returned in that
     accumulation dtype.
     """
     tokens, vocabulary = hidden.shape[0], table.shape[0]
+    num_rows = vocabulary if num_rows is None else num_rows
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocabulary)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
@@ -175,4 +188,6 @@ def fused_weighted_cross_entropy(
     # A chunk of tokens, bounded by the tokens (not by the vocabulary, as a block).
     blocking = blocking._replace(block_size=max(1, min(chunk_size, tokens)))
     weights = jnp.asarray(weights, blocking.accumulate_dtype)
-    return _weighted_sum(table, hidden, targets, weights, blocking, float(z_loss))
+    return _weighted_sum(
+        table, hidden, targets, weights, blocking, float(z_loss), num_rows
+    )

@@ -73,17 +73,19 @@ def vocab_parallel_lse_and_target_logit(
     table: Array,
     hidden: Array,
     targets: Array,
+    row_limit: Array,
     blocking,
     *,
     local: Callable,
 ) -> tuple[Array, Array]:
-    """`local(table, hidden, targets, blocking)` (the blockwise log-sum-exp and target
-    logit per token) for a table whose rows are split over explicit mesh axes, without
+    """`local(table, hidden, targets, row_limit, blocking)` (the blockwise log-sum-exp
+    and target logit per token, over the table's first `row_limit` rows: the others
+    are padding) for a table whose rows are split over explicit mesh axes, without
     gathering the table. Other arguments: as `local`'s. Returns what `local` would on
     the whole table."""
     vocab_axes, embedding_axes = table_axes(table)
     if not vocab_axes:
-        return local(table, hidden, targets, blocking)
+        return local(table, hidden, targets, row_limit, blocking)
     if embedding_axes:
         # FSDP: each device's rows are gathered whole where they are used (their
         # gradient is scattered back by the transpose).
@@ -105,8 +107,14 @@ def vocab_parallel_lse_and_target_logit(
         first_row = lax.axis_index(vocab_axes) * rows_per_shard
         local_targets = targets - first_row
         here = (local_targets >= 0) & (local_targets < rows_per_shard)
+        # The padding rows of a padded table sit at its end: in the last shard(s).
+        rows_in_use = jnp.clip(row_limit - first_row, 0, rows_per_shard)
         lse, target_logit = local(
-            table_shard, hidden, jnp.where(here, local_targets, 0), shard_blocking
+            table_shard,
+            hidden,
+            jnp.where(here, local_targets, 0),
+            rows_in_use,
+            shard_blocking,
         )
         # The max only steadies the exponentials: no gradient flows through it.
         peak = lax.pmax(lax.stop_gradient(lse), vocab_axes)
@@ -122,7 +130,7 @@ def vocab_parallel_lse_and_target_logit(
         mesh=mesh,
         axis_names=set(vocab_axes),
     )(table, hidden, targets)
-    in_range = (targets >= 0) & (targets < table.shape[0])
+    in_range = (targets >= 0) & (targets < row_limit)
     return lse, jnp.where(in_range, target_logit, jnp.nan)
 
 
@@ -149,3 +157,18 @@ def sharded_like(x: Array, reference: Array) -> Array:
     added to `reference`. A no-op without explicit mesh axes."""
     sharding = explicit_sharding(reference)
     return x if sharding is None else jax.sharding.reshard(x, sharding)
+
+
+def first_columns(logits: Array, size: int) -> Array:
+    """The first `size` entries of `logits`' last (vocabulary) axis: the logits of
+    the rows in use of a table padded past its vocabulary. Where explicit mesh axes
+    split that axis, it is gathered first: `size` need not be divisible by them."""
+    if logits.shape[-1] == size:
+        return logits
+    sharding = explicit_sharding(logits)
+    if sharding is not None:
+        spec = tuple(sharding.spec) + (None,) * (logits.ndim - len(sharding.spec))
+        if spec[-1] is not None:
+            unsplit = PartitionSpec(*spec[:-1], None)
+            logits = jax.sharding.reshard(logits, sharding.update(spec=unsplit))
+    return logits[..., :size]
