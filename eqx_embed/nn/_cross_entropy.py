@@ -98,8 +98,8 @@ class _Block(NamedTuple):
     logits: Array  # (tokens, block_size), soft-capped, the accumulation dtype
     cap_slope: Array | None  # d capped / d raw logits, when soft-capped
     columns: Array  # (block_size,), vocabulary index of each column
-    is_new: Array  # (block_size,), False for columns an earlier block covered or
-    # that are padding
+    # (block_size,), False for columns an earlier block covered and padding rows
+    is_new: Array
     first_new: Array  # the first vocabulary index this block adds
 
 

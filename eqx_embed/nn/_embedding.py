@@ -128,6 +128,10 @@ class Embedding(eqx.Module):
     Batch it with `jax.vmap`, over as many axes as you like:
     `jax.vmap(jax.vmap(embedding))(tokens)` for `tokens` of shape `(batch, seq)`.
 
+    A table padded for a device mesh by
+    [`pad_vocabulary`][eqx_embed.pad_vocabulary] has rows past `num_embeddings`,
+    which nothing reads: every result is that of the unpadded table.
+
     **Raises:**
 
     - `ValueError` at construction, naming the argument: sizes that are not positive,

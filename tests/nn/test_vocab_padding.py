@@ -96,24 +96,19 @@ def test_a_padded_table_gives_the_unpadded_results(layers, tied):
 
     @eqx.filter_jit
     def run(layer, hidden):
-        def total(layer, hidden, loss):
-            return loss(layer, hidden).sum()
+        def per_token_total(layer, hidden):
+            return layer.cross_entropy(hidden, targets, block_size=8).sum()
 
-        per_token = lambda layer, hidden: layer.cross_entropy(  # noqa: E731
-            hidden, targets, block_size=8
-        )
-        mean = lambda layer, hidden: (
-            layer.mean_cross_entropy(  # noqa: E731
-                hidden, targets, chunk_size=3
-            )
-            * len(targets)
-        )
+        def mean_total(layer, hidden):
+            mean = layer.mean_cross_entropy(hidden, targets, chunk_size=3)
+            return mean * len(targets)
+
         return dict(
             logits=jax.vmap(layer.decode)(hidden),
-            losses=per_token(layer, hidden),
+            losses=layer.cross_entropy(hidden, targets, block_size=8),
             lse=layer.log_sum_exp(hidden, block_size=8),
-            grads=jax.grad(total, argnums=(0, 1))(layer, hidden, per_token),
-            mean_grads=jax.grad(total, argnums=(0, 1))(layer, hidden, mean),
+            grads=jax.grad(per_token_total, argnums=(0, 1))(layer, hidden),
+            mean_grads=jax.grad(mean_total, argnums=(0, 1))(layer, hidden),
         )
 
     got = run(padded, hidden)
