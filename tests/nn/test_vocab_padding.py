@@ -189,19 +189,21 @@ def inputs(vocab):
     return ids, hidden, targets, where
 
 
-def everything(model, ids, hidden, targets, where, *, with_mean):
-    def loss(model_and_hidden):
-        model, hidden = model_and_hidden
-        losses = jax.vmap(
-            lambda h, t, w: model.cross_entropy(
-                h, t, where=w, z_loss=1e-2, block_size=4
-            )
-        )(hidden, targets, where)
-        return losses.sum(), losses
+def per_token_losses(model, hidden, targets, where):
+    def one_sequence(hidden, targets, where):
+        return model.cross_entropy(
+            hidden, targets, where=where, z_loss=1e-2, block_size=4
+        )
 
-    (_, losses), (grads, d_hidden) = eqx.filter_value_and_grad(
-        loss, has_aux=True
-    )((model, hidden))
+    return jax.vmap(one_sequence)(hidden, targets, where)
+
+
+def everything(model, ids, hidden, targets, where, *, with_mean):
+    losses = per_token_losses(model, hidden, targets, where)
+    grads, d_hidden = jax.grad(
+        lambda model, hidden: per_token_losses(model, hidden, targets, where).sum(),
+        argnums=(0, 1),
+    )(model, hidden)
     out = dict(
         lookup=jax.vmap(jax.vmap(model))(ids),
         decode=jax.vmap(jax.vmap(model.decode))(hidden),
