@@ -182,8 +182,10 @@ def model_partition_specs(model: Any, mesh: Mesh | AbstractMesh, rules: Rules) -
 
     A pytree like `eqx.filter(model, eqx.is_array)` with a `PartitionSpec` for each
     array. A rule that names an axis the mesh lacks, that splits an array along an
-    axis the devices do not divide, or that uses a mesh axis twice in one array
-    raises a `ValueError` naming the array and the axis.
+    axis the devices do not divide (a vocabulary: pad it first with
+    [`pad_vocabulary`][eqx_embed.pad_vocabulary], as `shard_model` does), or that
+    uses a mesh axis twice in one array raises a `ValueError` naming the array and
+    the axis.
 
     **Raises:**
 
