@@ -2,12 +2,16 @@
 
     python benchmarks/run_all.py                  # all of them
     python benchmarks/run_all.py --only rope      # those whose name contains "rope"
+    python benchmarks/run_all.py --rounds 2 --page /tmp/p.md --plot /tmp/p.png
+                                                  # a quick check that they all run
 
 Each script's `main()` times its cases side by side with their peers (interleaved,
-medians, ratios to a baseline; see `_harness.py`) and returns its rows. This collects
-them into `docs/performance.md` (a table per benchmark, with the machine it ran on) and
-`docs/images/performance.png` (the ratios, plotted). A benchmark whose name ends in
-`_mib` reports XLA's temporary memory in MiB rather than a time.
+min/median/max, ratios to a baseline; see `_harness.py`) and returns its rows, and a
+`Goal` for each goal an issue sets. This collects them into `docs/performance.md`
+(the goals, met or MISSED, first; then a table per benchmark; the machine, the date,
+the load and the commit measured) and `docs/images/performance.png` (the ratios,
+plotted). A benchmark whose name ends in `_mib` reports XLA's temporary memory in MiB
+rather than a time.
 """
 
 import argparse
@@ -15,17 +19,42 @@ import datetime
 import importlib
 import os
 import pathlib
+import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _harness import Row, machine_description  # noqa: E402
+from _harness import SMOKE_RUN, Goal, Row, machine_description  # noqa: E402
 
 MEMORY_SUFFIX = "_mib"
+
+
+@dataclass
+class Results:
+    """What the scripts returned, by script name, and how long each took."""
+
+    rows: dict[str, list[Row]] = field(default_factory=dict)
+    goals: dict[str, list[Goal]] = field(default_factory=dict)
+    summaries: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Conditions:
+    """Where and when the figures were measured."""
+
+    machine: str
+    started: datetime.datetime
+    load_averages: tuple[float, float, float]
+    commit: str
+    rounds: int | None = None
 
 
 def benchmark_scripts(only: str | None) -> list[pathlib.Path]:
@@ -33,23 +62,43 @@ def benchmark_scripts(only: str | None) -> list[pathlib.Path]:
     return [s for s in scripts if only is None or only in s.stem]
 
 
-def run_scripts(
-    scripts: list[pathlib.Path],
-) -> tuple[dict[str, list[Row]], dict[str, str], dict[str, str]]:
-    """Each script's rows, its docstring's first paragraph, and the errors of those
-    that failed (a failure does not stop the others)."""
-    rows, summaries, failures = {}, {}, {}
+def run_scripts(scripts: list[pathlib.Path]) -> Results:
+    """Each script's rows and goals, its docstring's first paragraph, its run time,
+    and the errors of those that failed (a failure does not stop the others)."""
+    results = Results()
     for script in scripts:
+        name = script.stem
         print(f"\n=== {script.name}", flush=True)
+        start = time.perf_counter()
         try:
-            module = importlib.import_module(script.stem)
-            summaries[script.stem] = (module.__doc__ or "").strip().split("\n\n")[0]
-            main: Callable[[], list[Row]] = module.main
-            rows[script.stem] = main()
+            module = importlib.import_module(name)
+            results.summaries[name] = (module.__doc__ or "").strip().split("\n\n")[0]
+            main: Callable[[], list[Row | Goal]] = module.main
+            returned = main()
+            results.rows[name] = [r for r in returned if isinstance(r, Row)]
+            results.goals[name] = [g for g in returned if isinstance(g, Goal)]
         except Exception:
-            failures[script.stem] = traceback.format_exc()
-            print(failures[script.stem], file=sys.stderr)
-    return rows, summaries, failures
+            results.failures[name] = traceback.format_exc()
+            print(results.failures[name], file=sys.stderr)
+        results.seconds[name] = time.perf_counter() - start
+    return results
+
+
+def git_commit() -> str:
+    """The checkout's short commit, with "+ uncommitted changes" if the tree differs
+    from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{commit} + uncommitted changes" if dirty else commit
 
 
 def group_by_benchmark(rows: list[Row]) -> dict[str, list[Row]]:
@@ -60,15 +109,25 @@ def group_by_benchmark(rows: list[Row]) -> dict[str, list[Row]]:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    is_memory = rows[0].benchmark.endswith(MEMORY_SUFFIX)
-    unit = "MiB of temporaries" if is_memory else "median"
+    baseline = rows[0].baseline
+    if rows[0].benchmark.endswith(MEMORY_SUFFIX):
+        lines = [
+            f"| case | MiB of temporaries | ratio to `{baseline}` |",
+            "| --- | ---: | ---: |",
+        ]
+        lines += [
+            f"| {row.case} | {row.median_ms:,.0f} MiB | {row.ratio:.2f}x |"
+            for row in rows
+        ]
+        return "\n".join(lines)
     lines = [
-        f"| case | {unit} | ratio to `{rows[0].baseline}` |",
-        "| --- | ---: | ---: |",
+        f"| case | min | median | max | median / median of `{baseline}` |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
-        value = f"{row.median_ms:,.0f} MiB" if is_memory else _time(row.median_ms)
-        lines.append(f"| {row.case} | {value} | {row.ratio:.2f}x |")
+        figures = [row.min_ms, row.median_ms, row.max_ms]
+        low, middle, high = (_time(ms) if ms is not None else "n/a" for ms in figures)
+        lines.append(f"| {row.case} | {low} | {middle} | {high} | {row.ratio:.2f}x |")
     return "\n".join(lines)
 
 
@@ -80,40 +139,89 @@ def _time(milliseconds: float) -> str:
     return f"{milliseconds * 1000:.1f} µs"
 
 
-def write_page(
-    path: pathlib.Path,
-    rows: dict[str, list[Row]],
-    summaries: dict[str, str],
-    failures: dict[str, str],
-    plot: pathlib.Path,
-) -> None:
-    today = datetime.date.today().isoformat()
+def goals_section(results: Results) -> list[str]:
+    """The table of every goal, met or MISSED, and the scripts whose goals are not
+    measured because they failed."""
+    goals = [goal for script_goals in results.goals.values() for goal in script_goals]
+    missed = sum(not goal.met for goal in goals)
+    parts = [
+        "## Goals",
+        "",
+        f"{len(goals) - missed} of the {len(goals)} goals the issues set are met"
+        + (f"; **{missed} MISSED**." if missed else "."),
+        "",
+        "| goal | set by | measured | goal | |",
+        "| --- | --- | ---: | ---: | --- |",
+    ]
+    for goal in goals:
+        verdict = "met" if goal.met else "**MISSED**"
+        parts.append(
+            f"| {goal.description} | {goal.source} | {goal.measured:.4g}{goal.unit} "
+            f"| {goal.target} | {verdict} |"
+        )
+    parts.append("")
+    for script in results.failures:
+        parts += [f"`{script}.py` failed: its goals, if any, are not measured.", ""]
+    return parts
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def page_markdown(results: Results, conditions: Conditions, plot: str) -> str:
+    """The performance page: conditions, goals, then a section per script."""
+    one, five, fifteen = conditions.load_averages
+    per_script = ", ".join(
+        f"`{script}` {_minutes(seconds)}" for script, seconds in results.seconds.items()
+    )
     parts = [
         "# Performance",
         "",
         "Every benchmark runs our modules side by side with the raw `jnp` form and the "
         "peers (Equinox, flax, keras_hub, penzai), in one process, interleaved: each "
         "round times every case once, in a rotating order, so that a change in the "
-        "machine's speed falls on all cases alike. The tables give medians over the "
-        "rounds and ratios to a baseline (below 1: faster than the baseline). Memory "
-        "is XLA's temporary buffers from `memory_analysis()` of the compiled program.",
+        "machine's speed falls on all cases alike. The tables give the minimum, median "
+        "and maximum over the rounds (their spread is the noise) and the medians' "
+        "ratios to a baseline (below 1: faster than the baseline). Memory is XLA's "
+        "temporary buffers from `memory_analysis()` of the compiled program, one "
+        "figure, without noise.",
         "",
-        f"Measured on {today}, on {machine_description()}, with a load average of "
-        f"{os.getloadavg()[0]:.1f} when it started (other processes running make the "
-        "times noisy; the interleaving keeps the ratios fair). Regenerate this page "
-        "with `python benchmarks/run_all.py`.",
+        f"- Commit: `{conditions.commit}`",
+        f"- Date: {conditions.started:%Y-%m-%d %H:%M} UTC",
+        f"- Machine: {conditions.machine}",
+        f"- Load average when the run started: {one:.2f} (1 min), {five:.2f} (5 min), "
+        f"{fifteen:.2f} (15 min); other processes running make the times noisy, the "
+        "interleaving keeps the ratios fair",
+        f"- Run time: {_minutes(sum(results.seconds.values()))} ({per_script})",
+    ]
+    if conditions.rounds is not None:
+        parts.append(
+            f"- **A smoke run**: at most {conditions.rounds} rounds per benchmark, to "
+            "check that they run; these are not figures to quote"
+        )
+    parts += [
         "",
-        f"![Ratios to each benchmark's baseline]({plot.relative_to(path.parent)})",
+        "Regenerate this page with `python benchmarks/run_all.py`.",
+        "",
+        *goals_section(results),
+        f"![Ratios to each benchmark's baseline]({plot})",
         "",
     ]
-    for script, script_rows in rows.items():
-        parts += [f"## `{script}.py`", "", summaries[script], ""]
+    for script, script_rows in results.rows.items():
+        parts += [f"## `{script}.py`", "", results.summaries[script], ""]
         for benchmark, group in group_by_benchmark(script_rows).items():
             parts += [f"### {benchmark}", "", markdown_table(group), ""]
-    for script, error in failures.items():
+    for script, error in results.failures.items():
         last_line = error.strip().splitlines()[-1]
         parts += [f"## `{script}.py`", "", f"Failed: `{last_line}`", ""]
-    path.write_text("\n".join(parts))
+    return "\n".join(parts)
+
+
+def write_text(path: pathlib.Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
     print(f"wrote {path}")
 
 
@@ -173,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="run the scripts whose name contains this")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        help="at most this many rounds per benchmark: a quick check that they run, "
+        "marked as such on the page",
+    )
+    parser.add_argument(
         "--page", type=pathlib.Path, default=ROOT / "docs" / "performance.md"
     )
     parser.add_argument(
@@ -181,14 +295,30 @@ def main(argv: list[str] | None = None) -> int:
         default=ROOT / "docs" / "images" / "performance.png",
     )
     args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     scripts = benchmark_scripts(args.only)
     if not scripts:
         raise SystemExit(f"No benchmarks/bench_*.py matches --only {args.only!r}.")
-    print(machine_description())
-    rows, summaries, failures = run_scripts(scripts)
-    write_plot(args.plot, rows)
-    write_page(args.page, rows, summaries, failures, args.plot)
-    return 1 if failures else 0
+    SMOKE_RUN.rounds = args.rounds
+    conditions = Conditions(
+        machine=machine_description(),
+        started=datetime.datetime.now(datetime.timezone.utc),
+        load_averages=os.getloadavg(),
+        commit=git_commit(),
+        rounds=args.rounds,
+    )
+    print(f"{conditions.machine}; commit {conditions.commit}")
+    results = run_scripts(scripts)
+    write_plot(args.plot, results.rows)
+    plot = os.path.relpath(args.plot, args.page.parent)
+    write_text(args.page, page_markdown(results, conditions, plot))
+    total = sum(results.seconds.values())
+    print(f"run time {_minutes(total)}")
+    if args.rounds is not None:
+        full = total + SMOKE_RUN.skipped_seconds
+        print(f"with every benchmark's own rounds: about {_minutes(full)}")
+    return 1 if results.failures else 0
 
 
 if __name__ == "__main__":
