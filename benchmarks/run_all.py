@@ -84,13 +84,13 @@ def run_scripts(scripts: list[pathlib.Path]) -> Results:
     return results
 
 
-def git_commit() -> str:
-    """The checkout's short commit, with "+ uncommitted changes" if the tree differs
+def git_commit(checkout: pathlib.Path = ROOT) -> str:
+    """The checkout's short commit, with "+ uncommitted changes" if its files differ
     from it."""
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+            ["git", *args], cwd=checkout, capture_output=True, text=True, check=True
         ).stdout.strip()
 
     try:
