@@ -182,17 +182,13 @@ def report(benchmark: str, medians: dict[str, float], *, baseline: str) -> list[
             Row(benchmark, name, seconds * 1e3, seconds / base, baseline, low, high)
         )
     width = max(len(row.case) for row in rows)
-    print(f"\n{benchmark}  (ratio: median time / median time of {baseline!r})")
+    print(f"\n{benchmark}  (ms: min, median, max; ratio of medians to {baseline!r})")
     for row in rows:
-        spread = (
-            ""
-            if row.min_ms is None
-            else f"  min {row.min_ms:10.3f}  max {row.max_ms:10.3f}"
+        figures = (row.min_ms, row.median_ms, row.max_ms)
+        text = "  ".join(
+            f"{ms:10.3f}" if ms is not None else " " * 10 for ms in figures
         )
-        print(
-            f"  {row.case:<{width}}  median {row.median_ms:10.3f} ms{spread}"
-            f"  {row.ratio:6.2f}x"
-        )
+        print(f"  {row.case:<{width}}  {text}  {row.ratio:6.2f}x")
     return rows
 
 
