@@ -185,10 +185,10 @@ def equinox_copy(model: TransformerLM) -> EquinoxLlama:
         return eqx.tree_at(
             lambda b: (
                 b.attention_norm.weight,
-                b.attention.query_proj.weight,
-                b.attention.key_proj.weight,
-                b.attention.value_proj.weight,
-                b.attention.output_proj.weight,
+                b.attention.query.weight,
+                b.attention.key.weight,
+                b.attention.value.weight,
+                b.attention.output.weight,
                 b.mlp_norm.weight,
                 b.gate.weight,
                 b.up.weight,

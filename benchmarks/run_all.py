@@ -52,7 +52,8 @@ class Conditions:
 
     machine: str
     started: datetime.datetime
-    load_averages: tuple[float, float, float]
+    load_at_start: tuple[float, float, float]
+    load_at_end: tuple[float, float, float]
     commit: str
     rounds: int | None = None
 
@@ -109,26 +110,33 @@ def group_by_benchmark(rows: list[Row]) -> dict[str, list[Row]]:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    baseline = rows[0].baseline
-    if rows[0].benchmark.endswith(MEMORY_SUFFIX):
-        lines = [
-            f"| case | MiB of temporaries | ratio to `{baseline}` |",
-            "| --- | ---: | ---: |",
-        ]
-        lines += [
-            f"| {row.case} | {row.median_ms:,.0f} MiB | {row.ratio:.2f}x |"
-            for row in rows
-        ]
-        return "\n".join(lines)
-    lines = [
-        f"| case | min | median | max | median / median of `{baseline}` |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
+    """A table of the rows' figures and ratios; where the rows have different
+    baselines, a column names each row's."""
+    is_memory = rows[0].benchmark.endswith(MEMORY_SUFFIX)
+    figures = ["MiB of temporaries"] if is_memory else ["min", "median", "max"]
+    baselines = {row.baseline for row in rows}
+    if len(baselines) == 1:
+        ratio, baseline_column = f"ratio to `{rows[0].baseline}`", []
+    else:
+        ratio, baseline_column = "ratio to its baseline", ["baseline"]
+    if not is_memory:
+        ratio = "median " + ratio
+    header = ["case", *figures, ratio, *baseline_column]
+    alignment = ["---", *["---:"] * (len(figures) + 1), *["---"] * len(baseline_column)]
+    lines = [_markdown_row(header), _markdown_row(alignment)]
     for row in rows:
-        figures = [row.min_ms, row.median_ms, row.max_ms]
-        low, middle, high = (_time(ms) if ms is not None else "n/a" for ms in figures)
-        lines.append(f"| {row.case} | {low} | {middle} | {high} | {row.ratio:.2f}x |")
+        if is_memory:
+            cells = [f"{row.median_ms:,.0f} MiB"]
+        else:
+            spread = (row.min_ms, row.median_ms, row.max_ms)
+            cells = [_time(ms) if ms is not None else "n/a" for ms in spread]
+        baseline = [f"`{row.baseline}`"] if baseline_column else []
+        lines.append(_markdown_row([row.case, *cells, f"{row.ratio:.2f}x", *baseline]))
     return "\n".join(lines)
+
+
+def _markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def _time(milliseconds: float) -> str:
@@ -165,13 +173,16 @@ def goals_section(results: Results) -> list[str]:
     return parts
 
 
+def _load(averages: tuple[float, float, float]) -> str:
+    return ", ".join(f"{average:.2f}" for average in averages)
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
 def page_markdown(results: Results, conditions: Conditions, plot: str) -> str:
     """The performance page: conditions, goals, then a section per script."""
-    one, five, fifteen = conditions.load_averages
     per_script = ", ".join(
         f"`{script}` {_minutes(seconds)}" for script, seconds in results.seconds.items()
     )
@@ -190,9 +201,9 @@ def page_markdown(results: Results, conditions: Conditions, plot: str) -> str:
         f"- Commit: `{conditions.commit}`",
         f"- Date: {conditions.started:%Y-%m-%d %H:%M} UTC",
         f"- Machine: {conditions.machine}",
-        f"- Load average when the run started: {one:.2f} (1 min), {five:.2f} (5 min), "
-        f"{fifteen:.2f} (15 min); other processes running make the times noisy, the "
-        "interleaving keeps the ratios fair",
+        f"- Load average (1, 5, 15 min): {_load(conditions.load_at_start)} when the "
+        f"run started, {_load(conditions.load_at_end)} when it ended; other processes "
+        "running make the times noisy, the interleaving keeps the ratios fair",
         f"- Run time: {_minutes(sum(results.seconds.values()))} ({per_script})",
     ]
     if conditions.rounds is not None:
@@ -301,20 +312,30 @@ def main(argv: list[str] | None = None) -> int:
     if not scripts:
         raise SystemExit(f"No benchmarks/bench_*.py matches --only {args.only!r}.")
     SMOKE_RUN.rounds = args.rounds
+    started, load_at_start = (
+        datetime.datetime.now(datetime.timezone.utc),
+        os.getloadavg(),
+    )
+    commit = git_commit()  # before the page changes the checkout
+    print(f"{machine_description()}; commit {commit}")
+    results = run_scripts(scripts)
     conditions = Conditions(
         machine=machine_description(),
-        started=datetime.datetime.now(datetime.timezone.utc),
-        load_averages=os.getloadavg(),
-        commit=git_commit(),
+        started=started,
+        load_at_start=load_at_start,
+        load_at_end=os.getloadavg(),
+        commit=commit,
         rounds=args.rounds,
     )
-    print(f"{conditions.machine}; commit {conditions.commit}")
-    results = run_scripts(scripts)
     write_plot(args.plot, results.rows)
     plot = os.path.relpath(args.plot, args.page.parent)
     write_text(args.page, page_markdown(results, conditions, plot))
     total = sum(results.seconds.values())
-    print(f"run time {_minutes(total)}")
+    cpu = os.times()
+    print(
+        f"run time {_minutes(total)}; CPU time {_minutes(cpu.user + cpu.system)}, "
+        f"of which children's {_minutes(cpu.children_user + cpu.children_system)}"
+    )
     if args.rounds is not None:
         full = total + SMOKE_RUN.skipped_seconds
         print(f"with every benchmark's own rounds: about {_minutes(full)}")

@@ -44,7 +44,8 @@ def conditions(rounds=None) -> run_all.Conditions:
     return run_all.Conditions(
         machine="x86_64, 2 cores",
         started=datetime.datetime(2026, 11, 21, 16, 5, tzinfo=datetime.timezone.utc),
-        load_averages=(0.25, 0.5, 1.0),
+        load_at_start=(0.25, 0.5, 1.0),
+        load_at_end=(2.0, 1.5, 1.25),
         commit="abc1234 + uncommitted changes",
         rounds=rounds,
     )
@@ -65,11 +66,26 @@ def table_rows(page: str, header_start: str) -> list[list[str]]:
 def test_timed_rows_give_min_median_max_and_memory_rows_one_figure():
     page = run_all.page_markdown(results(), conditions(), "images/p.png")
     timed = table_rows(page, "| case | min |")
-    assert timed[0] == ["case", "min", "median", "max", "median / median of `raw`"]
+    assert timed[0] == ["case", "min", "median", "max", "median ratio to `raw`"]
     assert timed[2] == ["raw", "1.500 ms", "2.000 ms", "3.250 ms", "1.00x"]
     assert timed[3] == ["ours", "2.250 ms", "2.500 ms", "4.00 s", "1.25x"]
     memory = table_rows(page, "| case | MiB")
+    assert memory[0] == ["case", "MiB of temporaries", "ratio to `plain`"]
     assert memory[2] == ["plain", "9,018 MiB", "1.00x"]
+
+
+def test_rows_of_different_baselines_name_each_baseline():
+    rows = [
+        Row("depth", "scanned, 2", 1.0, 1.0, "scanned, 2", 0.5, 2.0),
+        Row("depth", "unrolled, 8", 4.0, 2.0, "unrolled, 2", 3.0, 5.0),
+    ]
+    table = run_all.markdown_table(rows).splitlines()
+    assert table[0] == (
+        "| case | min | median | max | median ratio to its baseline | baseline |"
+    )
+    assert table[3] == (
+        "| unrolled, 8 | 3.000 ms | 4.000 ms | 5.000 ms | 2.00x | `unrolled, 2` |"
+    )
 
 
 def test_goals_come_first_each_met_or_missed():
@@ -90,7 +106,10 @@ def test_the_page_states_commit_date_machine_load_and_run_time():
     assert "- Commit: `abc1234 + uncommitted changes`" in page
     assert "- Date: 2026-11-21 16:05 UTC" in page
     assert "- Machine: x86_64, 2 cores" in page
-    assert "0.25 (1 min), 0.50 (5 min), 1.00 (15 min)" in page
+    assert (
+        "- Load average (1, 5, 15 min): 0.25, 0.50, 1.00 when the run started, "
+        "2.00, 1.50, 1.25 when it ended" in page
+    )
     assert "- Run time: 2.0 min (`bench_a` 1.5 min, `bench_b` 0.5 min)" in page
     assert "smoke run" not in page
     smoke = run_all.page_markdown(results(), conditions(rounds=2), "images/p.png")
