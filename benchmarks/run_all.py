@@ -189,14 +189,14 @@ def page_markdown(results: Results, conditions: Conditions, plot: str) -> str:
     parts = [
         "# Performance",
         "",
-        "Every benchmark runs our modules side by side with the raw `jnp` form and the "
-        "peers (Equinox, flax, keras_hub, penzai), in one process, interleaved: each "
-        "round times every case once, in a rotating order, so that a change in the "
-        "machine's speed falls on all cases alike. The tables give the minimum, median "
-        "and maximum over the rounds (their spread is the noise) and the medians' "
-        "ratios to a baseline (below 1: faster than the baseline). Memory is XLA's "
-        "temporary buffers from `memory_analysis()` of the compiled program, one "
-        "figure, without noise.",
+        "Every benchmark runs our modules side by side with the raw `jnp` form and "
+        "the peers (Equinox, flax, keras, keras_hub, penzai), in one process, "
+        "interleaved: each round times every case once, in a rotating order, so that "
+        "a change in the machine's speed falls on all cases alike. The tables give "
+        "the minimum, median and maximum over the rounds (their spread is the noise) "
+        "and the medians' ratios to a baseline (below 1: faster than the baseline). "
+        "Memory is XLA's temporary buffers from `memory_analysis()` of the compiled "
+        "program, one figure, without noise.",
         "",
         f"- Commit: `{conditions.commit}`",
         f"- Date: {conditions.started:%Y-%m-%d %H:%M} UTC",
