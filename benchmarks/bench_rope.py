@@ -42,7 +42,7 @@ from _harness import (  # noqa: E402
 
 from eqx_embed import RotaryPositionalEmbedding  # noqa: E402
 
-BATCH, SEQ, HEADS, HEAD_DIM = 8, 1024, 16, 64
+BATCH, SEQ, HEADS, HEAD_DIM = 8, 1024, 8, 64
 GOALS = {"eqx_embed (vmap)": 1.00, "eqx_embed (equinox pattern)": 1.10}  # issue 14
 
 
