@@ -12,6 +12,8 @@ key/value heads, MLP width 384, vocabulary 2048, float32, one sequence.
 - `forward, dot_product_attention` / `forward, einsum`: the full forward at 512 tokens
   with this library's attention, and with the previous hand-written einsum attention
   patched in (same mask, same numbers).
+- cache bytes: the same model as Llama, Mistral (every layer slides) and Gemma 2
+  (sliding and full layers alternate), window 64, batch 2, from shapes alone.
 
 Goal (issue 10): the cached step at least 10x the re-run's tokens per second at
 context 512 on CPU.
@@ -131,27 +133,65 @@ def attention_rows(model: TransformerLM) -> list[Row]:
     return report("forward at 512 tokens", medians, baseline="forward, einsum")
 
 
-def cache_and_compiles(model: TransformerLM) -> None:
+def cache_bytes(model: TransformerLM) -> None:
+    """The cache's bytes against its formula, for every layer sliding (Mistral), none
+    (Llama) and both (Gemma 2 alternates them), and against the layout before sliding
+    layers kept only their window (one buffer of `capacity` slots in every layer as
+    soon as one layer attends fully). Also XLA's temporary bytes for one compiled
+    `decode_step` on a donated cache: Gemma 2's about Llama's at the same capacity,
+    so its two stacks are written in place, not copied."""
     config = model.config
-    print("\ncache bytes (keys + values) against 2*L*B*slots*K*D*itemsize")
-    window_config = TransformerConfig(
-        **{**config.to_dict(), "family": "mistral", "sliding_window": 64}
+    print(
+        "\ncache bytes (keys + values) against 2*B*K*D*itemsize*(full layers * "
+        "capacity + sliding layers * min(capacity, window))"
     )
-    windowed = TransformerLM(window_config, key=jax.random.key(0))
-    prompts = jnp.zeros((2, 16), jnp.int32)
-    for name, lm in (("llama", model), ("mistral, window 64", windowed)):
+    common = {**config.to_dict(), "sliding_window": 64}
+    models = {
+        "llama": model,
+        "mistral, window 64": TransformerLM(
+            TransformerConfig(**{**common, "family": "mistral"}), key=jax.random.key(0)
+        ),
+        "gemma2, window 64": TransformerLM(
+            TransformerConfig(**{**common, "family": "gemma2"}), key=jax.random.key(0)
+        ),
+    }
+    batch = 2
+    prompts = jnp.zeros((batch, 16), jnp.int32)
+    row_bytes = 2 * batch * config.num_kv_heads * config.head_dim * 4
+    for name, lm in models.items():
+        windows = lm.config.layer_windows
+        sliding = sum(window is not None for window in windows)
         for capacity in (512, 2048):
             cache = jax.eval_shape(
                 lambda lm=lm, capacity=capacity: lm.prefill(prompts, capacity=capacity)
             )[1]
-            slots = cache.keys.shape[2]
-            formula = 2 * config.num_layers * 2 * slots * config.num_kv_heads
-            formula *= config.head_dim * 4
-            actual = cache.keys.size * 4 + cache.values.size * 4
-            print(
-                f"  {name:<20} capacity {capacity:5}: slots {slots:5}, "
-                f"{actual:>10,} B, formula {formula:>10,} B"
+            window_slots = min(capacity, 64) if sliding else 0
+            formula = row_bytes * (
+                (len(windows) - sliding) * capacity + sliding * window_slots
             )
+            actual = sum(
+                array.size * 4
+                for array in (cache.keys, cache.values)
+                + (cache.sliding_keys, cache.sliding_values)
+            )
+            before = row_bytes * len(windows)
+            before *= capacity if None in windows else window_slots
+            parameters, static = eqx.partition(lm, eqx.is_array)
+            step = jax.jit(
+                lambda p, c, t, static=static: eqx.combine(p, static).decode_step(c, t),
+                donate_argnums=1,
+            )
+            token = jax.ShapeDtypeStruct((batch,), jnp.int32)
+            temp = step.lower(parameters, cache, token).compile().memory_analysis()
+            print(
+                f"  {name:<20} capacity {capacity:5}: slots {cache.slots:5} + "
+                f"{cache.sliding_slots:3}, {actual:>10,} B, formula {formula:>10,} B, "
+                f"before {before:>10,} B ({actual / before:.2f}x); "
+                f"decode_step temporaries {temp.temp_size_in_bytes:>10,} B"
+            )
+
+
+def compiles(model: TransformerLM) -> None:
     traces = {"count": 0}
     original = _generate.decode_step
 
@@ -175,7 +215,8 @@ def main() -> list[Row | Goal]:
     model = TransformerLM(CONFIG, key=jax.random.key(0))
     rows = decoding_rows(model)
     rows += attention_rows(model)
-    cache_and_compiles(model)
+    cache_bytes(model)
+    compiles(model)
     return rows
 
 
