@@ -138,7 +138,6 @@ def _lse_and_target_logit(
     table: Array, hidden: Array, targets: Array, blocking: _Blocking
 ) -> tuple[Array, Array]:
     hidden = hidden.astype(blocking.compute_dtype)
-    tokens = hidden.shape[0]
 
     def step(carry, index):
         lse, target_logit, table = carry
@@ -155,8 +154,9 @@ def _lse_and_target_logit(
 
     dtype = blocking.accumulate_dtype
     initial = (
-        varying_like(jnp.full(tokens, -jnp.inf, dtype), table),
-        varying_like(jnp.zeros(tokens, dtype), table),
+        # Laid out as the tokens are (they may be split over a mesh axis).
+        varying_like(jnp.full_like(hidden[:, 0], -jnp.inf, dtype), table),
+        varying_like(jnp.zeros_like(hidden[:, 0], dtype), table),
         table,
     )
     (lse, target_logit, _), _ = lax.scan(
