@@ -18,7 +18,9 @@ while tracing, how its table is laid out, and nothing needs to be configured:
   over the vocabulary axis combine the shards.
 
 With auto axes, arrays carry no layout while tracing, and GSPMD places everything:
-the values are the same, but the fused loss gathers the table.
+the values are the same, but the fused loss gathers the table. The documented way
+out ("Scaling out" guide): make the axes explicit around the loss with
+`jax.sharding.explicit_axes`, stating its arguments' layout.
 """
 
 import jax
