@@ -152,16 +152,18 @@ def _forward_shard(table, hidden, targets, *, blocking, shards):
     chunks = _num_chunks(hidden, shards)
     hidden_chunks, target_chunks = _chunked(hidden, chunks), _chunked(local, chunks)
 
-    def chunk_lse_and_target_logit(k):
-        return _lse_and_target_logit(
-            table, _chunk(hidden_chunks, k), _chunk(target_chunks, k), blocking
+    def chunk_step(hidden_chunks, k):
+        # Through a barrier, as in the backward pass: hoisted out of the loop, the
+        # bit cast that slices a 16-bit chunk would copy all the hidden states.
+        hidden_chunks = lax.optimization_barrier(hidden_chunks)
+        chunk, chunk_targets = _chunk(hidden_chunks, k), _chunk(target_chunks, k)
+        return hidden_chunks, _lse_and_target_logit(
+            table, chunk, chunk_targets, blocking
         )
 
+    _, per_chunk = lax.scan(chunk_step, hidden_chunks, jnp.arange(chunks))
     # (chunks, tokens // chunks), back to the token order.
-    lse, target_logit = (
-        x.T.reshape(hidden.shape[0])
-        for x in lax.map(chunk_lse_and_target_logit, jnp.arange(chunks))
-    )
+    lse, target_logit = (x.T.reshape(hidden.shape[0]) for x in per_chunk)
     # The max only steadies the exponentials.
     peak = lax.pmax(lse, shards.vocab_axes)
     peak = jnp.where(jnp.isfinite(peak), peak, 0)
