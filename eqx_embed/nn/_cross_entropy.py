@@ -155,8 +155,8 @@ def _lse_and_target_logit(
     dtype = blocking.accumulate_dtype
     initial = (
         # Laid out as the tokens are (they may be split over a mesh axis).
-        varying_like(jnp.full_like(hidden[:, 0], -jnp.inf, dtype), table),
-        varying_like(jnp.zeros_like(hidden[:, 0], dtype), table),
+        varying_like(jnp.full_like(hidden[:, 0], -jnp.inf, dtype), table, hidden),
+        varying_like(jnp.zeros_like(hidden[:, 0], dtype), table, hidden),
         table,
     )
     (lse, target_logit, _), _ = lax.scan(
@@ -224,9 +224,13 @@ def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit)
     return d_table, d_hidden.astype(hidden.dtype)
 
 
-def fold_batch_into_tokens(backward_pass: Callable) -> Callable:
-    """`backward_pass(table, *per_token)`, which under `jax.vmap` with a shared table
-    runs once on the batch folded into the token axis.
+def fold_batch_into_tokens(
+    function: Callable, per_token_outputs: tuple[bool, ...] = (False, True)
+) -> Callable:
+    """`function(table, *per_token)`, which under `jax.vmap` with a shared table runs
+    once on the batch folded into the token axis. Its outputs flagged in
+    `per_token_outputs` have a token axis (unfolded back into the batch); the others
+    are summed over the tokens (the table's gradient).
 
     Vmapped as it is, the backward pass would carry one table gradient per example
     (one call per sequence, say) and split the table-gradient matmul into small
@@ -235,26 +239,31 @@ def fold_batch_into_tokens(backward_pass: Callable) -> Callable:
     """
 
     @custom_vmap
-    def backward(*arrays):
-        return backward_pass(*arrays)
+    def folded(*arrays):
+        return function(*arrays)
 
-    @backward.def_vmap
+    @folded.def_vmap
     def fold(axis_size, in_batched, table, *per_token):
         if in_batched[0]:
             in_axes = tuple(0 if batched else None for batched in in_batched)
-            d_table, d_hidden = jax.vmap(backward_pass, in_axes)(table, *per_token)
-            return (d_table, d_hidden), (True, True)
+            outputs = jax.vmap(function, in_axes)(table, *per_token)
+            return outputs, (True,) * len(outputs)
         per_token = [
             x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
             for x, batched in zip(per_token, in_batched[1:], strict=True)
         ]
         tokens = per_token[0].shape[1]
         flat = [x.reshape(axis_size * tokens, *x.shape[2:]) for x in per_token]
-        d_table, d_hidden = backward(table, *flat)
-        d_hidden = sharded_like(d_hidden.reshape(per_token[0].shape), per_token[0])
-        return (d_table, d_hidden), (False, True)
+        outputs = list(folded(table, *flat))
+        for i, out in enumerate(outputs):
+            if per_token_outputs[i]:
+                unfolded = out.reshape(axis_size, tokens, *out.shape[1:])
+                # Laid out as the per-token input of its rank.
+                like = next(x for x in per_token if x.ndim == unfolded.ndim)
+                outputs[i] = sharded_like(unfolded, like)
+        return tuple(outputs), per_token_outputs
 
-    return backward
+    return folded
 
 
 def _lse_and_target_logit_bwd(blocking, residuals, cotangents):

@@ -64,12 +64,12 @@ def row_sharding(table: Array) -> NamedSharding | None:
     return None if sharding is None else sharding.update(spec=PartitionSpec(None))
 
 
-def varying_like(x: Array, reference: Array) -> Array:
-    """`x`, made to vary over the manual mesh axes that `reference` varies over:
+def varying_like(x: Array, *references: Array) -> Array:
+    """`x`, made to vary over the manual mesh axes that `references` vary over:
     inside `jax.shard_map`, a loop's initial carry must have the type of what the loop
-    computes from a shard. A no-op elsewhere."""
-    varying = jax.typeof(reference).mat.varying - jax.typeof(x).mat.varying
-    missing = tuple(sorted(varying))
+    computes from the shards. A no-op elsewhere."""
+    varying = set().union(*(jax.typeof(r).mat.varying for r in references))
+    missing = tuple(sorted(varying - jax.typeof(x).mat.varying))
     return lax.pcast(x, missing, to="varying") if missing else x
 
 

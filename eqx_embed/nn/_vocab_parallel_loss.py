@@ -32,7 +32,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, PartitionSpec
 from jaxtyping import Array
 
 from ._cross_entropy import (
@@ -84,21 +84,59 @@ def vocab_parallel_lse_and_target_logit(
     return lse, jnp.where(in_range, target_logit, jnp.nan)
 
 
-def _per_shard(function, shards: _Shards, in_vocab: tuple[bool, ...], out_vocab):
-    """`function` under `jax.shard_map`, manual over the vocabulary axes only: the
-    arguments flagged in `in_vocab` (and results in `out_vocab`) are split over them,
-    the others replicated; other mesh axes keep their layout."""
-
-    def spec(split):
-        return PartitionSpec(shards.vocab_axes) if split else PartitionSpec()
-
-    return jax.shard_map(
-        function,
-        in_specs=tuple(spec(split) for split in in_vocab),
-        out_specs=tuple(spec(split) for split in out_vocab),
-        mesh=shards.mesh,
-        axis_names=set(shards.vocab_axes),
+def _token_axes(hidden: Array, shards: _Shards) -> tuple[str, ...]:
+    """The explicit mesh axes (other than the vocabulary's) that split the tokens."""
+    sharding = explicit_sharding(hidden)
+    if sharding is None or not sharding.spec:
+        return ()
+    entry = sharding.spec[0]
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return tuple(
+        name
+        for name in names
+        if isinstance(name, str)
+        and name not in shards.vocab_axes
+        and sharding.mesh.axis_types[sharding.mesh.axis_names.index(name)]
+        == AxisType.Explicit
     )
+
+
+def _per_shard(function, shards: _Shards, hidden: Array, layouts: str, outputs: str):
+    """`function(*arrays, token_axes=...)` under `jax.shard_map`, manual over the
+    vocabulary axes and the axes that split `hidden`'s tokens: each array is laid out
+    as its letter in `layouts` (and each result as its letter in `outputs`) says:
+    `v` the table's rows, `t` the tokens. Other mesh axes keep their layout."""
+    token_axes = _token_axes(hidden, shards)
+    specs = dict(
+        v=PartitionSpec(shards.vocab_axes, None),
+        t=PartitionSpec(token_axes or None),
+    )
+    in_shards = jax.shard_map(
+        partial(function, token_axes=token_axes),
+        in_specs=tuple(specs[kind] for kind in layouts),
+        out_specs=tuple(specs[kind] for kind in outputs),
+        mesh=shards.mesh,
+        axis_names=set(shards.vocab_axes) | set(token_axes),
+    )
+
+    def split_tokens(x: Array) -> Array:
+        # The per-token arrays (targets, cotangents) split as the hidden states'
+        # tokens are: each device then holds the same tokens of each.
+        sharding = explicit_sharding(x)
+        spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+        if spec[0] == specs["t"][0]:
+            return x
+        spec = PartitionSpec(specs["t"][0], *spec[1:])
+        return jax.sharding.reshard(x, sharding.update(spec=spec))
+
+    def call(*arrays):
+        arrays = [
+            split_tokens(x) if kind == "t" else x
+            for x, kind in zip(arrays, layouts, strict=True)
+        ]
+        return in_shards(*arrays)
+
+    return call
 
 
 def _local_targets(targets: Array, shards: _Shards) -> tuple[Array, Array]:
@@ -109,18 +147,10 @@ def _local_targets(targets: Array, shards: _Shards) -> tuple[Array, Array]:
     return jnp.where(here, local, 0), here
 
 
-def _num_chunks(hidden: Array, shards: _Shards) -> int:
-    """The number of token chunks: at most the number of vocabulary shards, and a
-    divisor of the tokens that each split of the token axis holds."""
-    tokens, splits = hidden.shape[0], 1
-    spec = getattr(jax.typeof(hidden).sharding, "spec", None) or (None,)
-    for name in spec[0] if isinstance(spec[0], tuple) else (spec[0],):
-        if isinstance(name, str):
-            splits *= shards.mesh.shape[name]
-    per_split = tokens // splits if tokens % splits == 0 else tokens
-    return next(
-        n for n in range(min(shards.count, per_split), 0, -1) if not per_split % n
-    )
+def _num_chunks(tokens: int, shards: _Shards) -> int:
+    """The number of chunks of a device's tokens: the largest divisor of `tokens`
+    that is at most the number of vocabulary shards."""
+    return next(n for n in range(min(shards.count, tokens), 0, -1) if not tokens % n)
 
 
 def _chunked(x: Array, chunks: int) -> Array:
@@ -139,17 +169,24 @@ def _chunk(x: Array, k: Array) -> Array:
     return lax.bitcast_convert_type(chunk, x.dtype)
 
 
+# Both passes take the tokens flat: under `jax.vmap`, the batch is folded into them,
+# so that the tokens' split over the mesh (say, the batch's over a data axis) is
+# the shard_map's, and the table's gradient is one.
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _sharded(table, hidden, targets, blocking: _Blocking, shards: _Shards):
-    forward = partial(_forward_shard, blocking=blocking, shards=shards)
-    return _per_shard(forward, shards, (True, False, False), (False, False))(
-        table, hidden, targets
-    )
+    def forward(table, hidden, targets):
+        function = partial(_forward_shard, blocking=blocking, shards=shards)
+        return _per_shard(function, shards, hidden, "vtt", "tt")(table, hidden, targets)
+
+    return fold_batch_into_tokens(forward, (True, True))(table, hidden, targets)
 
 
-def _forward_shard(table, hidden, targets, *, blocking, shards):
+def _forward_shard(table, hidden, targets, *, blocking, shards, token_axes):
+    del token_axes  # each token's sums are over the vocabulary axes only
     local, here = _local_targets(targets, shards)
-    chunks = _num_chunks(hidden, shards)
+    chunks = _num_chunks(hidden.shape[0], shards)
     hidden_chunks, target_chunks = _chunked(hidden, chunks), _chunked(local, chunks)
 
     def chunk_step(hidden_chunks, k):
@@ -177,14 +214,16 @@ def _sharded_fwd(table, hidden, targets, blocking, shards):
     return (lse, target_logit), (table, hidden, targets, lse)
 
 
-def _backward_shard(table, hidden, targets, lse, d_lse, d_target, *, blocking, shards):
+def _backward_shard(
+    table, hidden, targets, lse, d_lse, d_target, *, blocking, shards, token_axes
+):
     local, here = _local_targets(targets, shards)
     # The target logit's cotangent belongs to the shard that holds the target.
     d_target = jnp.where(here, d_target, 0)
-    chunks = _num_chunks(hidden, shards)
-    # Varying over the vocabulary axes, as the table they ride with through the loops.
+    chunks = _num_chunks(hidden.shape[0], shards)
+    # Varying as the table and the hidden states, with which they ride through loops.
     per_token = tuple(
-        varying_like(_chunked(x, chunks), table)
+        varying_like(_chunked(x, chunks), table, hidden)
         for x in (hidden.astype(blocking.compute_dtype), local, lse, d_lse, d_target)
     )
     accumulate = blocking.accumulate_dtype
@@ -209,8 +248,8 @@ def _backward_shard(table, hidden, targets, lse, d_lse, d_target, *, blocking, s
             d_chunk = d_chunk + _contract(d_logits, block.rows, 1, 0, blocking)
             return (d_chunk, operands), None
 
-        # Laid out as a chunk of the hidden states (the tokens may be split).
         initial = jnp.zeros_like(_chunk(per_token[0], k), accumulate)
+        initial = varying_like(initial, table, hidden)
         (d_chunk, operands), _ = lax.scan(
             block_step, (initial, operands), jnp.arange(_num_blocks(table, blocking))
         )
@@ -221,7 +260,10 @@ def _backward_shard(table, hidden, targets, lse, d_lse, d_target, *, blocking, s
 
     (d_hidden, operands), _ = lax.scan(
         hidden_chunk_step,
-        (jnp.zeros_like(_chunked(hidden, chunks)), (table, per_token)),
+        (
+            varying_like(jnp.zeros_like(_chunked(hidden, chunks)), hidden),
+            (varying_like(table, hidden), per_token),
+        ),
         jnp.arange(chunks),
     )
 
@@ -232,17 +274,19 @@ def _backward_shard(table, hidden, targets, lse, d_lse, d_target, *, blocking, s
             d_rows, operands = carry
             operands = lax.optimization_barrier(operands)
             chunk, _, d_logits = tile(operands, k, index)
-            # Summed over the chunk's tokens, which may be split over a mesh axis.
             d_rows = d_rows + _contract(
                 d_logits, chunk, 0, 0, blocking, explicit_sharding(d_rows)
             )
             return (d_rows, operands), None
 
         shape = (blocking.block_size, table.shape[1])
-        initial = varying_like(jnp.zeros(shape, accumulate), table)
+        initial = varying_like(jnp.zeros(shape, accumulate), table, hidden)
         (d_rows, operands), _ = lax.scan(
             chunk_step, (initial, operands), jnp.arange(chunks)
         )
+        if token_axes:
+            # Summed over the devices that split the tokens, in float32.
+            d_rows = lax.psum(d_rows, token_axes)
         # As in the kernel: the last block is shifted back to end at the last row,
         # and the blocks run from the last one, writing without reading.
         start = jnp.minimum(index * blocking.block_size, table.shape[0] - shape[0])
@@ -261,12 +305,12 @@ def _backward_shard(table, hidden, targets, lse, d_lse, d_target, *, blocking, s
 
 
 def _sharded_bwd(blocking, shards, residuals, cotangents):
-    backward = partial(_backward_shard, blocking=blocking, shards=shards)
-    in_vocab = (True, False, False, False, False, False)
-    backward = fold_batch_into_tokens(
-        _per_shard(backward, shards, in_vocab, (True, False))
-    )
-    d_table, d_hidden = backward(*residuals, *cotangents)
+    def backward(table, hidden, *per_token):
+        function = partial(_backward_shard, blocking=blocking, shards=shards)
+        in_shards = _per_shard(function, shards, hidden, "vttttt", "vt")
+        return in_shards(table, hidden, *per_token)
+
+    d_table, d_hidden = fold_batch_into_tokens(backward)(*residuals, *cotangents)
     return d_table, d_hidden, None
 
 

@@ -1,7 +1,8 @@
 """The vocabulary-parallel fused loss on 8 CPU devices (one subprocess): tokens split
-over a data axis without `jax.vmap`, the reduced loss (`mean_cross_entropy`), auto
-mesh axes made explicit with `jax.sharding.explicit_axes`, and the per-device
-temporaries of the compiled loss with gradients against one device's.
+over a data axis without `jax.vmap` (and never gathered), the reduced loss
+(`mean_cross_entropy`), auto mesh axes made explicit with
+`jax.sharding.explicit_axes`, and the per-device temporaries of the compiled loss
+with gradients against one device's.
 """
 
 import numpy as np
@@ -45,19 +46,6 @@ def reduced(table, hidden, targets, where):
     return loss, loss
 
 
-def run(function, *args):
-    (_, value), grads = jax.jit(
-        jax.value_and_grad(function, argnums=(0, 1), has_aux=True)
-    )(*args)
-    return [np.asarray(x) for x in (value, *grads)]
-
-
-def relative_errors(got, want):
-    return [
-        float(np.max(np.abs(g - w)) / np.max(np.abs(w))) for g, w in zip(got, want)
-    ]
-
-
 def gathers(text):
     sizes = []
     for line in text.splitlines():
@@ -67,25 +55,39 @@ def gathers(text):
     return sizes
 
 
+def run(function, *args):
+    program = jax.jit(jax.value_and_grad(function, argnums=(0, 1), has_aux=True))
+    (_, value), grads = program(*args)
+    return [np.asarray(x) for x in (value, *grads)], program.lower(*args)
+
+
+def relative_errors(got, want):
+    return [
+        float(np.max(np.abs(g - w)) / np.max(np.abs(w))) for g, w in zip(got, want)
+    ]
+
+
 results = {{}}
 arrays = (table, hidden, targets, where)
 for name, function in (("per_token", per_token), ("reduced", reduced)):
-    want = run(function, *arrays)
+    want, _ = run(function, *arrays)
     with jax.set_mesh(jax.make_mesh((2, 4), ("data", "vocab"))):
         placed = [jax.device_put(table, P("vocab", None))]
         placed += [jax.device_put(a, P("data")) for a in arrays[1:]]
-        results[name] = relative_errors(run(function, *placed), want)
+        got, lowered = run(function, *placed)
+    results[name] = relative_errors(got, want)
+    results[name + "_gathers"] = gathers(lowered.compile().as_text())
 
 # Auto axes: the layout is not in the types; `explicit_axes` states it for the loss.
 auto = jax.make_mesh((2, 4), ("data", "vocab"), axis_types=(AxisType.Auto,) * 2)
 in_sharding = (P("vocab", None), P("data"), P("data"), P("data"))
-want = run(per_token, *arrays)
+want, _ = run(per_token, *arrays)
 with jax.set_mesh(auto):
     placed = [jax.device_put(a, s) for a, s in zip(arrays, in_sharding)]
     explicit = jax.sharding.explicit_axes(
         per_token, axes=("data", "vocab"), in_sharding=in_sharding
     )
-    results["auto_explicit_axes"] = relative_errors(run(explicit, *placed), want)
+    results["auto_explicit_axes"] = relative_errors(run(explicit, *placed)[0], want)
     # A table larger than the tokens' arrays, as in practice, so that a gathered
     # shard stands out from gathered per-token values.
     placed[0] = jax.device_put(np.ones((1024, WIDTH), np.float32), P("vocab", None))
@@ -140,6 +142,13 @@ BOUND = tolerance(np.float32, VOCAB + WIDTH + 8)["rtol"]
 def test_vocab_parallel_loss_and_gradients_match_one_device(results, loss):
     value, grad_table, grad_hidden = results[loss]
     assert value <= BOUND and grad_table <= BOUND and grad_hidden <= BOUND, results
+
+
+@pytest.mark.parametrize("loss", ["per_token", "reduced"])
+def test_tokens_split_over_a_data_axis_are_never_gathered(results, loss):
+    # Each device of the data axis keeps its own tokens: only per-token scalars
+    # (the targets) may travel whole, never the hidden states.
+    assert all(size < TOKENS * WIDTH * 4 for size in results[loss + "_gathers"])
 
 
 def test_auto_axes_made_explicit_never_gather_a_table_shard(results):
