@@ -2,12 +2,16 @@
 gathering the table: Megatron-LM's `vocab_parallel_cross_entropy` under
 `jax.shard_map`, in per-device memory that shrinks with the number of shards.
 
+The shard_maps are manual over the vocabulary axes and over the axes that split the
+tokens (a batch split over a data axis; under `jax.vmap` the batch is folded into the
+token axis first): each device holds its rows of the table and its tokens, and
+computes nothing twice.
+
 Splitting the vocabulary alone would not shrink the blockwise loss's temporaries:
 they are of order `tokens * (block_size + embedding_size)` (a block of logits, the
 hidden states' float32 gradient), whatever the vocabulary. So each device also walks
-the tokens in chunks, as many as there are vocabulary shards (at most; a divisor of
-the tokens that each split of the token axis holds), and keeps one chunk's
-temporaries at a time:
+its tokens in chunks, as many as there are vocabulary shards (at most: a divisor of
+its tokens), and keeps one chunk's temporaries at a time:
 
 - forward: for each chunk, the blockwise log-sum-exp and target logit over the
   device's own rows; then one collective of per-token scalars over the vocabulary
@@ -16,14 +20,13 @@ temporaries at a time:
   of `d_logits @ rows`, accumulated in float32, summed in float32 over the
   vocabulary axes (one all-reduce of a chunk's gradient), then cast.
 - backward, table's gradient: block by block of the device's rows, the sum over
-  the chunks of `d_logits.T @ hidden`, accumulated in float32, then cast and
-  written into that block's rows of the shard's gradient.
+  the chunks of `d_logits.T @ hidden`, accumulated in float32, summed in float32
+  over the axes that split the tokens, then cast and written into that block's rows
+  of the shard's gradient.
 
 Each backward walk recomputes its blocks of logits: five matmuls in all, one more than
 the one-device loss. Chunk `k` holds the tokens `k, k + n, k + 2n, ...` (a strided
-view of the token axis, `n` the number of chunks): every chunk then has its share of
-each split of the token axis (as under data parallelism), and slicing one never moves
-tokens between devices.
+view of the token axis, `n` the number of chunks).
 """
 
 from functools import partial
