@@ -241,20 +241,29 @@ def _backward_shard(
         block = _block(table, chunk, index, blocking)
         return chunk, block, _d_logits(block, *rest, blocking)
 
+    def summed(contribution, count, initial, operands):
+        """`initial + sum(contribution(operands, i) for i in range(count))`, in a
+        loop that carries `operands` through the barrier."""
+
+        def step(carry, i):
+            total, operands = carry
+            operands = lax.optimization_barrier(operands)
+            return (total + contribution(operands, i), operands), None
+
+        (total, operands), _ = lax.scan(step, (initial, operands), jnp.arange(count))
+        return total, operands
+
     def hidden_chunk_step(carry, k):
         d_hidden, operands = carry
 
-        def block_step(carry, index):
-            d_chunk, operands = carry
-            operands = lax.optimization_barrier(operands)
+        def from_block(operands, index):
             _, block, d_logits = tile(operands, k, index)
-            d_chunk = d_chunk + _contract(d_logits, block.rows, 1, 0, blocking)
-            return (d_chunk, operands), None
+            return _contract(d_logits, block.rows, 1, 0, blocking)
 
         initial = jnp.zeros_like(_chunk(per_token[0], k), accumulate)
         initial = varying_like(initial, table, hidden)
-        (d_chunk, operands), _ = lax.scan(
-            block_step, (initial, operands), jnp.arange(_num_blocks(table, blocking))
+        d_chunk, operands = summed(
+            from_block, _num_blocks(table, blocking), initial, operands
         )
         # Summed over the shards in float32, then cast: one chunk at a time.
         d_chunk = lax.psum(d_chunk, shards.vocab_axes).astype(hidden.dtype)
@@ -273,20 +282,15 @@ def _backward_shard(
     def table_block_step(carry, index):
         d_table, operands = carry
 
-        def chunk_step(carry, k):
-            d_rows, operands = carry
-            operands = lax.optimization_barrier(operands)
-            chunk, _, d_logits = tile(operands, k, index)
-            d_rows = d_rows + _contract(
-                d_logits, chunk, 0, 0, blocking, explicit_sharding(d_rows)
-            )
-            return (d_rows, operands), None
-
         shape = (blocking.block_size, table.shape[1])
         initial = varying_like(jnp.zeros(shape, accumulate), table, hidden)
-        (d_rows, operands), _ = lax.scan(
-            chunk_step, (initial, operands), jnp.arange(chunks)
-        )
+
+        def from_chunk(operands, k):
+            chunk, _, d_logits = tile(operands, k, index)
+            layout = explicit_sharding(initial)
+            return _contract(d_logits, chunk, 0, 0, blocking, layout)
+
+        d_rows, operands = summed(from_chunk, chunks, initial, operands)
         if token_axes:
             # Summed over the devices that split the tokens, in float32.
             d_rows = lax.psum(d_rows, token_axes)
