@@ -27,9 +27,8 @@ A vocabulary that is not a multiple of the block is not padded (padding would co
 the table): the last block starts at `vocabulary - block_size` instead and the columns
 it shares with the block before are masked out of the log-sum-exp and the gradient.
 A table that is itself padded (rows past the vocabulary, so that a device mesh can
-split it evenly: `pad_vocabulary`) has those rows masked out the same way, by
-`row_limit`, the number of rows in use (per shard, where the table is split); they
-get no gradient, and a target there is out of range.
+split it evenly: `pad_vocabulary`) has those rows masked out the same way: they get
+no gradient, and a target there is out of range.
 
 XLA:CPU has no 16-bit float data movement: it would slice a bfloat16 table as a
 float32 copy of the whole table, hoisted out of the loop. So blocks of a 16-bit table
@@ -44,6 +43,7 @@ CPU that includes float32 copies of the hidden states and of each block's
 `d_logits`, which XLA:CPU makes for the table gradient's product.
 """
 
+from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
@@ -59,7 +59,6 @@ from ._vocab_parallel import (
     explicit_sharding,
     sharded_like,
     varying_like,
-    vocab_parallel_lse_and_target_logit,
 )
 
 DEFAULT_BLOCK_SIZE = 2048
@@ -73,6 +72,11 @@ class _Blocking(NamedTuple):
     compute_dtype: jnp.dtype
     accumulate_dtype: jnp.dtype
     logit_soft_cap: float | None
+    # The vocabulary: the table's rows from it on are padding (`pad_vocabulary`).
+    num_rows: int
+    # Inside a vocabulary-parallel shard_map, the mesh axes that split the rows:
+    # the table is then this device's shard of them.
+    vocab_axes: tuple[str, ...] = ()
 
 
 def _contract(
@@ -113,9 +117,17 @@ def _slice_rows(table: Array, start: Array, size: int) -> Array:
     return lax.bitcast_convert_type(rows, table.dtype)
 
 
-def _block(
-    table: Array, hidden: Array, index: Array, row_limit: Array, blocking: _Blocking
-) -> _Block:
+def rows_in_use(table: Array, blocking: _Blocking) -> int | Array:
+    """How many of `table`'s rows (this device's shard of them, inside a
+    vocabulary-parallel shard_map) are in the vocabulary: the others are padding,
+    which sits at the end of the whole table."""
+    if not blocking.vocab_axes:
+        return blocking.num_rows
+    first_row = lax.axis_index(blocking.vocab_axes) * table.shape[0]
+    return jnp.clip(blocking.num_rows - first_row, 0, table.shape[0])
+
+
+def _block(table: Array, hidden: Array, index: Array, blocking: _Blocking) -> _Block:
     size = blocking.block_size
     first_new = index * size
     # The last block is shifted back to end at the last row rather than padded.
@@ -128,7 +140,9 @@ def _block(
         logits = blocking.logit_soft_cap * squashed
         cap_slope = 1 - squashed**2
     columns = start + jnp.arange(size)
-    is_new = (columns >= first_new) & (columns < row_limit)
+    is_new = columns >= first_new
+    if blocking.vocab_axes or blocking.num_rows < table.shape[0]:
+        is_new = is_new & (columns < rows_in_use(table, blocking))
     return _Block(rows, logits, cap_slope, columns, is_new, first_new)
 
 
@@ -141,17 +155,16 @@ def _num_blocks(table: Array, blocking: _Blocking) -> int:
 # loop, which copies the whole table.
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _lse_and_target_logit(
-    table: Array, hidden: Array, targets: Array, row_limit: Array, blocking: _Blocking
+    table: Array, hidden: Array, targets: Array, blocking: _Blocking
 ) -> tuple[Array, Array]:
     hidden = hidden.astype(blocking.compute_dtype)
-    tokens = hidden.shape[0]
 
     def step(carry, index):
         lse, target_logit, table = carry
         table = lax.optimization_barrier(table)
-        block = _block(table, hidden, index, row_limit, blocking)
+        block = _block(table, hidden, index, blocking)
         masked = jnp.where(block.is_new, block.logits, -jnp.inf)
         lse = jnp.logaddexp(lse, jax.nn.logsumexp(masked, axis=1))
         start = block.columns[0]
@@ -163,41 +176,50 @@ def _lse_and_target_logit(
 
     dtype = blocking.accumulate_dtype
     initial = (
-        varying_like(jnp.full(tokens, -jnp.inf, dtype), table),
-        varying_like(jnp.zeros(tokens, dtype), table),
+        # Laid out as the tokens are (they may be split over a mesh axis).
+        varying_like(jnp.full_like(hidden[:, 0], -jnp.inf, dtype), table, hidden),
+        varying_like(jnp.zeros_like(hidden[:, 0], dtype), table, hidden),
         table,
     )
     (lse, target_logit, _), _ = lax.scan(
         step, initial, jnp.arange(_num_blocks(table, blocking))
     )
-    in_range = (targets >= 0) & (targets < row_limit)
+    in_range = (targets >= 0) & (targets < rows_in_use(table, blocking))
     return lse, jnp.where(in_range, target_logit, jnp.nan)
 
 
-def _lse_and_target_logit_fwd(table, hidden, targets, row_limit, blocking):
-    lse, target_logit = _lse_and_target_logit(
-        table, hidden, targets, row_limit, blocking
+def _lse_and_target_logit_fwd(table, hidden, targets, blocking):
+    lse, target_logit = _lse_and_target_logit(table, hidden, targets, blocking)
+    return (lse, target_logit), (table, hidden, targets, lse)
+
+
+def _d_logits(
+    block: _Block,
+    targets: Array,
+    lse: Array,
+    d_lse: Array,
+    d_target_logit: Array,
+    blocking: _Blocking,
+) -> Array:
+    """The gradient with respect to a block's (raw) logits, in the compute dtype."""
+    softmax = jnp.where(block.is_new, jnp.exp(block.logits - lse[:, None]), 0)
+    is_target = block.is_new & (block.columns == targets[:, None])
+    d_logits = softmax * d_lse[:, None] + jnp.where(
+        is_target, d_target_logit[:, None], 0
     )
-    return (lse, target_logit), (table, row_limit, hidden, targets, lse)
+    if block.cap_slope is not None:
+        d_logits = d_logits * block.cap_slope
+    return d_logits.astype(blocking.compute_dtype)
 
 
-def _backward_pass(
-    blocking, table, row_limit, hidden, targets, lse, d_lse, d_target_logit
-):
+def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit):
     hidden_compute = hidden.astype(blocking.compute_dtype)
 
     def step(carry, index):
         d_hidden, d_table, table = carry
         table = lax.optimization_barrier(table)
-        block = _block(table, hidden_compute, index, row_limit, blocking)
-        softmax = jnp.where(block.is_new, jnp.exp(block.logits - lse[:, None]), 0)
-        is_target = block.is_new & (block.columns == targets[:, None])
-        d_logits = softmax * d_lse[:, None] + jnp.where(
-            is_target, d_target_logit[:, None], 0
-        )
-        if block.cap_slope is not None:
-            d_logits = d_logits * block.cap_slope
-        d_logits = d_logits.astype(blocking.compute_dtype)
+        block = _block(table, hidden_compute, index, blocking)
+        d_logits = _d_logits(block, targets, lse, d_lse, d_target_logit, blocking)
         d_hidden_block = _contract(d_logits, block.rows, 1, 0, blocking)
         d_hidden = d_hidden + sharded_like(d_hidden_block, d_hidden)
         # Summed over the tokens, which may be split over a mesh axis: the rows'
@@ -224,48 +246,63 @@ def _backward_pass(
     return d_table, d_hidden.astype(hidden.dtype)
 
 
-def _lse_and_target_logit_bwd(blocking, residuals, cotangents):
-    backward_pass = partial(_backward_pass, blocking)
+def fold_batch_into_tokens(
+    function: Callable, per_token_outputs: tuple[bool, ...] = (False, True)
+) -> Callable:
+    """`function(table, *per_token)`, which under `jax.vmap` with a shared table runs
+    once on the batch folded into the token axis. Its outputs flagged in
+    `per_token_outputs` have a token axis (unfolded back into the batch); the others
+    are summed over the tokens (the table's gradient).
 
-    # Under `jax.vmap` (one call per sequence, say) the backward pass would carry one
-    # table gradient per example and split the table-gradient matmul into small ones.
-    # When the table is shared, fold the batch into the token axis instead: one pass,
-    # one table gradient, summed over the batch by the matmul itself.
+    Vmapped as it is, the backward pass would carry one table gradient per example
+    (one call per sequence, say) and split the table-gradient matmul into small
+    ones. Folded, it makes one pass and one table gradient, summed over the batch by
+    the matmul itself.
+    """
+
     @custom_vmap
-    def backward(*arrays):
-        return backward_pass(*arrays)
+    def folded(*arrays):
+        return function(*arrays)
 
-    @backward.def_vmap
-    def fold_batch_into_tokens(axis_size, in_batched, table, row_limit, *per_token):
-        if in_batched[0] or in_batched[1]:
+    @folded.def_vmap
+    def fold(axis_size, in_batched, table, *per_token):
+        if in_batched[0]:
             in_axes = tuple(0 if batched else None for batched in in_batched)
-            d_table, d_hidden = jax.vmap(backward_pass, in_axes)(
-                table, row_limit, *per_token
-            )
-            return (d_table, d_hidden), (True, True)
+            outputs = jax.vmap(function, in_axes)(table, *per_token)
+            return outputs, (True,) * len(outputs)
         per_token = [
             x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-            for x, batched in zip(per_token, in_batched[2:], strict=True)
+            for x, batched in zip(per_token, in_batched[1:], strict=True)
         ]
         tokens = per_token[0].shape[1]
         flat = [x.reshape(axis_size * tokens, *x.shape[2:]) for x in per_token]
-        d_table, d_hidden = backward(table, row_limit, *flat)
-        d_hidden = sharded_like(d_hidden.reshape(per_token[0].shape), per_token[0])
-        return (d_table, d_hidden), (False, True)
+        outputs = list(folded(table, *flat))
+        for i, out in enumerate(outputs):
+            if per_token_outputs[i]:
+                unfolded = out.reshape(axis_size, tokens, *out.shape[1:])
+                # Laid out as the per-token input of its rank.
+                like = next(x for x in per_token if x.ndim == unfolded.ndim)
+                outputs[i] = sharded_like(unfolded, like)
+        return tuple(outputs), per_token_outputs
 
+    return folded
+
+
+def _lse_and_target_logit_bwd(blocking, residuals, cotangents):
+    backward = fold_batch_into_tokens(partial(_backward_pass, blocking))
     d_table, d_hidden = backward(*residuals, *cotangents)
-    return d_table, d_hidden, None, None
+    return d_table, d_hidden, None
 
 
 _lse_and_target_logit.defvjp(_lse_and_target_logit_fwd, _lse_and_target_logit_bwd)
 
 
-def _any_table_lse_and_target_logit(table, hidden, targets, row_limit, blocking):
+def _any_table_lse_and_target_logit(table, hidden, targets, blocking):
+    # Imported here: the vocabulary-parallel loss is built on this module's kernel.
+    from ._vocab_parallel_loss import vocab_parallel_lse_and_target_logit
+
     # A table split over its vocabulary runs the kernel on each shard.
-    row_limit = jnp.asarray(row_limit, jnp.int32)
-    return vocab_parallel_lse_and_target_logit(
-        table, hidden, targets, row_limit, blocking, local=_lse_and_target_logit
-    )
+    return vocab_parallel_lse_and_target_logit(table, hidden, targets, blocking)
 
 
 def _blocking(
@@ -275,6 +312,7 @@ def _blocking(
     dtype: jnp.dtype | None,
     logit_soft_cap: float | None,
     block_size: int | None,
+    num_rows: int | None = None,
 ) -> _Blocking:
     if block_size is None:
         block_size = DEFAULT_BLOCK_SIZE
@@ -282,7 +320,11 @@ def _blocking(
     compute = jnp.result_type(table, hidden) if dtype is None else jnp.dtype(dtype)
     accumulate = accumulation_dtype(compute)
     return _Blocking(
-        min(block_size, table.shape[0]), compute, accumulate, logit_soft_cap
+        min(block_size, table.shape[0]),
+        compute,
+        accumulate,
+        logit_soft_cap,
+        table.shape[0] if num_rows is None else num_rows,
     )
 
 
@@ -308,12 +350,10 @@ def fused_log_sum_exp(
         dtype=dtype,
         logit_soft_cap=logit_soft_cap,
         block_size=block_size,
+        num_rows=num_rows,
     )
     no_targets = jnp.zeros(hidden.shape[0], jnp.int32)
-    row_limit = table.shape[0] if num_rows is None else num_rows
-    lse, _ = _any_table_lse_and_target_logit(
-        table, hidden, no_targets, row_limit, blocking
-    )
+    lse, _ = _any_table_lse_and_target_logit(table, hidden, no_targets, blocking)
     return lse
 
 
@@ -341,15 +381,15 @@ def fused_cross_entropy(
         dtype=dtype,
         logit_soft_cap=logit_soft_cap,
         block_size=block_size,
+        num_rows=num_rows,
     )
     if where is not None:
         # Zeroed before the matmuls, so that a NaN or an infinity in a masked-out row
         # cannot reach the table's gradient (in the backward pass, a masked row's zero
         # cotangent would meet its non-finite softmax: 0 * NaN is NaN).
         hidden = jnp.where(where[:, None], hidden, 0)
-    row_limit = table.shape[0] if num_rows is None else num_rows
     lse, target_logit = _any_table_lse_and_target_logit(
-        table, hidden, targets, row_limit, blocking
+        table, hidden, targets, blocking
     )
     losses = lse - target_logit
     if z_loss:

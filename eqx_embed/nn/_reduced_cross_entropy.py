@@ -40,7 +40,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from ._cross_entropy import _Blocking, _blocking, _contract
+from ._cross_entropy import _Blocking, _blocking, _contract, fused_cross_entropy
+from ._vocab_parallel import table_axes
 
 DEFAULT_CHUNK_ELEMENTS = 2**24
 """The default chunk holds about this many logits: `chunk_size * vocabulary`."""
@@ -60,7 +61,6 @@ def _reduced_pass(
     weights: Array,
     blocking: _Blocking,
     z_loss: float,
-    num_rows: int,
     with_gradients: bool,
 ) -> _Reduced:
     tokens, size = hidden.shape[0], blocking.block_size
@@ -83,11 +83,11 @@ def _reduced_pass(
         if blocking.logit_soft_cap is not None:
             squashed = jnp.tanh(logits / blocking.logit_soft_cap)
             logits = blocking.logit_soft_cap * squashed
-        if num_rows < table.shape[0]:
-            logits = jnp.where(vocabulary < num_rows, logits, -jnp.inf)
+        if blocking.num_rows < table.shape[0]:
+            logits = jnp.where(vocabulary < blocking.num_rows, logits, -jnp.inf)
         lse = jax.nn.logsumexp(logits, axis=1)
-        in_range = (chunk_targets >= 0) & (chunk_targets < num_rows)
-        local = jnp.clip(chunk_targets, 0, num_rows - 1)
+        in_range = (chunk_targets >= 0) & (chunk_targets < blocking.num_rows)
+        local = jnp.clip(chunk_targets, 0, blocking.num_rows - 1)
         picked = jnp.take_along_axis(logits, local[:, None], axis=1)[:, 0]
         chunk_losses = lse - jnp.where(in_range, picked, jnp.nan)
         if z_loss:
@@ -125,21 +125,17 @@ def _reduced_pass(
     return _Reduced(total, losses, d_table, d_hidden)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _weighted_sum(table, hidden, targets, weights, blocking, z_loss, num_rows):
-    return _reduced_pass(
-        table, hidden, targets, weights, blocking, z_loss, num_rows, False
-    ).total
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _weighted_sum(table, hidden, targets, weights, blocking, z_loss):
+    return _reduced_pass(table, hidden, targets, weights, blocking, z_loss, False).total
 
 
-def _weighted_sum_fwd(table, hidden, targets, weights, blocking, z_loss, num_rows):
-    reduced = _reduced_pass(
-        table, hidden, targets, weights, blocking, z_loss, num_rows, True
-    )
+def _weighted_sum_fwd(table, hidden, targets, weights, blocking, z_loss):
+    reduced = _reduced_pass(table, hidden, targets, weights, blocking, z_loss, True)
     return reduced.total, (reduced.d_table, reduced.d_hidden, reduced.losses)
 
 
-def _weighted_sum_bwd(blocking, z_loss, num_rows, residuals, d_total):
+def _weighted_sum_bwd(blocking, z_loss, residuals, d_total):
     d_table, d_hidden, losses = residuals
 
     def scale(gradient: Array) -> Array:
@@ -170,24 +166,44 @@ def fused_weighted_cross_entropy(
 
     `targets` must already have been checked against the caller's out-of-range
     policy; one outside `[0, num_rows)` gives a NaN loss for that token (and
-    so a NaN total). Accumulated in float32 for a low-precision compute `dtype`
+    so a NaN total). A table whose vocabulary is split over explicit mesh axes takes
+    the vocabulary-parallel per-token loss instead (`chunk_size` unused).
+    Accumulated in float32 for a low-precision compute `dtype`
     (`None`: the promoted dtype of `table` and `hidden`), and returned in that
     accumulation dtype.
     """
     tokens, vocabulary = hidden.shape[0], table.shape[0]
-    num_rows = vocabulary if num_rows is None else num_rows
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocabulary)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    if table_axes(table)[0]:
+        # A table split over its vocabulary: the vocabulary-parallel per-token loss,
+        # weighted (its gradients in the backward pass, in memory bounded per device;
+        # the walk here would need the whole vocabulary per chunk of tokens).
+        losses = fused_cross_entropy(
+            table,
+            hidden,
+            targets,
+            where=None,
+            z_loss=z_loss,
+            dtype=dtype,
+            logit_soft_cap=logit_soft_cap,
+            block_size=None,
+            num_rows=num_rows,
+        )
+        return jnp.sum(jnp.asarray(weights, losses.dtype) * losses)
     blocking = _blocking(
-        table, hidden, dtype=dtype, logit_soft_cap=logit_soft_cap, block_size=None
+        table,
+        hidden,
+        dtype=dtype,
+        logit_soft_cap=logit_soft_cap,
+        block_size=None,
+        num_rows=num_rows,
     )
     # A chunk of tokens, bounded by the tokens (not by the vocabulary, as a block).
     blocking = blocking._replace(block_size=max(1, min(chunk_size, tokens)))
     weights = jnp.asarray(weights, blocking.accumulate_dtype)
-    return _weighted_sum(
-        table, hidden, targets, weights, blocking, float(z_loss), num_rows
-    )
+    return _weighted_sum(table, hidden, targets, weights, blocking, float(z_loss))
