@@ -198,7 +198,7 @@ def per_token_losses(model, hidden, targets, where):
     return jax.vmap(one_sequence)(hidden, targets, where)
 
 
-def everything(model, ids, hidden, targets, where, *, with_mean):
+def everything(model, ids, hidden, targets, where):
     losses = per_token_losses(model, hidden, targets, where)
     grads, d_hidden = jax.grad(
         lambda model, hidden: per_token_losses(model, hidden, targets, where).sum(),
@@ -214,26 +214,23 @@ def everything(model, ids, hidden, targets, where, *, with_mean):
         grad_table=grads.embedding.weight,
         grad_reverse_table=(grads.reverse_embedding or grads.embedding).weight,
     )
-    if with_mean:
 
-        def mean(model_and_hidden):
-            model, hidden = model_and_hidden
-            return model.mean_cross_entropy(
-                hidden.reshape(-1, WIDTH), targets.reshape(-1),
-                where=where.reshape(-1), z_loss=1e-2, chunk_size=4,
-            )
+    def mean(model_and_hidden):
+        model, hidden = model_and_hidden
+        return model.mean_cross_entropy(
+            hidden.reshape(-1, WIDTH), targets.reshape(-1),
+            where=where.reshape(-1), z_loss=1e-2, chunk_size=4,
+        )
 
-        out["mean"], (grads, out["mean_grad_hidden"]) = eqx.filter_value_and_grad(
-            mean
-        )((model, hidden))
-        out["mean_grad_reverse_table"] = (
-            grads.reverse_embedding or grads.embedding
-        ).weight
+    out["mean"], (grads, out["mean_grad_hidden"]) = eqx.filter_value_and_grad(mean)(
+        (model, hidden)
+    )
+    out["mean_grad_reverse_table"] = (grads.reverse_embedding or grads.embedding).weight
     return out
 
 
-def run(model, *args, with_mean):
-    out = eqx.filter_jit(everything)(model, *args, with_mean=with_mean)
+def run(model, *args):
+    out = eqx.filter_jit(everything)(model, *args)
     return {{k: np.asarray(v) for k, v in out.items()}}
 
 
@@ -253,12 +250,9 @@ for vocab, shape, tied, axis_type in cases:
         key=jax.random.key(1),
     )
     args = inputs(vocab)
-    # The vocabulary-split mean loss under explicit axes is not served (its chunked
-    # gather of the target logits has no out_sharding), padded or not: Auto only.
-    with_mean = axis_type == "Auto"
     key = (vocab, tied)
     if key not in references:
-        references[key] = run(model, *args, with_mean=True)
+        references[key] = run(model, *args)
     mesh = jax.make_mesh(
         shape, ("data", "vocab"), axis_types=(getattr(AxisType, axis_type),) * 2
     )
@@ -266,10 +260,7 @@ for vocab, shape, tied, axis_type in cases:
         padded = ee.pad_vocabulary(model, shape[1])
         sharded = jax.tree.map(lambda x: jax.device_put(x, P("vocab", None)), padded)
         layout = str(jax.typeof(sharded.embedding.weight))
-        got = run(
-            sharded, *[jax.device_put(a, P("data")) for a in args],
-            with_mean=with_mean,
-        )
+        got = run(sharded, *[jax.device_put(a, P("data")) for a in args])
     case = {{}}
     for name, value in got.items():
         want = references[key][name]
@@ -320,9 +311,10 @@ def test_padded_sharded_modules_match_one_device(sharded_results, case):
         "grad_hidden",
         "grad_table",
         "grad_reverse_table",
+        "mean",
+        "mean_grad_hidden",
+        "mean_grad_reverse_table",
     }
-    if case.endswith("Auto"):
-        names |= {"mean", "mean_grad_hidden", "mean_grad_reverse_table"}
     assert set(result["results"]) == names
     bound = tolerance(np.float32, vocab + WIDTH)["rtol"]
     # The id equal to the vocabulary reads NaNs, never a padding row.
