@@ -1,0 +1,194 @@
+"""Bad input on a mesh of 8 CPU devices: out-of-range ids under `out_of_range="error"`
+raise at once on every layout (never a hang at a collective), and layouts the modules
+cannot serve are refused with a ValueError naming the axis and the array.
+
+All the multi-device cases run in one subprocess; each call there is timed, since a
+device left waiting at a collective shows as a 40-second stall and an abort.
+"""
+
+import pytest
+
+VOCAB, WIDTH, BATCH, SEQ = 64, 16, 8, 6
+# A stalled collective gives up after 40 s on CPU; a prompt error takes well under
+# a second once compiled (a compile is a few seconds on a loaded 2-core machine).
+PROMPT_SECONDS = 20
+
+ERRORS = f"""
+import json
+import re
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, PartitionSpec as P
+
+import eqx_embed as ee
+
+VOCAB, WIDTH, BATCH, SEQ = {VOCAB}, {WIDTH}, {BATCH}, {SEQ}
+
+
+def attempt(function, *args):
+    start = time.perf_counter()
+    try:
+        jax.block_until_ready(function(*args))
+        raised, message = None, ""
+    except Exception as error:
+        raised, message = type(error).__name__, str(error)
+    # Under eqx.filter_jit the message sits among the stack's lines.
+    lines = [line for line in message.splitlines() if "out of range" in line]
+    return dict(
+        raised=raised,
+        message=lines[0] if lines else message[:400],
+        seconds=time.perf_counter() - start,
+    )
+
+
+rng = np.random.default_rng(0)
+good_ids = rng.integers(0, VOCAB, (BATCH, SEQ)).astype(np.int32)
+# Two bad ids on different data shards: the message names the largest.
+bad_ids = good_ids.copy()
+bad_ids[0, 1], bad_ids[7, 4] = VOCAB + 3, VOCAB + 9
+hidden = rng.standard_normal((BATCH, SEQ, WIDTH)).astype(np.float32)
+
+
+@eqx.filter_jit
+def lookup(model, ids, hidden):
+    return jax.vmap(jax.vmap(model))(ids)
+
+
+@eqx.filter_jit
+def cross_entropy(model, targets, hidden):
+    return jax.vmap(model.cross_entropy)(hidden, targets)
+
+
+@eqx.filter_jit
+def mean_cross_entropy(model, targets, hidden):
+    return jax.vmap(model.mean_cross_entropy)(hidden, targets)
+
+
+results = {{}}
+model = ee.ReversibleEmbedding(
+    VOCAB, WIDTH, out_of_range="error", key=jax.random.key(0)
+)
+tables = dict(vocabulary=P("vocab", None), embedding=P(None, "vocab"), replicated=P())
+for axis_type in ("Explicit", "Auto"):
+    mesh = jax.make_mesh(
+        (2, 4), ("data", "vocab"), axis_types=(getattr(AxisType, axis_type),) * 2
+    )
+    with jax.set_mesh(mesh):
+        for layout, spec in tables.items():
+            sharded = jax.tree.map(lambda x: jax.device_put(x, spec), model)
+            on_data = [jax.device_put(a, P("data")) for a in (good_ids, bad_ids)]
+            h = jax.device_put(hidden, P("data"))
+            calls = dict(lookup=lookup, cross_entropy=cross_entropy)
+            if axis_type == "Auto":
+                # Explicit axes: mean_cross_entropy does not run on a mesh yet.
+                calls["mean_cross_entropy"] = mean_cross_entropy
+            for name, function in calls.items():
+                bad = attempt(function, sharded, on_data[1], h)
+                # The same program, run again with good ids, still works.
+                good = attempt(function, sharded, on_data[0], h)
+                results[f"{{axis_type}}-{{layout}}-{{name}}"] = dict(bad=bad, good=good)
+
+config = ee.TransformerConfig(
+    "llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=1,
+    num_heads=2, max_position_embeddings=SEQ, out_of_range="error",
+)
+transformer = ee.TransformerLM(config, key=jax.random.key(1))
+
+
+@eqx.filter_jit
+def loss(model, tokens, targets):
+    return jax.vmap(model.loss)(tokens, targets)
+
+
+mesh = jax.make_mesh((2, 4), ("data", "model"))
+layouts = dict(
+    vocabulary=dict(data="data", vocab="model"),
+    # The table split over its embedding axis, as FSDP splits every weight.
+    embedding=dict(data="data", fsdp="model"),
+)
+with jax.set_mesh(mesh):
+    for layout, axes in layouts.items():
+        rules = ee.sharding_rules(**axes)
+        sharded = ee.shard_model(transformer, mesh, rules)
+        good, bad = (ee.shard_batch(a, mesh, rules) for a in (good_ids, bad_ids))
+        results[f"transformer-{{layout}}-tokens"] = dict(
+            bad=attempt(loss, sharded, bad, good),
+            good=attempt(loss, sharded, good, good),
+        )
+        results[f"transformer-{{layout}}-targets"] = dict(
+            bad=attempt(loss, sharded, good, bad)
+        )
+
+# The "nan" policy costs no collective: the lookup of a vocabulary-split table
+# all-reduces its rows, and nothing else.
+nan_model = ee.ReversibleEmbedding(VOCAB, WIDTH, key=jax.random.key(0))
+for axis_type in ("Explicit", "Auto"):
+    mesh = jax.make_mesh(
+        (2, 4), ("data", "vocab"), axis_types=(getattr(AxisType, axis_type),) * 2
+    )
+    with jax.set_mesh(mesh):
+        sharded = jax.tree.map(lambda x: jax.device_put(x, P("vocab", None)), nan_model)
+        ids = jax.device_put(good_ids, P("data"))
+        text = jax.jit(lookup).lower(sharded, ids, None).compile().as_text()
+    results[f"nan-{{axis_type}}"] = re.findall(
+        r"= (\\S+) (?:all-gather|all-reduce|all-to-all|reduce-scatter|"
+        r"collective-permute)(?:-start)?\\(",
+        text,
+    )
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def error_results(run_on_devices):
+    return run_on_devices(ERRORS, timeout=600)
+
+
+NAMES = {
+    "lookup": "token id",
+    "cross_entropy": "target",
+    "mean_cross_entropy": "target",
+    "tokens": "token id",
+    "targets": "target",
+}
+
+
+def _cases():
+    for axis_type in ("Explicit", "Auto"):
+        for layout in ("vocabulary", "embedding", "replicated"):
+            for call in ("lookup", "cross_entropy", "mean_cross_entropy"):
+                if axis_type == "Auto" or call != "mean_cross_entropy":
+                    yield f"{axis_type}-{layout}-{call}"
+    for layout in ("vocabulary", "embedding"):
+        for call in ("tokens", "targets"):
+            yield f"transformer-{layout}-{call}"
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_an_out_of_range_id_raises_promptly_on_every_device_layout(error_results, case):
+    result = error_results[case]
+    bad = result["bad"]
+    name = NAMES[case.rsplit("-", 1)[1]]
+    # Equinox's runtime error under eqx.filter_jit, naming the largest bad id (found
+    # on another data shard than the first) and the table size.
+    assert bad["raised"] == "EquinoxRuntimeError", bad
+    assert (
+        f"{name} {VOCAB + 9} is out of range for a table of {VOCAB} rows"
+        in (bad["message"])
+    ), bad
+    assert bad["seconds"] < PROMPT_SECONDS, bad
+    if "good" in result:
+        assert result["good"]["raised"] is None, result["good"]
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_the_nan_policy_adds_no_collective(error_results, axis_type):
+    # One all-reduce of the looked-up rows (float32; a data shard holds half the
+    # batch), and no reduction of a predicate or a bad id.
+    rows = f"f32[{BATCH // 2},{SEQ},{WIDTH}]"
+    collectives = error_results[f"nan-{axis_type}"]
+    assert [shape.split("{")[0] for shape in collectives] == [rows], collectives
