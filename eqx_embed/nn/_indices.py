@@ -16,7 +16,8 @@ come back as a valid-looking row, so every lookup in this library goes through
   under `equinox.filter_jit` and under `jax.vmap` outside `jit`,
   `jax.errors.JaxRuntimeError` (also a `RuntimeError`, its text containing the message)
   under a bare `jax.jit`. Catch `(ValueError, RuntimeError)` to cover both. With
-  `EQX_ON_ERROR=nan` or `off` the bad index reads NaNs, as with `"nan"`.
+  `EQX_ON_ERROR=nan` or `off` the bad index reads NaNs, as with `"nan"`. On a device
+  mesh set with `jax.set_mesh`, every device raises (see `_error_if_any_bad`).
 
 The range is checked in the index's own dtype, before any cast: an int64 id of
 `2**32 + 5` (NumPy, or JAX with `jax_enable_x64`) is out of range, not row 5, and a

@@ -6,7 +6,11 @@ All the multi-device cases run in one subprocess; each call there is timed, sinc
 device left waiting at a collective shows as a 40-second stall and an abort.
 """
 
+import jax
+import numpy as np
 import pytest
+
+import eqx_embed as ee
 
 VOCAB, WIDTH, BATCH, SEQ = 64, 16, 8, 6
 # A stalled collective gives up after 40 s on CPU; a prompt error takes well under
@@ -40,7 +44,7 @@ def attempt(function, *args):
     lines = [line for line in message.splitlines() if "out of range" in line]
     return dict(
         raised=raised,
-        message=lines[0] if lines else message[:400],
+        message=lines[0] if lines else message[:600],
         seconds=time.perf_counter() - start,
     )
 
@@ -123,6 +127,54 @@ with jax.set_mesh(mesh):
             bad=attempt(loss, sharded, good, bad)
         )
 
+# Layouts the decode and the fused loss cannot serve, refused while tracing.
+@eqx.filter_jit
+def decode(model, hidden):
+    return jax.vmap(jax.vmap(model.decode))(hidden)
+
+
+@eqx.filter_jit
+def flat_loss(model, hidden, targets):
+    return model.cross_entropy(hidden, targets)
+
+
+@eqx.filter_jit
+def flat_log_sum_exp(model, hidden):
+    return model.log_sum_exp(hidden)
+
+
+mesh = jax.make_mesh((2, 4), ("data", "vocab"))
+flat_hidden = hidden.reshape(BATCH * SEQ, WIDTH)
+flat_targets = good_ids.reshape(BATCH * SEQ)
+with jax.set_mesh(mesh):
+    on_vocab = jax.tree.map(lambda x: jax.device_put(x, P("vocab", None)), model)
+    on_both = jax.tree.map(lambda x: jax.device_put(x, P(("data", "vocab"))), model)
+    replicated = jax.tree.map(lambda x: jax.device_put(x, P()), model)
+    batch_on_vocab = [jax.device_put(a, P("vocab")) for a in (hidden, good_ids)]
+    batch_on_data = [jax.device_put(a, P("data")) for a in (hidden, good_ids)]
+    results["layout-batch-on-vocab-loss"] = attempt(
+        cross_entropy, on_vocab, batch_on_vocab[1], batch_on_vocab[0]
+    )
+    results["layout-batch-on-vocab-decode"] = attempt(
+        decode, on_vocab, batch_on_vocab[0]
+    )
+    results["layout-vocab-on-data-loss"] = attempt(
+        cross_entropy, on_both, batch_on_data[1], batch_on_data[0]
+    )
+    results["layout-vocab-on-data-decode"] = attempt(decode, on_both, batch_on_data[0])
+    tokens_on_data = [
+        jax.device_put(a, P("data")) for a in (flat_hidden, flat_targets)
+    ]
+    results["layout-split-tokens-loss"] = attempt(
+        flat_loss, replicated, *tokens_on_data
+    )
+    results["layout-split-tokens-log-sum-exp"] = attempt(
+        flat_log_sum_exp, on_vocab, tokens_on_data[0]
+    )
+    results["layout-split-targets-loss"] = attempt(
+        flat_loss, on_vocab, jax.device_put(flat_hidden, P()), tokens_on_data[1]
+    )
+
 # The "nan" policy costs no collective: the lookup of a vocabulary-split table
 # all-reduces its rows, and nothing else.
 nan_model = ee.ReversibleEmbedding(VOCAB, WIDTH, key=jax.random.key(0))
@@ -192,3 +244,54 @@ def test_the_nan_policy_adds_no_collective(error_results, axis_type):
     rows = f"f32[{BATCH // 2},{SEQ},{WIDTH}]"
     collectives = error_results[f"nan-{axis_type}"]
     assert [shape.split("{")[0] for shape in collectives] == [rows], collectives
+
+
+LAYOUTS = {
+    # A batch split over the mesh axis that splits the table's rows.
+    "batch-on-vocab-loss": ("cross_entropy", "hidden", "'vocab', which also splits"),
+    "batch-on-vocab-decode": ("__call__", "hidden", "'vocab', which also splits"),
+    "vocab-on-data-loss": ("cross_entropy", "hidden", "'data', which also splits"),
+    "vocab-on-data-decode": ("__call__", "hidden", "'data', which also splits"),
+    # The token axis of one call split: the fused loss walks it whole.
+    "split-tokens-loss": ("cross_entropy", "hidden", "('data',) along its token"),
+    "split-tokens-log-sum-exp": ("log_sum_exp", "hidden", "('data',) along its token"),
+    "split-targets-loss": ("cross_entropy", "targets", "('data',) along its token"),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_a_layout_the_modules_cannot_serve_is_named(error_results, case):
+    method, array, axis = LAYOUTS[case]
+    result = error_results[f"layout-{case}"]
+    assert result["raised"] == "ValueError", result
+    assert result["message"].startswith(f"EmbeddingDecode.{method}: {array} is "), (
+        result
+    )
+    assert "split over the mesh ax" in result["message"], result
+    assert axis in result["message"], result
+
+
+def test_a_mesh_axis_that_does_not_exist_is_named_for_models_and_batches():
+    config = ee.TransformerConfig(
+        "llama",
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+    )
+    model = ee.TransformerLM(config, key=jax.random.key(0))
+    mesh = jax.make_mesh((1, 1), ("data", "vocab"))
+    with pytest.raises(
+        ValueError,
+        match=r"embedding\.embedding\.weight names the mesh axis 'model'",
+    ):
+        ee.shard_model(model, mesh, ee.sharding_rules(data="data", vocab="model"))
+    with pytest.raises(
+        ValueError, match=r"batch\['tokens'\] names the mesh axis 'batch'"
+    ):
+        ee.shard_batch(
+            dict(tokens=np.zeros((2, 4), np.int32)),
+            mesh,
+            ee.sharding_rules(data="batch"),
+        )
