@@ -101,6 +101,11 @@ for axis_type in ("Explicit", "Auto"):
                 results[f"{{case}}-mean_cross_entropy"] = run(good, good, bad)
             # The same program still runs after the errors.
             results[f"{{case}}-good"] = run(good, good, good)
+            if layout == "vocabulary" and axis_type == "Explicit":
+                # Outside jit: jax.vmap's op-by-op programs run on the mesh too.
+                results[f"{{case}}-eager"] = attempt(
+                    lambda: jax.vmap(jax.vmap(sharded))(bad)
+                )
 
 config = ee.TransformerConfig(
     "llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=1,
@@ -130,6 +135,11 @@ with jax.set_mesh(mesh):
         results[f"{{case}}-tokens"] = attempt(loss, sharded, bad, good)
         results[f"{{case}}-targets"] = attempt(loss, sharded, good, bad)
         results[f"{{case}}-good"] = attempt(loss, sharded, good, good)
+        # Eagerly, ids known now raise a ValueError at once (the model stays eager
+        # under "error").
+        results[f"{{case}}-eager"] = attempt(
+            lambda: sharded.loss(bad_ids[7], good_ids[7])
+        )
 
 # Layouts the decode and the fused loss cannot serve, refused while tracing.
 @eqx.filter_jit
@@ -243,6 +253,24 @@ def test_an_out_of_range_id_raises_promptly_on_every_device_layout(error_results
     assert bad["seconds"] < PROMPT_SECONDS, bad
     # The same program still runs after the errors.
     assert error_results[f"{layout}-good"]["raised"] is None
+
+
+@pytest.mark.parametrize(
+    "case, error, name",
+    [
+        ("Explicit-vocabulary-eager", "JaxRuntimeError", "token id"),
+        ("transformer-vocabulary-eager", "ValueError", "token id"),
+        ("transformer-embedding-eager", "ValueError", "token id"),
+    ],
+)
+def test_an_out_of_range_id_raises_outside_jit_on_a_mesh(
+    error_results, case, error, name
+):
+    result = error_results[case]
+    # Outside jit the runtime error is JAX's, its text holding Equinox's message.
+    assert result["raised"] == error, result
+    expected = f"{name} {VOCAB + 9} is out of range for a table of {VOCAB} rows"
+    assert expected in result["message"], result
 
 
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
