@@ -216,11 +216,14 @@ def everything(model, ids, hidden, targets, where):
     )
 
     def mean(model_and_hidden):
+        # Per sequence (the batch's split over "data" stays on the vmapped axis).
         model, hidden = model_and_hidden
-        return model.mean_cross_entropy(
-            hidden.reshape(-1, WIDTH), targets.reshape(-1),
-            where=where.reshape(-1), z_loss=1e-2, chunk_size=4,
-        )
+        means = jax.vmap(
+            lambda h, t, w: model.mean_cross_entropy(
+                h, t, where=w, z_loss=1e-2, chunk_size=4
+            )
+        )(hidden, targets, where)
+        return means.sum()
 
     out["mean"], (grads, out["mean_grad_hidden"]) = eqx.filter_value_and_grad(mean)(
         (model, hidden)
@@ -282,6 +285,19 @@ for vocab, shape, tied, axis_type in cases:
             nans=int(np.isnan(want).sum()),
         )
     results[f"{{vocab}}-{{tied}}-{{axis_type}}"] = dict(layout=layout, results=case)
+
+# out_of_range="error" on the padded, sharded table: the id equal to the vocabulary
+# raises, naming it, rather than reading a padding row.
+strict = ee.Embedding(61, WIDTH, out_of_range="error", key=jax.random.key(2))
+mesh = jax.make_mesh((2, 4), ("data", "vocab"))
+with jax.set_mesh(mesh):
+    strict = jax.device_put(ee.pad_vocabulary(strict, 4), P("vocab", None))
+    bad_ids = jax.device_put(np.array([[0, 61], [60, -1]], np.int32), P("data"))
+    try:
+        eqx.filter_jit(lambda e, i: jax.vmap(jax.vmap(e))(i))(strict, bad_ids)
+        results["error"] = None
+    except Exception as error:
+        results["error"] = str(error)
 print(json.dumps(results))
 """
 
@@ -323,3 +339,10 @@ def test_padded_sharded_modules_match_one_device(sharded_results, case):
         assert got["same_shape"] and got["same_nans"], (name, got)
         assert got["relative_error"] <= bound, (name, got)
         assert got["padding_gradient"] == 0, (name, got)
+
+
+def test_the_error_policy_names_an_id_past_the_vocabulary_on_the_mesh(
+    sharded_results,
+):
+    message = f"token id {VOCAB} is out of range for a table of {VOCAB} rows"
+    assert message in (sharded_results["error"] or ""), sharded_results["error"]
