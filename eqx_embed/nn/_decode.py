@@ -37,9 +37,8 @@ class EmbeddingDecode(eqx.Module):
     - `ValueError`: a `logit_soft_cap` that is not positive; a hidden state whose width
         is not the table's `embedding_size`; a target outside the table under the
         embedding's `out_of_range="error"`; on explicit mesh axes, hidden states or
-        targets split over a mesh axis that also splits the table's vocabulary, or
-        (for the fused losses) along their token axis in one call (the scaling-out
-        guide says why).
+        targets split over a mesh axis that also splits the table's vocabulary (the
+        scaling-out guide says why).
     - `jaxtyping.TypeCheckError`: a batch passed to the per-token `__call__`, targets
         that are not integers or do not match the hidden states' `tokens` axis.
 
@@ -110,25 +109,25 @@ class EmbeddingDecode(eqx.Module):
         The logits over the vocabulary, shape `(num_embeddings,)`, in the compute
         dtype, soft-capped if `logit_soft_cap` is set.
         """
-        self._check_hidden(hidden, method="EmbeddingDecode.__call__", fused=False)
+        self._check_hidden(hidden, method="EmbeddingDecode.__call__")
         logits = dot_with_rows(
             self.weight, hidden, dtype=self.dtype, soft_cap=self.logit_soft_cap
         )
         return first_columns(logits, self.embedding.num_embeddings)
 
-    def _check_hidden(self, hidden: Array, *, method: str, fused: bool) -> None:
+    def _check_hidden(self, hidden: Array, *, method: str) -> None:
         check_feature_size(
             hidden,
             self.embedding.embedding_size,
             name="hidden",
             owner="table's embedding_size",
         )
-        check_token_layout(self.weight, dict(hidden=hidden), fused=fused, method=method)
+        check_token_layout(self.weight, dict(hidden=hidden), method=method)
 
     def _check_loss_inputs(
         self, hidden: Array, targets: Any, where: Any, z_loss: float, method: str
     ) -> tuple[Array, Array | None]:
-        self._check_hidden(hidden, method=method, fused=True)
+        self._check_hidden(hidden, method=method)
         if not z_loss >= 0:
             raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
         if where is not None:
@@ -142,9 +141,7 @@ class EmbeddingDecode(eqx.Module):
             negative_from_end=False,
             where=where,
         )
-        check_token_layout(
-            self.weight, dict(targets=targets), fused=True, method=method
-        )
+        check_token_layout(self.weight, dict(targets=targets), method=method)
         return targets, where
 
     @jax.named_scope("eqx_embed.EmbeddingDecode.cross_entropy")
@@ -315,7 +312,7 @@ class EmbeddingDecode(eqx.Module):
 
         Shape `(tokens,)`, float32 (float64 for a float64 compute dtype).
         """
-        self._check_hidden(hidden, method="EmbeddingDecode.log_sum_exp", fused=True)
+        self._check_hidden(hidden, method="EmbeddingDecode.log_sum_exp")
         return fused_log_sum_exp(
             self.weight,
             hidden,

@@ -41,7 +41,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from ._cross_entropy import _Blocking, _blocking, _contract, fused_cross_entropy
-from ._vocab_parallel import table_axes
+from ._vocab_parallel import table_axes, token_split_axes, vmapped_mesh_axes
 
 DEFAULT_CHUNK_ELEMENTS = 2**24
 """The default chunk holds about this many logits: `chunk_size * vocabulary`."""
@@ -179,10 +179,18 @@ def fused_weighted_cross_entropy(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
-    if table_axes(table)[0]:
-        # A table split over its vocabulary: the vocabulary-parallel per-token loss,
-        # weighted (its gradients in the backward pass, in memory bounded per device;
-        # the walk here would need the whole vocabulary per chunk of tokens).
+    on_mesh = (
+        table_axes(table)[0]
+        or token_split_axes(hidden)
+        or token_split_axes(targets)
+        or vmapped_mesh_axes()
+    )
+    if on_mesh:
+        # A table split over its vocabulary, or tokens split over explicit mesh axes
+        # (a call's own, or a batch's under vmap): the vocabulary-parallel per-token
+        # loss, weighted (its gradients in the backward pass, in memory bounded per
+        # device). The walk here would need the whole vocabulary per chunk of
+        # tokens, and its scan carries its tokens whole.
         losses = fused_cross_entropy(
             table,
             hidden,

@@ -25,6 +25,7 @@ out ("Scaling out" guide): make the axes explicit around the loss with
 
 import jax
 from jax import lax
+from jax._src import core as jax_core
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jaxtyping import Array
 
@@ -87,6 +88,22 @@ def sharded_like(x: Array, reference: Array) -> Array:
     added to `reference`. A no-op without explicit mesh axes."""
     sharding = explicit_sharding(reference)
     return x if sharding is None else jax.sharding.reshard(x, sharding)
+
+
+def token_split_axes(x: Array) -> tuple[str, ...]:
+    """The explicit mesh axes that split `x`'s first (token) axis."""
+    sharding = explicit_sharding(x)
+    if sharding is None or not sharding.spec or sharding.spec[0] is None:
+        return ()
+    entry = sharding.spec[0]
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def vmapped_mesh_axes() -> frozenset[str]:
+    """The explicit mesh axes that enclosing `jax.vmap`s map away: those splitting
+    the batch of the arrays seen here one example at a time. (JAX keeps them in its
+    axis environment, which has no public accessor.)"""
+    return jax_core.get_axis_env().explicit_mesh_axis_names
 
 
 def first_columns(logits: Array, size: int) -> Array:

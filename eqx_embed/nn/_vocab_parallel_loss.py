@@ -47,7 +47,12 @@ from ._cross_entropy import (
     _num_blocks,
     fold_batch_into_tokens,
 )
-from ._vocab_parallel import explicit_sharding, table_axes, varying_like
+from ._vocab_parallel import (
+    explicit_sharding,
+    table_axes,
+    token_split_axes,
+    varying_like,
+)
 
 
 class _Shards(NamedTuple):
@@ -67,12 +72,12 @@ def vocab_parallel_lse_and_target_logit(
     explicit mesh axes, without gathering the table. Other tables: the one-device
     kernel."""
     vocab_axes, embedding_axes = table_axes(table)
-    if not vocab_axes:
+    if not vocab_axes and not (token_split_axes(hidden) or token_split_axes(targets)):
         return _lse_and_target_logit(table, hidden, targets, blocking)
     if embedding_axes:
         # FSDP: each device's rows are gathered whole where they are used (their
         # gradient is scattered back by the transpose).
-        gathered = PartitionSpec(vocab_axes, None)
+        gathered = PartitionSpec(vocab_axes or None, None)
         table = jax.sharding.reshard(
             table, explicit_sharding(table).update(spec=gathered)
         )
@@ -147,9 +152,17 @@ def _per_shard(function, shards: _Shards, hidden: Array, layouts: str, outputs: 
 def _local_targets(targets: Array, shards: _Shards) -> tuple[Array, Array]:
     """Inside the shard_map: each target's row in this shard (0 where another shard
     holds it), and whether this shard holds it."""
+    if not shards.vocab_axes:  # a whole table, tokens split: every row is here
+        return targets, jnp.ones(targets.shape, bool)
     local = targets - lax.axis_index(shards.vocab_axes) * shards.rows
     here = (local >= 0) & (local < shards.rows)
     return jnp.where(here, local, 0), here
+
+
+def _across_shards(collective, x: Array, shards: _Shards) -> Array:
+    """`collective(x)` over the vocabulary axes; `x` itself for a whole table (whose
+    tokens alone are split)."""
+    return collective(x, shards.vocab_axes) if shards.vocab_axes else x
 
 
 def _num_chunks(tokens: int, shards: _Shards) -> int:
@@ -207,10 +220,10 @@ def _forward_shard(table, hidden, targets, *, blocking, shards, token_axes):
     # (chunks, tokens // chunks), back to the token order.
     lse, target_logit = (x.T.reshape(hidden.shape[0]) for x in per_chunk)
     # The max only steadies the exponentials.
-    peak = lax.pmax(lse, shards.vocab_axes)
+    peak = _across_shards(lax.pmax, lse, shards)
     peak = jnp.where(jnp.isfinite(peak), peak, 0)
-    total = lax.psum(jnp.exp(lse - peak), shards.vocab_axes)
-    target_logit = lax.psum(jnp.where(here, target_logit, 0), shards.vocab_axes)
+    total = _across_shards(lax.psum, jnp.exp(lse - peak), shards)
+    target_logit = _across_shards(lax.psum, jnp.where(here, target_logit, 0), shards)
     return jnp.log(total) + peak, target_logit
 
 
@@ -268,7 +281,7 @@ def _backward_shard(
             from_block, _num_blocks(table, blocking), initial, operands
         )
         # Summed over the shards in float32, then cast: one chunk at a time.
-        d_chunk = lax.psum(d_chunk, shards.vocab_axes).astype(hidden.dtype)
+        d_chunk = _across_shards(lax.psum, d_chunk, shards).astype(hidden.dtype)
         d_hidden = lax.dynamic_update_index_in_dim(d_hidden, d_chunk, k, axis=1)
         return (d_hidden, operands), None
 

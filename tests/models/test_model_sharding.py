@@ -128,8 +128,10 @@ optimizer = optax.adam(1e-2)
 
 
 @eqx.filter_jit
-def step(model, state, batch):
+def step(model, state, batch, mean):
     def loss(model):
+        if mean:  # the batch's tokens flattened into one fused reduction
+            return model.mean_loss(batch[:, :-1], batch[:, 1:])
         return jax.vmap(model.loss)(batch[:, :-1], batch[:, 1:]).mean()
 
     value, grads = eqx.filter_value_and_grad(loss)(model)
@@ -139,11 +141,11 @@ def step(model, state, batch):
     return eqx.apply_updates(model, updates), state, value
 
 
-def train(model, place):
+def train(model, place, mean=False):
     state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     losses = []
     for batch in tokens:
-        model, state, value = step(model, state, place(batch))
+        model, state, value = step(model, state, place(batch), mean)
         losses.append(float(value))
     return losses
 
@@ -156,7 +158,9 @@ for second in ("tensor", "fsdp"):
     with jax.set_mesh(mesh):
         # The two lines a user writes.
         sharded = ee.shard_model(model, mesh, rules)
-        results[second] = train(sharded, lambda b: ee.shard_batch(b, mesh, rules))
+        place = lambda b: ee.shard_batch(b, mesh, rules)  # noqa: E731
+        results[second] = train(sharded, place)
+        results[f"{{second}}, mean_loss"] = train(sharded, place, mean=True)
 print(json.dumps(results))
 """
 
