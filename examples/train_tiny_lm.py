@@ -1,17 +1,17 @@
 """Trains a small language model on the Python standard library's own source code.
 
-With no arguments, a byte-level `eqx_embed.TransformerLM` (tied embeddings, rotary
-position embeddings, the fused decode cross-entropy) learns from the standard library's
-top-level modules, which every Python installation has, and is evaluated on held-out
-modules in bits per byte, next to what `gzip -9` and `xz -9` achieve on the same bytes.
-The files are packed one after another into the training windows, with segment ids
-that keep each file's tokens from attending to another's.
-At the end it writes a checkpoint, a loss-curve PNG and a few sampled continuations of a
-prompt to `--out`.
+With no arguments, an `eqx_embed.TransformerLM` (tied embeddings, rotary position
+embeddings, the fused decode cross-entropy) learns from the standard library's
+top-level modules, which every Python installation has, in the tokens of a byte-level
+BPE trained first on the same text, and is evaluated on held-out modules in bits per
+byte, next to what `gzip -9` and `xz -9` achieve on the same bytes. The files are
+packed one after another into the training windows, with segment ids that keep each
+file's tokens from attending to another's. At the end it writes a checkpoint, a
+loss-curve PNG and a few sampled continuations of a prompt to `--out`.
 
     python examples/train_tiny_lm.py                       # defaults: under 3 minutes
     python examples/train_tiny_lm.py --text my_project/    # your own files
-    python examples/train_tiny_lm.py --tokenizer bpe       # a BPE trained on the fly
+    python examples/train_tiny_lm.py --tokenizer byte      # bytes as tokens
     python examples/train_tiny_lm.py --stop-after 300      # stop early, then:
     python examples/train_tiny_lm.py --resume              # continue to --steps
 
@@ -560,10 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--tokenizer",
         choices=("byte", "bpe"),
-        default="byte",
-        help="bytes, or a byte-level BPE trained on the training text first",
+        default="bpe",
+        help="a byte-level BPE trained on the training text first, or bytes",
     )
-    add("--vocab-size", type=integer(256), default=1024, help="BPE vocabulary size")
+    add("--vocab-size", type=integer(256), default=2048, help="BPE vocabulary size")
     add(
         "--train-bytes",
         type=integer(1),
@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--eval-bytes", type=integer(1), default=65_536, help="held-out bytes scored")
     add("--seed", type=integer(0), default=0, help="seeds model, batches, samples")
-    add("--steps", type=integer(1), default=1700, help="training steps in all")
+    add("--steps", type=integer(1), default=1500, help="training steps in all")
     add("--batch-size", type=integer(1), default=32, help="windows per step")
     add("--seq-len", type=integer(2), default=64, help="tokens per window")
     add("--hidden-size", type=integer(1), default=96, help="model width")
@@ -593,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--eval-every",
         type=integer(1),
-        default=850,
+        default=750,
         help="steps between held-out evaluations (and one at the end)",
     )
     add("--out", default="runs/tiny_lm", help="output directory")

@@ -21,6 +21,7 @@ import eqx_embed
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 TINY_LM = [
+    "--tokenizer", "byte",
     "--steps", "4",
     "--batch-size", "2",
     "--seq-len", "32",
@@ -565,11 +566,11 @@ def test_train_tiny_lm_help_gives_every_option_help_and_its_default(capsys):
 
 
 def test_train_tiny_lm_resume_rejects_a_changed_setting_given_at_its_default(tmp_path):
-    """`--steps 1700` is the default, but given explicitly it must agree."""
+    """`--steps 1500` is the default, but given explicitly it must agree."""
     saved = vars(train_tiny_lm.parse_args(["--steps", "4", "--temperature", "0.3"]))
     record = {"args": saved}
-    args = train_tiny_lm.parse_args(["--resume", "--steps", "1700"])
-    with pytest.raises(SystemExit, match="with --steps 4; got --steps 1700"):
+    args = train_tiny_lm.parse_args(["--resume", "--steps", "1500"])
+    with pytest.raises(SystemExit, match="with --steps 4; got --steps 1500"):
         train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoint.json")
     # The sampling settings come back, unless given again.
     args = train_tiny_lm.parse_args(["--resume"])
