@@ -2,8 +2,8 @@
 its forward pass (and a training step) should cost about the same at 2, 8 and 32
 layers, where the same model with its layers unrolled in a Python loop grows with
 depth. Tracing, lowering and compiling are timed (`jit(...).lower(...).compile()` on
-shapes, no weights allocated, caches cleared); each case is compiled a few times and
-the median reported.
+shapes, no weights allocated, caches cleared); each case is compiled a few times, for
+the minimum, median and maximum.
 
     python benchmarks/bench_compile_depth.py
 """
@@ -15,7 +15,7 @@ from statistics import median
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from _harness import Row, machine_description
+from _harness import Row, machine_description, rounds_to_run
 
 from eqx_embed import TransformerConfig, TransformerLM
 
@@ -59,9 +59,9 @@ def training_step(model: TransformerLM, tokens: jax.Array) -> TransformerLM:
     return eqx.filter_grad(loss)(model)
 
 
-def compile_seconds(fn, model, tokens, repeats: int) -> float:
-    """Median seconds to lower and compile `fn(model, tokens)`, where the arrays of
-    `model` and `tokens` are `jax.ShapeDtypeStruct`s."""
+def compile_seconds(fn, model, tokens, repeats: int) -> list[float]:
+    """Seconds to lower and compile `fn(model, tokens)`, `repeats` times, where the
+    arrays of `model` and `tokens` are `jax.ShapeDtypeStruct`s."""
     shapes, structure = eqx.partition(
         model, lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct)
     )
@@ -75,7 +75,7 @@ def compile_seconds(fn, model, tokens, repeats: int) -> float:
         start = time.perf_counter()
         jax.jit(call).lower(shapes, tokens).compile()
         times.append(time.perf_counter() - start)
-    return median(times)
+    return times
 
 
 def main(repeats: int = 3) -> list[Row]:
@@ -92,11 +92,15 @@ def main(repeats: int = 3) -> list[Row]:
         for depth in DEPTHS:
             config = dataclasses.replace(CONFIG, num_layers=depth)
             model = eqx.filter_eval_shape(TransformerLM, config, key=jax.random.key(0))
-            seconds[depth] = compile_seconds(fn, model, tokens, repeats)
-        base = seconds[DEPTHS[0]]
-        print(f"  {case}  (ratio: compile time / compile time at {DEPTHS[0]} layers)")
-        for depth, value in seconds.items():
-            print(f"    {depth:3d} layers  {value:8.2f} s  {value / base:6.2f}x")
+            seconds[depth] = compile_seconds(fn, model, tokens, rounds_to_run(repeats))
+        base = median(seconds[DEPTHS[0]])
+        print(f"  {case}  (ratio: median compile time / that at {DEPTHS[0]} layers)")
+        for depth, times in seconds.items():
+            value = median(times)
+            print(
+                f"    {depth:3d} layers  min {min(times):8.2f}  median {value:8.2f}"
+                f"  max {max(times):8.2f} s  {value / base:6.2f}x"
+            )
             rows.append(
                 Row(
                     "compile_depth",
@@ -104,6 +108,8 @@ def main(repeats: int = 3) -> list[Row]:
                     value * 1e3,
                     value / base,
                     f"{case}, {DEPTHS[0]} layers",
+                    min(times) * 1e3,
+                    max(times) * 1e3,
                 )
             )
     return rows

@@ -27,11 +27,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from _harness import Row, machine_description, report, time_interleaved  # noqa: E402
+from _harness import (  # noqa: E402
+    Goal,
+    Row,
+    check_goal,
+    machine_description,
+    report,
+    time_interleaved,
+)
 
 from eqx_embed import TransformerConfig, TransformerLM  # noqa: E402
 
 SEQ_LEN = 22
+GOAL_RATIO = 5.0  # issue 15
 
 
 def build() -> tuple[TransformerLM, jax.Array, jax.Array]:
@@ -58,7 +66,16 @@ def jit_disabled(fn):
     return run
 
 
-def main() -> list[Row]:
+def eager_goal(call: str, medians: dict[str, float]) -> Goal:
+    return check_goal(
+        f"eager {call} / under filter_jit, {SEQ_LEN} tokens",
+        medians[f"{call}, eager"] / medians[f"{call}, filter_jit"],
+        GOAL_RATIO,
+        source="issue 15",
+    )
+
+
+def main() -> list[Row | Goal]:
     model, tokens, targets = build()
     jitted_forward = eqx.filter_jit(lambda m, t: m(t))
     jitted_loss = eqx.filter_jit(lambda m, t, y: m.loss(t, y))
@@ -66,29 +83,25 @@ def main() -> list[Row]:
         leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
     )
     print(f"{parameters} parameters, {SEQ_LEN} tokens")
-    rows = []
+    rows, goals = [], []
     forward = {
         "forward, filter_jit": lambda: jitted_forward(model, tokens),
         "forward, eager": lambda: model(tokens),
         "forward, eager, jit disabled": jit_disabled(lambda: model(tokens)),
     }
-    rows += report(
-        "eager forward",
-        time_interleaved(forward, rounds=5, min_round_seconds=0.02),
-        baseline="forward, filter_jit",
-    )
+    medians = time_interleaved(forward, rounds=5, min_round_seconds=0.02)
+    rows += report("eager forward", medians, baseline="forward, filter_jit")
+    goals.append(eager_goal("forward", medians))
     loss = {
         "loss, filter_jit": lambda: jitted_loss(model, tokens, targets),
         "loss, eager": lambda: model.loss(tokens, targets),
         "loss, eager, jit disabled": jit_disabled(lambda: model.loss(tokens, targets)),
     }
-    rows += report(
-        "eager loss",
-        time_interleaved(loss, rounds=5, min_round_seconds=0.02),
-        baseline="loss, filter_jit",
-    )
+    medians = time_interleaved(loss, rounds=5, min_round_seconds=0.02)
+    rows += report("eager loss", medians, baseline="loss, filter_jit")
+    goals.append(eager_goal("loss", medians))
     assert jnp.isfinite(model.loss(tokens, targets)).all()
-    return rows
+    return rows + goals
 
 
 if __name__ == "__main__":

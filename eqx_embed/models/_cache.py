@@ -2,41 +2,58 @@
 decoding one token at a time, and the cached forward passes that fill it.
 
 ```
-prefill(prompts, lengths)   run each prompt once; keep the keys/values of its
-                            last `slots` tokens; logits after its last token
+prefill(prompts, lengths)   run each prompt once; keep each layer's keys/values
+                            (a sliding layer: of the last `sliding_slots` tokens);
+                            logits after its last token
 decode_step(tokens)         one token per row attends to the cache and to itself;
                             its key/value is written at slot `length % slots`
 ```
 
-Every layer shares one ring buffer of `slots` rows per sequence (the layers are one
-scanned module, so their arrays share a shape). Token `t` lives in slot
-`t % slots`; from a row's filled length alone, slot `s` holds the latest `t` below it
-with `t % slots == s`. A model whose layers all slide (Mistral) needs only its
-window, `slots = min(capacity, window)`, so its memory does not grow with the
-capacity; a model with any full-attention layer (Llama, Gemma 2's odd layers) keeps
-`slots = capacity`, and its sliding layers mask by window within it.
+Two stacks, each a ring buffer: the full-attention layers' `keys`/`values` keep
+`capacity` slots per sequence, the sliding-window layers' `sliding_keys`/
+`sliding_values` keep `min(capacity, window)`, so a sliding layer's memory never grows
+with the capacity, whether every layer slides (Mistral) or only some do (Gemma 2
+alternates, Gemma 3 has five sliding layers to a full one). Token `t` lives in slot
+`t % slots` of its stack; from a row's filled length alone, slot `s` holds the latest
+`t` below it with `t % slots == s`.
+
+The layers stay one scanned module: layer `i` reads row `stack_index[i]` of its kind's
+stack, chosen by a `lax.cond` on its (scanned) kind, so that only that stack's
+attention runs. The scan only reads the stacks; the new keys and values come out of it
+and are written after it, with one in-place scatter per stack.
 """
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ._attention import NO_WINDOW
 from ._config import TransformerConfig
 
 
-def cache_slots(config: TransformerConfig, capacity: int) -> int:
-    """The rows of the ring buffer for `capacity` tokens per sequence."""
+def stack_slots(config: TransformerConfig, capacity: int) -> tuple[int, int]:
+    """The slots per sequence of a full-attention layer and of a sliding layer, for
+    `capacity` tokens; 0 for a kind of layer the model does not have."""
     windows = config.layer_windows
-    if any(window is None for window in windows):
-        return capacity
-    return min(capacity, max(windows))
+    sliding = [window for window in windows if window is not None]
+    full_slots = capacity if None in windows else 0
+    return full_slots, min(capacity, max(sliding)) if sliding else 0
 
 
-def held_indices(length: Int[Array, ""], slots: int) -> Int[Array, " slots"]:
+def layer_stacks(config: TransformerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, whether it slides, and its row in its kind's stack."""
+    sliding = np.array([window is not None for window in config.layer_windows])
+    stack_index = np.where(sliding, np.cumsum(sliding), np.cumsum(~sliding)) - 1
+    return sliding, stack_index
+
+
+def held_indices(
+    length: Int[Array, "*batch"], slots: int
+) -> Int[Array, "*batch slots"]:
     """The sequence index each slot holds after `length` tokens; negative if empty."""
-    last = length - 1
+    last = length[..., None] - 1
     return last - jnp.mod(last - jnp.arange(slots), slots)
 
 
@@ -48,12 +65,19 @@ class KVCache(eqx.Module):
 
     **Fields:**
 
-    - `keys`, `values`: shape `(num_layers, batch, slots, num_kv_heads, head_dim)`
-        in the activation dtype; a ring buffer along `slots` (see the module's
-        docstring), so its bytes are
-        `2 * num_layers * batch * slots * num_kv_heads * head_dim * itemsize`.
+    - `keys`, `values`: the full-attention layers', shape
+        `(num_full_layers, batch, slots, num_kv_heads, head_dim)` with
+        `slots = capacity` (`0` when every layer slides).
+    - `sliding_keys`, `sliding_values`: the sliding-window layers', shape
+        `(num_sliding_layers, batch, sliding_slots, num_kv_heads, head_dim)` with
+        `sliding_slots = min(capacity, sliding_window)` (`0` when no layer slides).
     - `lengths`: shape `(batch,)`, the tokens each sequence has written.
     - `capacity`: the most tokens a sequence may write.
+
+    All four arrays are ring buffers along their slots (see the module's docstring),
+    in the activation dtype, so the cache's bytes are
+    `2 * batch * num_kv_heads * head_dim * itemsize * (num_full_layers * slots +
+    num_sliding_layers * sliding_slots)`.
 
     **Raises:**
 
@@ -68,26 +92,34 @@ class KVCache(eqx.Module):
     import eqx_embed
 
     config = eqx_embed.TransformerConfig(
-        "mistral", vocab_size=64, hidden_size=16, intermediate_size=32,
-        num_layers=2, num_heads=2, sliding_window=4,
+        "gemma2", vocab_size=64, hidden_size=16, intermediate_size=32,
+        num_layers=2, num_heads=2, head_dim=8, sliding_window=4,
     )
     model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
     logits, cache = model.prefill(jnp.array([[1, 2, 3]]), capacity=16)
-    assert cache.slots == 4  # a sliding window keeps only its window
+    # Layer 0 slides and keeps only its window; layer 1 keeps the capacity.
+    assert cache.sliding_slots == 4 and cache.slots == 16
     logits, cache = model.decode_step(cache, jnp.argmax(logits, axis=-1))
     assert int(cache.lengths[0]) == 4
     ```
     """
 
-    keys: Float[Array, "layers batch slots kv_heads head_dim"]
-    values: Float[Array, "layers batch slots kv_heads head_dim"]
+    keys: Float[Array, "full_layers batch slots kv_heads head_dim"]
+    values: Float[Array, "full_layers batch slots kv_heads head_dim"]
+    sliding_keys: Float[Array, "sliding_layers batch sliding_slots kv_heads head_dim"]
+    sliding_values: Float[Array, "sliding_layers batch sliding_slots kv_heads head_dim"]
     lengths: Int[Array, " batch"]
     capacity: int = eqx.field(static=True)
 
     @property
     def slots(self) -> int:
-        """The rows of the ring buffer per sequence and layer."""
+        """The ring buffer's rows per sequence in a full-attention layer."""
         return self.keys.shape[2]
+
+    @property
+    def sliding_slots(self) -> int:
+        """The ring buffer's rows per sequence in a sliding-window layer."""
+        return self.sliding_keys.shape[2]
 
 
 def prefill(
@@ -98,65 +130,104 @@ def prefill(
 ) -> tuple[Float[Array, "batch vocab"], KVCache]:
     """Runs right-padded prompts (row `b`'s tokens are `prompts[b, :lengths[b]]`)
     and fills a cache with them; the logits after each prompt's last token."""
-    slots = cache_slots(model.config, capacity)
+    full_slots, sliding_slots = stack_slots(model.config, capacity)
+    sliding = layer_stacks(model.config)[0]
     seq_len = prompts.shape[1]
 
     def one(tokens, length):
         x = model._embed(model._check_tokens(tokens))
         rotations = model._rotations(seq_len)
         # Empty slots take row 0: decode_step masks them by `held_indices`.
-        held = jnp.maximum(held_indices(length, slots), 0)
+        held = jnp.maximum(held_indices(length, sliding_slots), 0)
 
         def layer(block, x, window, _):
             rotation = model._layer_rotation(rotations, window)
-            x, (keys, values) = block.prefill(x, rotation=rotation, window=window)
-            return x, (keys[held], values[held])
+            x, keys_values = block.prefill(x, rotation=rotation, window=window)
+            if not full_slots:
+                # Every layer slides: only the window leaves the scan.
+                keys_values = jax.tree.map(lambda kv: kv[held], keys_values)
+            return x, keys_values
 
-        x, (keys, values) = model._scan_layers(x, layer)
+        x, keys_values = model._scan_layers(x, layer)
         last = model.final_norm(x[length - 1])
-        return model.embedding.decode(last), keys, values
+        if full_slots:
+            # Token t < capacity lives in slot t: the prompt, then room to write.
+            padding = ((0, 0), (0, full_slots - seq_len), (0, 0), (0, 0))
+            full = [jnp.pad(kv[~sliding], padding) for kv in keys_values]
+            window = [kv[sliding][:, held] for kv in keys_values]
+        else:
+            full = [kv[:0, :0] for kv in keys_values]
+            window = keys_values
+        return model.embedding.decode(last), *full, *window
 
-    logits, keys, values = jax.vmap(one, out_axes=(0, 1, 1))(prompts, lengths)
-    return logits, KVCache(keys, values, lengths, capacity)
+    logits, *stacks = jax.vmap(one, out_axes=(0, 1, 1, 1, 1))(prompts, lengths)
+    return logits, KVCache(*stacks, lengths, capacity)
 
 
 def decode_step(
     model, cache: KVCache, tokens: Int[Array, " batch"]
 ) -> tuple[Float[Array, "batch vocab"], KVCache]:
     """Appends one token per sequence; the logits after it."""
-    slots = cache.slots
+    sliding, stack_index = layer_stacks(model.config)
+    mixed = sliding.any() and not sliding.all()
+    lengths = cache.lengths
+    x = jax.vmap(
+        lambda token, length: model._embed(model._check_tokens(token[None]), length)
+    )(tokens, lengths[:, None])
+    rotations = jax.vmap(lambda length: model._rotations(1, length))(lengths[:, None])
+    full = cache.keys, cache.values
+    window_stacks = cache.sliding_keys, cache.sliding_values
 
-    def one(token, length, keys, values):
-        x = model._embed(model._check_tokens(token[None]), length[None])
-        rotations = model._rotations(1, length[None])
-        held = held_indices(length, slots)
+    # The batch is mapped inside each layer, not around the scan: the stacks stay
+    # layer-major, so reading one layer's rows copies that layer only.
+    def layer(block, x, window, scanned):
+        layer_slides, index = scanned
+        rotation = model._layer_rotation(rotations, window)
+        window = NO_WINDOW if window is None else window
 
-        def layer(block, x, window, cached):
-            cached_keys, cached_values = cached
-            rotation = model._layer_rotation(rotations, window)
-            window = NO_WINDOW if window is None else window
-            x, (key, value) = block.decode(
-                x,
-                rotation=rotation,
-                cached_keys=cached_keys,
-                cached_values=cached_values,
-                cached_mask=(held >= 0) & (length - held < window),
-            )
-            return x, (key[0], value[0])
+        def attend(keys, values):
+            held = held_indices(lengths, keys.shape[2])
+            mask = (held >= 0) & (lengths[:, None] - held < window)
 
-        x, (new_keys, new_values) = model._scan_layers(x, layer, xs=(keys, values))
-        return model.embedding.decode(model.final_norm(x[0])), new_keys, new_values
+            def one(x, rotation, keys, values, mask):
+                return block.decode(
+                    x,
+                    rotation=rotation,
+                    cached_keys=keys,
+                    cached_values=values,
+                    cached_mask=mask,
+                )
 
-    logits, new_keys, new_values = jax.vmap(
-        one, in_axes=(0, 0, 1, 1), out_axes=(0, 1, 1)
-    )(tokens, cache.lengths, cache.keys, cache.values)
-    # One scatter of a row per sequence and layer: the cache is updated in place.
+            return jax.vmap(one)(x, rotation, keys[index], values[index], mask)
+
+        if not mixed:
+            return attend(*(window_stacks if sliding[0] else full))
+        # A static kind per layer, scanned and unbatched: a real branch, so a layer
+        # attends over its own stack's slots only.
+        return jax.lax.cond(
+            layer_slides, lambda: attend(*window_stacks), lambda: attend(*full)
+        )
+
+    scanned = (jnp.asarray(sliding), jnp.asarray(stack_index, jnp.int32))
+    x, (new_keys, new_values) = model._scan_layers(x, layer, xs=scanned)
+    logits = jax.vmap(model.embedding.decode)(model.final_norm(x[:, 0]))
+    # One scatter of a row per sequence and layer into each stack: the cache is
+    # updated in place.
     rows = jnp.arange(tokens.shape[0])
-    slot = cache.lengths % slots
+
+    def written(stack, new, layers):
+        if stack.shape[0] == 0:
+            return stack
+        if not layers.all():
+            new = new[layers]
+        return stack.at[:, rows, lengths % stack.shape[2]].set(new[:, :, 0])
+
     cache = KVCache(
-        cache.keys.at[:, rows, slot].set(new_keys),
-        cache.values.at[:, rows, slot].set(new_values),
-        cache.lengths + 1,
+        written(cache.keys, new_keys, ~sliding),
+        written(cache.values, new_values, ~sliding),
+        written(cache.sliding_keys, new_keys, sliding),
+        written(cache.sliding_values, new_values, sliding),
+        lengths + 1,
         cache.capacity,
     )
     return logits, cache

@@ -639,7 +639,9 @@ class TransformerLM(eqx.Module):
             `prompts[b, :prompt_lengths[b]]`.
         - `prompt_lengths`: each prompt's length, in `[1, seq]`. Defaults to `seq`.
         - `capacity`: the most tokens (prompt included) a row will hold, at least
-            `seq`, at most `max_position_embeddings`.
+            `seq`, at most `max_position_embeddings`: the slots of each
+            full-attention layer; a sliding-window layer keeps
+            `min(capacity, sliding_window)`.
 
         **Returns:**
 
@@ -715,7 +717,9 @@ class TransformerLM(eqx.Module):
         - `eos_token_id`: a token id (or several) that ends a row.
         - `pad_token_id`: what fills a row after its EOS. Defaults to the (first)
             `eos_token_id`, or 0.
-        - `capacity`: the cache's length; defaults to `seq + max_new_tokens`.
+        - `capacity`: the cache's length (of its full-attention layers; a
+            sliding-window layer keeps only its window); defaults to
+            `seq + max_new_tokens`.
 
         **Returns:**
 

@@ -40,6 +40,7 @@ CPU that includes float32 copies of the hidden states and of each block's
 `d_logits`, which XLA:CPU makes for the table gradient's product.
 """
 
+from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
@@ -55,7 +56,6 @@ from ._vocab_parallel import (
     explicit_sharding,
     sharded_like,
     varying_like,
-    vocab_parallel_lse_and_target_logit,
 )
 
 DEFAULT_BLOCK_SIZE = 2048
@@ -138,7 +138,6 @@ def _lse_and_target_logit(
     table: Array, hidden: Array, targets: Array, blocking: _Blocking
 ) -> tuple[Array, Array]:
     hidden = hidden.astype(blocking.compute_dtype)
-    tokens = hidden.shape[0]
 
     def step(carry, index):
         lse, target_logit, table = carry
@@ -155,8 +154,9 @@ def _lse_and_target_logit(
 
     dtype = blocking.accumulate_dtype
     initial = (
-        varying_like(jnp.full(tokens, -jnp.inf, dtype), table),
-        varying_like(jnp.zeros(tokens, dtype), table),
+        # Laid out as the tokens are (they may be split over a mesh axis).
+        varying_like(jnp.full_like(hidden[:, 0], -jnp.inf, dtype), table, hidden),
+        varying_like(jnp.zeros_like(hidden[:, 0], dtype), table, hidden),
         table,
     )
     (lse, target_logit, _), _ = lax.scan(
@@ -171,6 +171,25 @@ def _lse_and_target_logit_fwd(table, hidden, targets, blocking):
     return (lse, target_logit), (table, hidden, targets, lse)
 
 
+def _d_logits(
+    block: _Block,
+    targets: Array,
+    lse: Array,
+    d_lse: Array,
+    d_target_logit: Array,
+    blocking: _Blocking,
+) -> Array:
+    """The gradient with respect to a block's (raw) logits, in the compute dtype."""
+    softmax = jnp.where(block.is_new, jnp.exp(block.logits - lse[:, None]), 0)
+    is_target = block.is_new & (block.columns == targets[:, None])
+    d_logits = softmax * d_lse[:, None] + jnp.where(
+        is_target, d_target_logit[:, None], 0
+    )
+    if block.cap_slope is not None:
+        d_logits = d_logits * block.cap_slope
+    return d_logits.astype(blocking.compute_dtype)
+
+
 def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit):
     hidden_compute = hidden.astype(blocking.compute_dtype)
 
@@ -178,14 +197,7 @@ def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit)
         d_hidden, d_table, table = carry
         table = lax.optimization_barrier(table)
         block = _block(table, hidden_compute, index, blocking)
-        softmax = jnp.where(block.is_new, jnp.exp(block.logits - lse[:, None]), 0)
-        is_target = block.is_new & (block.columns == targets[:, None])
-        d_logits = softmax * d_lse[:, None] + jnp.where(
-            is_target, d_target_logit[:, None], 0
-        )
-        if block.cap_slope is not None:
-            d_logits = d_logits * block.cap_slope
-        d_logits = d_logits.astype(blocking.compute_dtype)
+        d_logits = _d_logits(block, targets, lse, d_lse, d_target_logit, blocking)
         d_hidden_block = _contract(d_logits, block.rows, 1, 0, blocking)
         d_hidden = d_hidden + sharded_like(d_hidden_block, d_hidden)
         # Summed over the tokens, which may be split over a mesh axis: the rows'
@@ -212,33 +224,50 @@ def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit)
     return d_table, d_hidden.astype(hidden.dtype)
 
 
-def _lse_and_target_logit_bwd(blocking, residuals, cotangents):
-    backward_pass = partial(_backward_pass, blocking)
+def fold_batch_into_tokens(
+    function: Callable, per_token_outputs: tuple[bool, ...] = (False, True)
+) -> Callable:
+    """`function(table, *per_token)`, which under `jax.vmap` with a shared table runs
+    once on the batch folded into the token axis. Its outputs flagged in
+    `per_token_outputs` have a token axis (unfolded back into the batch); the others
+    are summed over the tokens (the table's gradient).
 
-    # Under `jax.vmap` (one call per sequence, say) the backward pass would carry one
-    # table gradient per example and split the table-gradient matmul into small ones.
-    # When the table is shared, fold the batch into the token axis instead: one pass,
-    # one table gradient, summed over the batch by the matmul itself.
+    Vmapped as it is, the backward pass would carry one table gradient per example
+    (one call per sequence, say) and split the table-gradient matmul into small
+    ones. Folded, it makes one pass and one table gradient, summed over the batch by
+    the matmul itself.
+    """
+
     @custom_vmap
-    def backward(*arrays):
-        return backward_pass(*arrays)
+    def folded(*arrays):
+        return function(*arrays)
 
-    @backward.def_vmap
-    def fold_batch_into_tokens(axis_size, in_batched, table, *per_token):
+    @folded.def_vmap
+    def fold(axis_size, in_batched, table, *per_token):
         if in_batched[0]:
             in_axes = tuple(0 if batched else None for batched in in_batched)
-            d_table, d_hidden = jax.vmap(backward_pass, in_axes)(table, *per_token)
-            return (d_table, d_hidden), (True, True)
+            outputs = jax.vmap(function, in_axes)(table, *per_token)
+            return outputs, (True,) * len(outputs)
         per_token = [
             x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
             for x, batched in zip(per_token, in_batched[1:], strict=True)
         ]
         tokens = per_token[0].shape[1]
         flat = [x.reshape(axis_size * tokens, *x.shape[2:]) for x in per_token]
-        d_table, d_hidden = backward(table, *flat)
-        d_hidden = sharded_like(d_hidden.reshape(per_token[0].shape), per_token[0])
-        return (d_table, d_hidden), (False, True)
+        outputs = list(folded(table, *flat))
+        for i, out in enumerate(outputs):
+            if per_token_outputs[i]:
+                unfolded = out.reshape(axis_size, tokens, *out.shape[1:])
+                # Laid out as the per-token input of its rank.
+                like = next(x for x in per_token if x.ndim == unfolded.ndim)
+                outputs[i] = sharded_like(unfolded, like)
+        return tuple(outputs), per_token_outputs
 
+    return folded
+
+
+def _lse_and_target_logit_bwd(blocking, residuals, cotangents):
+    backward = fold_batch_into_tokens(partial(_backward_pass, blocking))
     d_table, d_hidden = backward(*residuals, *cotangents)
     return d_table, d_hidden, None
 
@@ -247,10 +276,11 @@ _lse_and_target_logit.defvjp(_lse_and_target_logit_fwd, _lse_and_target_logit_bw
 
 
 def _any_table_lse_and_target_logit(table, hidden, targets, blocking):
+    # Imported here: the vocabulary-parallel loss is built on this module's kernel.
+    from ._vocab_parallel_loss import vocab_parallel_lse_and_target_logit
+
     # A table split over its vocabulary runs the kernel on each shard.
-    return vocab_parallel_lse_and_target_logit(
-        table, hidden, targets, blocking, local=_lse_and_target_logit
-    )
+    return vocab_parallel_lse_and_target_logit(table, hidden, targets, blocking)
 
 
 def _blocking(

@@ -19,6 +19,7 @@ from ._embedding import Embedding
 from ._indices import IntegerSequence, check_indices
 from ._numerics import dot_with_rows
 from ._reduced_cross_entropy import fused_weighted_cross_entropy
+from ._token_layout import check_token_layout
 
 
 class EmbeddingDecode(eqx.Module):
@@ -34,7 +35,10 @@ class EmbeddingDecode(eqx.Module):
 
     - `ValueError`: a `logit_soft_cap` that is not positive; a hidden state whose width
         is not the table's `embedding_size`; a target outside the table under the
-        embedding's `out_of_range="error"`.
+        embedding's `out_of_range="error"`; on explicit mesh axes, hidden states or
+        targets split over a mesh axis that also splits the table's vocabulary, or
+        (for the fused losses) along their token axis in one call (the scaling-out
+        guide says why).
     - `jaxtyping.TypeCheckError`: a batch passed to the per-token `__call__`, targets
         that are not integers or do not match the hidden states' `tokens` axis.
 
@@ -105,28 +109,24 @@ class EmbeddingDecode(eqx.Module):
         The logits over the vocabulary, shape `(num_embeddings,)`, in the compute
         dtype, soft-capped if `logit_soft_cap` is set.
         """
-        check_feature_size(
-            hidden,
-            self.embedding.embedding_size,
-            name="hidden",
-            owner="table's embedding_size",
-        )
+        self._check_hidden(hidden, method="EmbeddingDecode.__call__", fused=False)
         return dot_with_rows(
             self.weight, hidden, dtype=self.dtype, soft_cap=self.logit_soft_cap
         )
 
-    def _check_hidden_block(self, hidden: Array) -> None:
+    def _check_hidden(self, hidden: Array, *, method: str, fused: bool) -> None:
         check_feature_size(
             hidden,
             self.embedding.embedding_size,
             name="hidden",
             owner="table's embedding_size",
         )
+        check_token_layout(self.weight, dict(hidden=hidden), fused=fused, method=method)
 
     def _check_loss_inputs(
-        self, hidden: Array, targets: Any, where: Any, z_loss: float
+        self, hidden: Array, targets: Any, where: Any, z_loss: float, method: str
     ) -> tuple[Array, Array | None]:
-        self._check_hidden_block(hidden)
+        self._check_hidden(hidden, method=method, fused=True)
         if not z_loss >= 0:
             raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
         if where is not None:
@@ -139,6 +139,9 @@ class EmbeddingDecode(eqx.Module):
             name="target",
             negative_from_end=False,
             where=where,
+        )
+        check_token_layout(
+            self.weight, dict(targets=targets), fused=True, method=method
         )
         return targets, where
 
@@ -198,7 +201,9 @@ class EmbeddingDecode(eqx.Module):
         [`mean_cross_entropy`][eqx_embed.EmbeddingDecode.mean_cross_entropy] is
         faster (three matmuls instead of four).
         """
-        targets, where = self._check_loss_inputs(hidden, targets, where, z_loss)
+        targets, where = self._check_loss_inputs(
+            hidden, targets, where, z_loss, "EmbeddingDecode.cross_entropy"
+        )
         return fused_cross_entropy(
             self.weight,
             hidden,
@@ -262,7 +267,9 @@ class EmbeddingDecode(eqx.Module):
 
         A scalar, float32 (float64 for a float64 compute dtype).
         """
-        targets, where = self._check_loss_inputs(hidden, targets, where, z_loss)
+        targets, where = self._check_loss_inputs(
+            hidden, targets, where, z_loss, "EmbeddingDecode.mean_cross_entropy"
+        )
         if weights is None:
             count = targets.shape[0] if where is None else jnp.sum(where)
             weights = jnp.ones(targets.shape, jnp.float32) / jnp.maximum(count, 1)
@@ -304,7 +311,7 @@ class EmbeddingDecode(eqx.Module):
 
         Shape `(tokens,)`, float32 (float64 for a float64 compute dtype).
         """
-        self._check_hidden_block(hidden)
+        self._check_hidden(hidden, method="EmbeddingDecode.log_sum_exp", fused=True)
         return fused_log_sum_exp(
             self.weight,
             hidden,

@@ -16,7 +16,8 @@ come back as a valid-looking row, so every lookup in this library goes through
   under `equinox.filter_jit` and under `jax.vmap` outside `jit`,
   `jax.errors.JaxRuntimeError` (also a `RuntimeError`, its text containing the message)
   under a bare `jax.jit`. Catch `(ValueError, RuntimeError)` to cover both. With
-  `EQX_ON_ERROR=nan` or `off` the bad index reads NaNs, as with `"nan"`.
+  `EQX_ON_ERROR=nan` or `off` the bad index reads NaNs, as with `"nan"`. On a device
+  mesh set with `jax.set_mesh`, every device raises (see `_error_if_any_bad`).
 
 The range is checked in the index's own dtype, before any cast: an int64 id of
 `2**32 + 5` (NumPy, or JAX with `jax_enable_x64`) is out of range, not row 5, and a
@@ -32,6 +33,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import core as jax_core
 from jaxtyping import Array, ArrayLike, Bool, Int, Integer, Shaped
 
 OutOfRange = Literal["nan", "error"]
@@ -177,10 +179,52 @@ def check_indices(
     if out_of_range == "error":
         smallest = jnp.iinfo(indices.dtype).min
         largest_bad = jnp.max(jnp.where(outside, indices, smallest), initial=smallest)
-        safe = eqx.branched_error_if(
-            safe, outside.any(), largest_bad, _MessageForValue(name, size, low)
+        safe = _error_if_any_bad(
+            safe, outside, largest_bad, _MessageForValue(name, size, low)
         )
     return safe
+
+
+def _error_if_any_bad(safe, outside, largest_bad, messages: _MessageForValue):
+    """`equinox.branched_error_if(safe, outside.any(), largest_bad, messages)`, made
+    to raise on every device of the mesh set with `jax.set_mesh`.
+
+    On a mesh, Equinox's error branch runs its callback on one device and broadcasts
+    the result: the raising device never joins that collective, and the others wait at
+    it until XLA's rendezvous gives up (40 s on CPU) and aborts the process. So the
+    predicate and the bad value are first reduced over the whole batch, vmapped axes
+    and mesh axes alike (one all-reduce of two scalars, after which every device holds
+    the same ones), and the error is raised inside a `jax.shard_map` over every mesh
+    axis, where each device runs its own callback: all take the same branch and raise,
+    and none waits for another. Only the `"error"` policy pays for this.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        # One device, or inside a `shard_map` (whose callbacks already run per
+        # device): as Equinox does it.
+        return eqx.branched_error_if(safe, outside.any(), largest_bad, messages)
+    any_bad = eqx.internal.unvmap_any(outside)
+    largest_bad = eqx.internal.unvmap_max(largest_bad)
+
+    def raise_on_every_device(any_bad, largest_bad):
+        # False, or True where `EQX_ON_ERROR=nan` replaces the raise.
+        return eqx.branched_error_if(jnp.array(False), any_bad, largest_bad, messages)
+
+    # Under `jax.vmap` over an array split on an explicit mesh axis, `shard_map` hides
+    # that axis, and a callback needs every axis manual. The shard_map's inputs are
+    # unbatched scalars, so making it manual over all of them is sound: JAX has no
+    # public way to say so, hence its private context.
+    vmapped_axes = jax_core.get_axis_env().explicit_mesh_axis_names
+    with jax_core.remove_explicit_mesh_axis_names(vmapped_axes):
+        poisoned = jax.shard_map(
+            raise_on_every_device,
+            mesh=mesh,
+            in_specs=(jax.P(), jax.P()),
+            out_specs=jax.P(),
+            axis_names=set(mesh.axis_names),
+        )(any_bad, largest_bad)
+    # The data dependency keeps the check: a result nobody used would be dropped.
+    return jnp.where(poisoned, messages.size, safe)
 
 
 def gather_rows(

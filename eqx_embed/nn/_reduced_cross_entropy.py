@@ -37,7 +37,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from ._cross_entropy import _Blocking, _blocking, _contract
+from ._cross_entropy import _Blocking, _blocking, _contract, fused_cross_entropy
+from ._vocab_parallel import table_axes
 
 DEFAULT_CHUNK_ELEMENTS = 2**24
 """The default chunk holds about this many logits: `chunk_size * vocabulary`."""
@@ -158,7 +159,9 @@ def fused_weighted_cross_entropy(
 
     `targets` must already have been checked against the caller's out-of-range
     policy; one outside `[0, num_embeddings)` gives a NaN loss for that token (and
-    so a NaN total). Accumulated in float32 for a low-precision compute `dtype`
+    so a NaN total). A table whose vocabulary is split over explicit mesh axes takes
+    the vocabulary-parallel per-token loss instead (`chunk_size` unused).
+    Accumulated in float32 for a low-precision compute `dtype`
     (`None`: the promoted dtype of `table` and `hidden`), and returned in that
     accumulation dtype.
     """
@@ -169,6 +172,21 @@ def fused_weighted_cross_entropy(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    if table_axes(table)[0]:
+        # A table split over its vocabulary: the vocabulary-parallel per-token loss,
+        # weighted (its gradients in the backward pass, in memory bounded per device;
+        # the walk here would need the whole vocabulary per chunk of tokens).
+        losses = fused_cross_entropy(
+            table,
+            hidden,
+            targets,
+            where=None,
+            z_loss=z_loss,
+            dtype=dtype,
+            logit_soft_cap=logit_soft_cap,
+            block_size=None,
+        )
+        return jnp.sum(jnp.asarray(weights, losses.dtype) * losses)
     blocking = _blocking(
         table, hidden, dtype=dtype, logit_soft_cap=logit_soft_cap, block_size=None
     )

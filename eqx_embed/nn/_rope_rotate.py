@@ -37,10 +37,9 @@ def _rotate(
 
     The pairs are `(x[i], x[i + half])` in the half-split layout and
     `(x[2i], x[2i + 1])` in the interleaved one, along `feature_axis`; `cos` and
-    `sin` are broadcast along every axis but `seq_axis` and `feature_axis`. A
-    reshape to `(2, half)` or `(half, 2)` puts the two members of each pair on an
-    axis of size 2; both results are computed from static slices and stacked back on
-    that axis, which XLA fuses with the products into one loop over `x`.
+    `sin` are broadcast along every axis but `seq_axis` and `feature_axis`. Both
+    results come from static slices (of a `(half, 2)` reshape where interleaved) and
+    are joined back, which XLA fuses with the products into one loop over `x`.
     """
     last = x.ndim - 1
     if feature_axis != last:
@@ -50,13 +49,18 @@ def _rotate(
     shape = [1] * last + [half]
     shape[seq_axis] = cos.shape[0]
     cos, sin = cos.reshape(shape), sin.reshape(shape)
-    pair_axis = -1 if interleaved else -2
-    pairs = x.reshape(*x.shape[:-1], *((half, 2) if interleaved else (2, half)))
-    first = jnp.take(pairs, 0, axis=pair_axis)
-    second = jnp.take(pairs, 1, axis=pair_axis)
-    rotated = jnp.stack(
-        [first * cos - second * sin, second * cos + first * sin], axis=pair_axis
-    ).reshape(x.shape)
+    if interleaved:
+        pairs = x.reshape(*x.shape[:-1], half, 2)
+        first, second = pairs[..., 0], pairs[..., 1]
+    else:
+        first, second = x[..., :half], x[..., half:]
+    halves = [first * cos - second * sin, second * cos + first * sin]
+    if interleaved:
+        rotated = jnp.stack(halves, axis=-1).reshape(x.shape)
+    else:
+        # Slices and a concatenate: on CPU, XLA's loop over them is faster than
+        # over a (2, half) reshape and a stack (1.00x against 1.05x in bench_rope).
+        rotated = jnp.concatenate(halves, axis=-1)
     return rotated if feature_axis == last else jnp.moveaxis(rotated, -1, feature_axis)
 
 

@@ -13,22 +13,17 @@ while tracing, how its table is laid out, and nothing needs to be configured:
 - the fused loss is the hard part: its blockwise loop slices rows of the table, which
   GSPMD can only serve by gathering the whole table on every device. So when the
   table's vocabulary axis is split, the loss runs as Megatron-LM's
-  `vocab_parallel_cross_entropy` under `jax.shard_map`: each device walks the blocks of
-  its own rows, giving a log-sum-exp and (for the targets it holds) a target logit
-  per token, and one collective of per-token scalars over the vocabulary axis
-  (a max and two sums) combines them. The backward pass of each shard is the local
-  blockwise one: it writes that shard's rows of the table's gradient and a partial
-  gradient of the hidden states, summed over the vocabulary axis by the transpose of
-  the shard_map's replicated input.
+  `vocab_parallel_cross_entropy` under `jax.shard_map` (`_vocab_parallel_loss.py`):
+  each device walks the blocks of its own rows, and collectives of per-token values
+  over the vocabulary axis combine the shards.
 
 With auto axes, arrays carry no layout while tracing, and GSPMD places everything:
-the values are the same, but the fused loss gathers the table.
+the values are the same, but the fused loss gathers the table. The documented way
+out ("Scaling out" guide): make the axes explicit around the loss with
+`jax.sharding.explicit_axes`, stating its arguments' layout.
 """
 
-from collections.abc import Callable
-
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jaxtyping import Array
@@ -69,69 +64,12 @@ def row_sharding(table: Array) -> NamedSharding | None:
     return None if sharding is None else sharding.update(spec=PartitionSpec(None))
 
 
-def vocab_parallel_lse_and_target_logit(
-    table: Array,
-    hidden: Array,
-    targets: Array,
-    blocking,
-    *,
-    local: Callable,
-) -> tuple[Array, Array]:
-    """`local(table, hidden, targets, blocking)` (the blockwise log-sum-exp and target
-    logit per token) for a table whose rows are split over explicit mesh axes, without
-    gathering the table. Other arguments: as `local`'s. Returns what `local` would on
-    the whole table."""
-    vocab_axes, embedding_axes = table_axes(table)
-    if not vocab_axes:
-        return local(table, hidden, targets, blocking)
-    if embedding_axes:
-        # FSDP: each device's rows are gathered whole where they are used (their
-        # gradient is scattered back by the transpose).
-        gathered = PartitionSpec(vocab_axes, None)
-        table = jax.sharding.reshard(
-            table, explicit_sharding(table).update(spec=gathered)
-        )
-    mesh = jax.typeof(table).sharding.mesh
-    shards = 1
-    for name in vocab_axes:
-        shards *= mesh.shape[name]
-    rows_per_shard = table.shape[0] // shards
-    shard_blocking = blocking._replace(
-        block_size=min(blocking.block_size, rows_per_shard)
-    )
-
-    def per_shard(table_shard, hidden, targets):
-        hidden, targets = (varying_like(x, table_shard) for x in (hidden, targets))
-        first_row = lax.axis_index(vocab_axes) * rows_per_shard
-        local_targets = targets - first_row
-        here = (local_targets >= 0) & (local_targets < rows_per_shard)
-        lse, target_logit = local(
-            table_shard, hidden, jnp.where(here, local_targets, 0), shard_blocking
-        )
-        # The max only steadies the exponentials: no gradient flows through it.
-        peak = lax.pmax(lax.stop_gradient(lse), vocab_axes)
-        peak = jnp.where(jnp.isfinite(peak), peak, 0)
-        total = lax.psum(jnp.exp(lse - peak), vocab_axes)
-        target_logit = lax.psum(jnp.where(here, target_logit, 0), vocab_axes)
-        return jnp.log(total) + peak, target_logit
-
-    lse, target_logit = jax.shard_map(
-        per_shard,
-        in_specs=(PartitionSpec(vocab_axes), PartitionSpec(), PartitionSpec()),
-        out_specs=(PartitionSpec(), PartitionSpec()),
-        mesh=mesh,
-        axis_names=set(vocab_axes),
-    )(table, hidden, targets)
-    in_range = (targets >= 0) & (targets < table.shape[0])
-    return lse, jnp.where(in_range, target_logit, jnp.nan)
-
-
-def varying_like(x: Array, reference: Array) -> Array:
-    """`x`, made to vary over the manual mesh axes that `reference` varies over:
+def varying_like(x: Array, *references: Array) -> Array:
+    """`x`, made to vary over the manual mesh axes that `references` vary over:
     inside `jax.shard_map`, a loop's initial carry must have the type of what the loop
-    computes from a shard. A no-op elsewhere."""
-    varying = jax.typeof(reference).mat.varying - jax.typeof(x).mat.varying
-    missing = tuple(sorted(varying))
+    computes from the shards. A no-op elsewhere."""
+    varying = set().union(*(jax.typeof(r).mat.varying for r in references))
+    missing = tuple(sorted(varying - jax.typeof(x).mat.varying))
     return lax.pcast(x, missing, to="varying") if missing else x
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tolerances import tolerance as float_tolerance
 from jaxtyping import TypeCheckError
 
 from eqx_embed import KVCache, TransformerConfig, TransformerLM
@@ -34,11 +35,19 @@ CONFIGS = {
         attention_logit_soft_cap=2.0,
         final_logit_soft_cap=3.0,
     ),
+    # Sliding and full layers in one scan (two cache stacks, two RoPE thetas).
+    "gemma3": TransformerConfig(
+        "gemma3_text",
+        **{**SMALL, "num_layers": 3},
+        head_dim=16,
+        sliding_window=4,
+        layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+        rope_local_theta=100.0,
+    ),
     "gpt_neox": TransformerConfig("gpt_neox", **SMALL, partial_rotary_factor=0.5),
 }
 PROMPTS = np.random.default_rng(0).integers(0, VOCAB, size=(3, 9))
 LENGTHS = np.array([9, 2, 6])
-EPS = float(jnp.finfo(jnp.float32).eps)
 
 
 def perturbed(model: TransformerLM) -> TransformerLM:
@@ -71,8 +80,11 @@ def tolerance(model: TransformerLM, logits: np.ndarray, seq: int) -> float:
     """float32 rounding of sums over the hidden width and the attended tokens, in
     every layer, relative to the logits' size."""
     config = model.config
-    reduction = config.hidden_size + config.intermediate_size + seq
-    return 4 * EPS * reduction * config.num_layers * max(1.0, np.abs(logits).max())
+    reduction = 4 * (config.hidden_size + config.intermediate_size + seq)
+    scale = max(1.0, np.abs(logits).max())
+    return float_tolerance(np.float32, reduction * config.num_layers, scale=scale)[
+        "atol"
+    ]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -97,20 +109,32 @@ def test_every_cached_step_equals_the_full_forward(name, models):
         np.testing.assert_allclose(collected[row], expected, rtol=0, atol=tol)
 
 
-def test_sliding_window_cache_does_not_grow_with_capacity(models):
-    config = models["mistral"].config
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3", "llama"])
+def test_sliding_layers_keep_only_their_window(name, models):
+    config = models[name].config
+    windows = config.layer_windows
+    sliding_layers = sum(window is not None for window in windows)
+    full_layers = len(windows) - sliding_layers
+    batch, row_bytes = 3, config.num_kv_heads * config.head_dim * 4
+    sliding_bytes = []
     for capacity in (12, 40):
-        _, cache = models["mistral"].prefill(
+        _, cache = models[name].prefill(
             PROMPTS, prompt_lengths=LENGTHS, capacity=capacity
         )
-        assert isinstance(cache, KVCache) and cache.slots == config.sliding_window
-        expected_bytes = (
-            2 * config.num_layers * 3 * 5 * config.num_kv_heads * config.head_dim * 4
-        )
-        assert cache.keys.nbytes + cache.values.nbytes == expected_bytes
-    # A model with full-attention layers keeps the capacity.
-    _, cache = models["gemma2"].prefill(PROMPTS, capacity=40)
-    assert cache.slots == 40
+        assert isinstance(cache, KVCache)
+        slots = capacity if full_layers else 0
+        window_slots = min(capacity, config.sliding_window) if sliding_layers else 0
+        assert (cache.slots, cache.sliding_slots) == (slots, window_slots)
+        assert cache.keys.shape == (full_layers, batch, slots) + cache.keys.shape[3:]
+        expected = 2 * batch * row_bytes
+        expected *= full_layers * slots + sliding_layers * window_slots
+        arrays = (cache.keys, cache.values, cache.sliding_keys, cache.sliding_values)
+        assert sum(array.nbytes for array in arrays) == expected
+        sliding_bytes.append(cache.sliding_keys.nbytes + cache.sliding_values.nbytes)
+        if sliding_layers:
+            # Less than one buffer of `capacity` slots shared by every layer.
+            assert expected < 2 * len(windows) * batch * capacity * row_bytes
+    assert sliding_bytes[0] == sliding_bytes[1]
 
 
 def greedy_reference(model, prompts, lengths, new_tokens):
@@ -177,7 +201,8 @@ def test_eos_pads_the_row_and_stops_the_loop_early(models, monkeypatch):
 
 
 def test_one_compile_per_shape(models, monkeypatch):
-    model = models["gpt_neox"]
+    # Two cache stacks and a branch per layer: still one compile for every token.
+    model = models["gemma3"]
     counts = count_decode_steps(monkeypatch)
     model.generate(PROMPTS, prompt_lengths=LENGTHS, max_new_tokens=8)
     model.generate(PROMPTS[::-1], prompt_lengths=LENGTHS[::-1], max_new_tokens=8)
