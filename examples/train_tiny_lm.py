@@ -1,15 +1,17 @@
 """Trains a small language model on the Python standard library's own source code.
 
-With no arguments, a byte-level `eqx_embed.TransformerLM` (tied embeddings, rotary
-position embeddings, the fused decode cross-entropy) learns from the standard library's
-top-level modules, which every Python installation has, and is evaluated on held-out
-modules in bits per byte, next to what `gzip -9` and `xz -9` achieve on the same bytes.
-At the end it writes a checkpoint, a loss-curve PNG and a few sampled continuations of a
-prompt to `--out`.
+With no arguments, an `eqx_embed.TransformerLM` (tied embeddings, rotary position
+embeddings, the fused decode cross-entropy) learns from the standard library's
+top-level modules, which every Python installation has, in the tokens of a byte-level
+BPE trained first on the same text, and is evaluated on held-out modules in bits per
+byte, next to what `gzip -9` and `xz -9` achieve on the same bytes. The files are
+packed one after another into the training windows, with segment ids that keep each
+file's tokens from attending to another's. At the end it writes a checkpoint, a
+loss-curve PNG and a few sampled continuations of a prompt to `--out`.
 
     python examples/train_tiny_lm.py                       # defaults: under 3 minutes
     python examples/train_tiny_lm.py --text my_project/    # your own files
-    python examples/train_tiny_lm.py --tokenizer bpe       # a BPE trained on the fly
+    python examples/train_tiny_lm.py --tokenizer byte      # bytes as tokens
     python examples/train_tiny_lm.py --stop-after 300      # stop early, then:
     python examples/train_tiny_lm.py --resume              # continue to --steps
 
@@ -43,6 +45,7 @@ from _checkpointing import (
     read_record,
     save_checkpoint,
 )
+from _malloc import keep_freed_memory
 from _tokenizers import BPETokenizer, ByteTokenizer
 from tqdm import tqdm
 
@@ -71,6 +74,9 @@ RESUMABLE_SETTINGS = (
     "weight_decay",
     "eval_every",
 )
+# Training losses are read back from the device every this many steps: reading one
+# waits for its step to finish, which would keep the host from preparing the next.
+READ_LOSSES_EVERY = 50
 # Settings a resumed run takes from the checkpoint unless given again.
 SAMPLING_SETTINGS = ("prompt", "num_samples", "sample_length", "temperature")
 DEFAULT_PROMPT = 'def read_config(path):\n    """'
@@ -113,20 +119,48 @@ def read_documents(text: str | None) -> list[bytes]:
     return documents
 
 
-def split_documents(documents: list[bytes]) -> tuple[bytes, bytes]:
-    """Train and held-out bytes: whole documents go to one side or the other.
+def split_documents(documents: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """Train and held-out documents: whole documents go to one side or the other.
 
     A single document is cut at 90% instead.
     """
     if len(documents) == 1:
         (document,) = documents
         cut = len(document) * 9 // 10
-        return document[:cut], document[cut:]
+        return [document[:cut]], [document[cut:]]
     held_out_indices = set(range(HELD_OUT_EVERY // 2, len(documents), HELD_OUT_EVERY))
     held_out_indices = held_out_indices or {len(documents) - 1}
     train = [doc for i, doc in enumerate(documents) if i not in held_out_indices]
     held_out = [doc for i, doc in enumerate(documents) if i in held_out_indices]
-    return b"\n".join(train), b"\n".join(held_out)
+    return train, held_out
+
+
+def pack_documents(
+    tokenizer, documents: list[bytes], limit: int
+) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """The text `b"\\n".join(documents)[:limit]`, its tokens, and the document of each
+    token (the segment ids that keep attention and positions within a document).
+
+    The newline between two documents starts the second one, where it plays the part
+    of a beginning-of-document token: a document's first byte is predicted within
+    its own segment, from that newline, and the one target that crosses a change of
+    segment (from the end of a document to the newline after it) is always that
+    newline. That target is kept, not masked: the held-out bits per byte count every
+    byte of the raw text, newlines between documents included. Each document is
+    tokenized on its own, so that no token straddles two.
+    """
+    pieces, size = [], 0
+    for index, document in enumerate(documents):
+        piece = (b"\n" + document if index else document)[: limit - size]
+        if not piece:
+            break
+        pieces.append(piece)
+        size += len(piece)
+    encoded = [tokenizer.encode(piece) for piece in pieces]
+    segment_ids = np.repeat(
+        np.arange(len(encoded), dtype=np.int32), [len(e) for e in encoded]
+    )
+    return b"".join(pieces), np.concatenate(encoded), segment_ids
 
 
 def make_tokenizer(args: argparse.Namespace, train_bytes: bytes, out: pathlib.Path):
@@ -138,30 +172,38 @@ def make_tokenizer(args: argparse.Namespace, train_bytes: bytes, out: pathlib.Pa
 
 
 def batch_at(
-    step: int, stream: np.ndarray, *, seed: int, batch_size: int, seq_len: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The training batch of step `step`: random windows of the token stream, drawn
-    from a generator seeded by `(seed, step)` alone, so that a resumed run sees the
-    same batches as an uninterrupted one."""
+    step: int,
+    stream: np.ndarray,
+    segment_ids: np.ndarray,
+    *,
+    seed: int,
+    batch_size: int,
+    seq_len: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The training batch of step `step`: random windows of the packed token stream,
+    drawn from a generator seeded by `(seed, step)` alone, so that a resumed run sees
+    the same batches as an uninterrupted one; with the tokens' segment ids."""
     rng = np.random.default_rng((seed, step))
     starts = rng.integers(0, len(stream) - seq_len, size=batch_size)
-    windows = stream[starts[:, None] + np.arange(seq_len + 1)]
-    return windows[:, :-1], windows[:, 1:]
+    indices = starts[:, None] + np.arange(seq_len + 1)
+    windows = stream[indices]
+    return windows[:, :-1], windows[:, 1:], segment_ids[indices[:, :-1]]
 
 
 def held_out_windows(
-    stream: np.ndarray, *, seq_len: int, batch_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Windows over the held-out stream, in whole batches, and which tokens each one
-    scores.
+    stream: np.ndarray, segment_ids: np.ndarray, *, seq_len: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Windows over the packed held-out stream, in whole batches: tokens, targets,
+    which targets each window scores, and the tokens' segment ids.
 
     A window starts every `seq_len // 2` tokens and scores only the targets the
     previous one did not (its second half; the first window scores all of its own),
     so every target but the trailing remainder is scored exactly once, with at least
     `seq_len // 2` tokens of context from the second window on, as a model reading
     the text from the start would have. (Windows that do not overlap would score the
-    first tokens of each window almost blind.) The last batch is padded with windows
-    that score nothing.
+    first tokens of each window almost blind.) Within a window, as in training, a
+    token sees its own document only. The last batch is padded with windows that
+    score nothing.
     """
     stride = seq_len // 2
     if len(stream) < seq_len + 1:
@@ -170,12 +212,12 @@ def held_out_windows(
             f"{seq_len} + 1: give more text or a shorter --seq-len."
         )
     starts = np.arange(0, len(stream) - seq_len, stride)
-    tokens = stream[starts[:, None] + np.arange(seq_len)]
-    targets = stream[starts[:, None] + np.arange(1, seq_len + 1)]
-    where = np.ones(tokens.shape, dtype=bool)
+    indices = starts[:, None] + np.arange(seq_len)
+    where = np.ones(indices.shape, dtype=bool)
     where[1:, : seq_len - stride] = False
     padding = ((0, -len(starts) % batch_size), (0, 0))
-    return np.pad(tokens, padding), np.pad(targets, padding), np.pad(where, padding)
+    arrays = stream[indices], stream[indices + 1], where, segment_ids[indices]
+    return tuple(np.pad(array, padding) for array in arrays)
 
 
 def compressed_bits_per_byte(data: bytes) -> dict[str, float]:
@@ -221,14 +263,19 @@ def make_optimiser(args: argparse.Namespace) -> optax.GradientTransformation:
     )
 
 
-def mean_loss(model, tokens, targets):
-    return jnp.mean(jax.vmap(model.loss)(tokens, targets))
+def mean_loss(model, tokens, targets, segment_ids):
+    losses = jax.vmap(lambda t, y, s: model.loss(t, y, segment_ids=s))(
+        tokens, targets, segment_ids
+    )
+    return jnp.mean(losses)
 
 
 def make_train_step(optimiser: optax.GradientTransformation):
     @eqx.filter_jit
-    def train_step(model, optimiser_state, tokens, targets):
-        loss, grads = eqx.filter_value_and_grad(mean_loss)(model, tokens, targets)
+    def train_step(model, optimiser_state, tokens, targets, segment_ids):
+        loss, grads = eqx.filter_value_and_grad(mean_loss)(
+            model, tokens, targets, segment_ids
+        )
         # The plain Equinox filter: floating-point arrays train; the RoPE tables,
         # which are not floating arrays, and the static config never do.
         params = eqx.filter(model, eqx.is_inexact_array)
@@ -239,18 +286,20 @@ def make_train_step(optimiser: optax.GradientTransformation):
 
 
 @eqx.filter_jit
-def summed_loss(model, tokens, targets, where):
-    return jnp.sum(jax.vmap(model.loss)(tokens, targets, where=where))
+def summed_loss(model, tokens, targets, where, segment_ids):
+    losses = jax.vmap(lambda t, y, w, s: model.loss(t, y, where=w, segment_ids=s))(
+        tokens, targets, where, segment_ids
+    )
+    return jnp.sum(losses)
 
 
 def held_out_bits_per_byte(
     model, windows, num_bytes: int, batch_size: int, mesh=None
 ) -> float:
-    tokens, targets, where = windows
     nats = 0.0
-    for start in range(0, len(tokens), batch_size):
+    for start in range(0, len(windows[0]), batch_size):
         batch = slice(start, start + batch_size)
-        shares = process_share(mesh, tokens[batch], targets[batch], where[batch])
+        shares = process_share(mesh, *(array[batch] for array in windows))
         nats += float(summed_loss(model, *shares))
     return nats / math.log(2) / num_bytes
 
@@ -511,10 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--tokenizer",
         choices=("byte", "bpe"),
-        default="byte",
-        help="bytes, or a byte-level BPE trained on the training text first",
+        default="bpe",
+        help="a byte-level BPE trained on the training text first, or bytes",
     )
-    add("--vocab-size", type=integer(256), default=1024, help="BPE vocabulary size")
+    add("--vocab-size", type=integer(256), default=2048, help="BPE vocabulary size")
     add(
         "--train-bytes",
         type=integer(1),
@@ -523,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--eval-bytes", type=integer(1), default=65_536, help="held-out bytes scored")
     add("--seed", type=integer(0), default=0, help="seeds model, batches, samples")
-    add("--steps", type=integer(1), default=1700, help="training steps in all")
+    add("--steps", type=integer(1), default=1500, help="training steps in all")
     add("--batch-size", type=integer(1), default=32, help="windows per step")
     add("--seq-len", type=integer(2), default=64, help="tokens per window")
     add("--hidden-size", type=integer(1), default=96, help="model width")
@@ -544,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--eval-every",
         type=integer(1),
-        default=850,
+        default=750,
         help="steps between held-out evaluations (and one at the end)",
     )
     add("--out", default="runs/tiny_lm", help="output directory")
@@ -591,6 +640,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    keep_freed_memory()  # Before JAX starts its threads: see _malloc.py.
     out = pathlib.Path(args.out)
     if args.resume:
         record = read_record(out)
@@ -600,19 +650,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     mesh = start_processes(args)
 
     documents = read_documents(args.text)
-    train_bytes, held_out_bytes = split_documents(documents)
-    train_bytes = train_bytes[: args.train_bytes]
-    held_out_bytes = held_out_bytes[: args.eval_bytes]
+    train_documents, held_out_documents = split_documents(documents)
+    train_bytes = b"\n".join(train_documents)[: args.train_bytes]
     tokenizer = make_tokenizer(args, train_bytes, out)
-    train_stream = tokenizer.encode(train_bytes)
-    held_out_stream = tokenizer.encode(held_out_bytes)
+    _, train_stream, train_segments = pack_documents(
+        tokenizer, train_documents, args.train_bytes
+    )
+    held_out_bytes, held_out_stream, held_out_segments = pack_documents(
+        tokenizer, held_out_documents, args.eval_bytes
+    )
     if len(train_stream) <= args.seq_len:
         raise SystemExit(
             f"The training text has {len(train_stream)} tokens, not more than "
             f"--seq-len {args.seq_len}: give more text or a shorter --seq-len."
         )
     windows = held_out_windows(
-        held_out_stream, seq_len=args.seq_len, batch_size=args.batch_size
+        held_out_stream,
+        held_out_segments,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
     )
     scored_bytes = tokenizer.token_bytes(windows[1][windows[2]])
     baselines = compressed_bits_per_byte(scored_bytes)
@@ -653,41 +709,63 @@ def main(argv: Sequence[str] | None = None) -> dict:
     stop = args.steps if args.stop_after is None else min(args.stop_after, args.steps)
     tokens_per_step = args.batch_size * args.seq_len
     bar = tqdm(total=args.steps, initial=step, unit="step", dynamic_ncols=True)
-    train_seconds = 0.0
+    unread = []  # (step, bytes of its targets, loss still on the device)
+    timed = (
+        None  # (step, time) once the first step of this process, which compiles, ran
+    )
+
+    def read_losses() -> None:
+        """Reads the losses of the steps run since the last read into `history`;
+        stops the run at the first that is not finite."""
+        nonlocal timed
+        losses = jax.device_get([loss for *_, loss in unread])
+        for (step_done, num_bytes, _), loss in zip(unread, losses, strict=True):
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise SystemExit(
+                    f"step {step_done}: the training loss is {loss}; stopped without "
+                    f"saving, so {out} keeps its checkpoint, if any. Try a lower "
+                    f"--learning-rate than {args.learning_rate}."
+                )
+            history["train_loss"].append(loss)
+            history["train_bits_per_byte"].append(
+                loss * tokens_per_step / math.log(2) / num_bytes
+            )
+        if unread:
+            now, last = time.perf_counter(), unread[-1][0]
+            if timed is None:
+                timed = last, now
+            elif last > timed[0]:
+                rate = (last - timed[0]) * tokens_per_step / (now - timed[1])
+                bar.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{rate:,.0f}")
+        unread.clear()
+
     # Ctrl-C ends the run after the current step, which then checkpoints as usual;
     # one during the save waits for the save to finish.
     with interrupts_deferred() as interrupted:
         while step < stop and not interrupted:
-            step_started = time.perf_counter()
-            tokens, targets = batch_at(
+            tokens, targets, segment_ids = batch_at(
                 step,
                 train_stream,
+                train_segments,
                 seed=args.seed,
                 batch_size=args.batch_size,
                 seq_len=args.seq_len,
             )
             model, optimiser_state, loss = train_step(
-                model, optimiser_state, *process_share(mesh, tokens, targets)
+                model,
+                optimiser_state,
+                *process_share(mesh, tokens, targets, segment_ids),
             )
-            loss = float(loss)
-            if not math.isfinite(loss):
-                raise SystemExit(
-                    f"step {step + 1}: the training loss is {loss}; stopped without "
-                    f"saving, so {out} keeps its checkpoint, if any. Try a lower "
-                    f"--learning-rate than {args.learning_rate}."
-                )
-            if bar.n > bar.initial:  # The first step of a process compiles: not timed.
-                train_seconds += time.perf_counter() - step_started
-                rate = (bar.n - bar.initial) * tokens_per_step / train_seconds
-                bar.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{rate:,.0f}")
             step += 1
+            unread.append((step, int(byte_lengths[targets].sum()), loss))
+            evaluating = step % args.eval_every == 0 or step == args.steps
+            if timed is None or evaluating or step % READ_LOSSES_EVERY == 0:
+                read_losses()
             bar.update()
-            history["train_loss"].append(loss)
-            history["train_bits_per_byte"].append(
-                loss * tokens_per_step / math.log(2) / int(byte_lengths[targets].sum())
-            )
-            if step % args.eval_every == 0 or step == args.steps:
+            if evaluating:
                 evaluate(step)
+        read_losses()
         bar.close()
         if interrupted:
             print(f"interrupted at step {step}: --resume continues from here")

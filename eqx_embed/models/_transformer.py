@@ -532,6 +532,7 @@ class TransformerLM(eqx.Module):
         where: Bool[ArrayLike, "batch seq"] | None = None,
         weights: Float[ArrayLike, "batch seq"] | None = None,
         token_positions: Int[ArrayLike, "batch seq"] | None = None,
+        segment_ids: Int[ArrayLike, "batch seq"] | None = None,
         z_loss: float = 0.0,
         chunk_size: int | None = None,
     ) -> Float[Array, ""]:
@@ -554,7 +555,9 @@ class TransformerLM(eqx.Module):
             their number (by 1 when there are none).
         - `weights`: optional per-token weights, shape `(batch, seq)`: the result
             is then `sum(weights * losses)`, without division.
-        - `token_positions`: as for `hidden_states`, one row per sequence.
+        - `token_positions`, `segment_ids`: as for `hidden_states`, one row per
+            sequence. A packed row's mean loss equals the token-weighted mean of
+            each document's run alone.
         - `z_loss`: the weight of the `log(Z)**2` regulariser.
         - `chunk_size`: tokens per chunk of the fused loss; see
             `EmbeddingDecode.mean_cross_entropy`.
@@ -565,12 +568,18 @@ class TransformerLM(eqx.Module):
         """
         tokens = jnp.asarray(tokens)
         batch, seq = tokens.shape
-        if token_positions is None:
-            hidden = jax.vmap(self.hidden_states)(tokens)
-        else:
-            hidden = jax.vmap(lambda t, p: self.hidden_states(t, token_positions=p))(
-                tokens, jnp.asarray(token_positions)
+        # Only the options given are batched: `None` keeps each one's default.
+        rows = {
+            name: jnp.asarray(value)
+            for name, value in (
+                ("token_positions", token_positions),
+                ("segment_ids", segment_ids),
             )
+            if value is not None
+        }
+        hidden = jax.vmap(lambda t, options: self.hidden_states(t, **options))(
+            tokens, rows
+        )
 
         def flat(x):
             return None if x is None else jnp.reshape(jnp.asarray(x), batch * seq)

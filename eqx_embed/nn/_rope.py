@@ -42,6 +42,7 @@ from ._rope_scaling import (
     parse_scaling,
 )
 from ._tables import TablesPerLength, as_bits, frozen
+from ._vocab_parallel import row_sharding
 
 
 class RotaryPositionalEmbedding(eqx.Module):
@@ -377,8 +378,17 @@ class RotaryPositionalEmbedding(eqx.Module):
                 name="position",
                 negative_from_end=False,
             )
-            cos = gather_rows(self.cos, positions, negative_from_end=False)
-            sin = gather_rows(self.sin, positions, negative_from_end=False)
+            # Explicit mesh axes need the rows' layout: whole, split as the
+            # positions are (a batch of packed rows, say).
+            cos, sin = (
+                gather_rows(
+                    table,
+                    positions,
+                    negative_from_end=False,
+                    out_sharding=row_sharding(table),
+                )
+                for table in (self.cos, self.sin)
+            )
         return RopeRotation(
             cos, sin, embedding_size=self.embedding_size, interleaved=self.interleaved
         )

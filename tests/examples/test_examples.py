@@ -21,6 +21,7 @@ import eqx_embed
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 TINY_LM = [
+    "--tokenizer", "byte",
     "--steps", "4",
     "--batch-size", "2",
     "--seq-len", "32",
@@ -102,15 +103,34 @@ def load_run(out: pathlib.Path):
     return model, record
 
 
-def reference_nats(model, stream: np.ndarray, seq_len: int):
+def packed_text(documents: list[bytes], limit: int, encode):
+    """The held-out text `b"\\n".join(documents)[:limit]` as the example packs it:
+    cut into documents, each but the first starting at the newline before it,
+    tokenized one by one. Returns the text, its tokens and each token's document."""
+    text = b"\n".join(documents)[:limit]
+    ends = np.cumsum([len(d) + 1 for d in documents]) - 1  # each document's newline
+    bounds = [0, *(int(end) for end in ends if end < len(text)), len(text)]
+    pieces = [encode(text[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    segments = np.concatenate([np.full(len(p), i) for i, p in enumerate(pieces)])
+    return text, np.concatenate(pieces), segments
+
+
+def reference_nats(model, stream: np.ndarray, segments: np.ndarray, seq_len: int):
     """The held-out loss from the logits, in float64: a window of `seq_len` tokens
-    every `seq_len // 2`, each target scored by the first window that predicts it.
+    every `seq_len // 2`, each target scored by the first window that predicts it,
+    each document's part of a window run alone (it sees nothing of the others).
     Returns the total nats and the targets scored, in order."""
     forward = eqx.filter_jit(model)
     nats, scored, covered = 0.0, [], 0
     for start in range(0, len(stream) - seq_len, seq_len // 2):
         window = stream[start : start + seq_len]
-        logits = np.asarray(forward(jnp.asarray(window)), dtype=np.float64)
+        documents = segments[start : start + seq_len]
+        logits = np.concatenate(
+            [
+                np.asarray(forward(jnp.asarray(window[documents == d])), np.float64)
+                for d in np.unique(documents)
+            ]
+        )
         shifted = logits - logits.max(axis=-1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
         for i in range(seq_len):
@@ -146,9 +166,11 @@ def test_train_tiny_lm_bits_per_byte_and_compressors(straight_run):
     out, stdout = straight_run
     model, record = load_run(out)
     documents = train_tiny_lm.read_documents(None)
-    _, held_out = train_tiny_lm.split_documents(documents)
-    stream = np.frombuffer(held_out[:2048], dtype=np.uint8).astype(np.int32)
-    nats, targets = reference_nats(model, stream, seq_len=32)
+    _, held_out_documents = train_tiny_lm.split_documents(documents)
+    held_out, stream, segments = packed_text(
+        held_out_documents, 2048, train_tiny_lm.ByteTokenizer().encode
+    )
+    nats, targets = reference_nats(model, stream, segments, seq_len=32)
     scored = targets.astype(np.uint8).tobytes()
     assert scored == held_out[1 : 1 + len(scored)]
     expected = nats / math.log(2) / len(scored)
@@ -161,6 +183,27 @@ def test_train_tiny_lm_bits_per_byte_and_compressors(straight_run):
         f"step     4  held-out {bits:.3f} bits/byte  "
         f"(gzip -9 {gzip_bits:.3f}, xz -9 {xz_bits:.3f})"
     ) in stdout
+
+
+def test_train_tiny_lm_packs_documents_with_segment_ids():
+    """Documents one after another, each but the first from the newline before it,
+    and training windows whose segment ids say which document each token is in."""
+    documents = [b"ab", b"cde", b"f", b"ghij"]
+    text, stream, segments = train_tiny_lm.pack_documents(
+        train_tiny_lm.ByteTokenizer(), documents, limit=10
+    )
+    assert text == b"ab\ncde\nf\ng"
+    assert stream.tobytes() == np.frombuffer(text, np.uint8).astype(np.int32).tobytes()
+    np.testing.assert_array_equal(segments, [0, 0, 1, 1, 1, 1, 2, 2, 3, 3])
+    tokens, targets, segment_ids = train_tiny_lm.batch_at(
+        3, stream, segments, seed=0, batch_size=5, seq_len=4
+    )
+    for row, row_targets, row_segments in zip(
+        tokens, targets, segment_ids, strict=True
+    ):
+        start = text.index(bytes(row.astype(np.uint8)))
+        assert bytes(row_targets.astype(np.uint8)) == text[start + 1 : start + 5]
+        np.testing.assert_array_equal(row_segments, segments[start : start + 4])
 
 
 def test_train_tiny_lm_resume_is_exact(straight_run, tmp_path):
@@ -194,33 +237,32 @@ def test_train_tiny_lm_resume_is_exact(straight_run, tmp_path):
 def test_train_tiny_lm_bpe_on_user_text(tmp_path):
     """`--text` on a directory, with a BPE, some of it not UTF-8: bits per byte divide
     the nats by the raw bytes the scored tokens stand for (not by the tokens, nor by
-    the bytes of replacement characters), and the samples continue the user's text."""
+    the bytes of replacement characters), documents short enough that the held-out
+    windows cross from one to the next, and the samples continue the user's text."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     sources = sorted(pathlib.Path(eqx_embed.__file__).parent.glob("nn/*.py"))
     # Latin-1 comments: 0xE9 and 0xEF are not UTF-8 on their own.
-    documents = [
-        source.read_bytes().replace(b"\n\n", b"\n# caf\xe9 na\xefve\n", 3)
-        for source in sources
-    ]
-    for source, document in zip(sources, documents, strict=True):
-        (corpus / source.name).write_bytes(document)
+    text = b"".join(source.read_bytes() for source in sources)
+    text = text.replace(b"\n\n", b"\n# caf\xe9 na\xefve\n")
+    documents = [text[i : i + 700] for i in range(0, len(text), 700)]
+    for i, document in enumerate(documents):
+        (corpus / f"{i:04d}.py").write_bytes(document)
     (corpus / ".hidden").write_text("never read")
     out = tmp_path / "out"
     settings = [*TINY_LM, "--text", str(corpus), "--tokenizer", "bpe"]
     settings += ["--vocab-size", "300", "--out", str(out)]
     stdout = run_example("train_tiny_lm.py", *settings, cwd=tmp_path)
-    assert f"data: {len(sources)} documents" in stdout
+    assert f"data: {len(documents)} documents" in stdout
     model, record = load_run(out)
     assert record["config"]["vocab_size"] == 300
     tokenizer = train_tiny_lm.BPETokenizer.load(out)
-    _, held_out = train_tiny_lm.split_documents(documents)
-    held_out = held_out[:2048]
-    assert b"\xe9" in held_out
-    stream = tokenizer.encode(held_out)
+    _, held_out_documents = train_tiny_lm.split_documents(documents)
+    held_out, stream, segments = packed_text(held_out_documents, 2048, tokenizer.encode)
+    assert b"\xe9" in held_out and segments[-1] >= 2
     # Lossless: the tokens stand for the raw bytes, invalid UTF-8 included.
     assert tokenizer.token_bytes(stream) == held_out
-    nats, targets = reference_nats(model, stream, seq_len=32)
+    nats, targets = reference_nats(model, stream, segments, seq_len=32)
     scored = tokenizer.token_bytes(targets)
     first = len(tokenizer.token_bytes(stream[:1]))
     assert scored == held_out[first : first + len(scored)]
@@ -524,11 +566,11 @@ def test_train_tiny_lm_help_gives_every_option_help_and_its_default(capsys):
 
 
 def test_train_tiny_lm_resume_rejects_a_changed_setting_given_at_its_default(tmp_path):
-    """`--steps 1700` is the default, but given explicitly it must agree."""
+    """`--steps 1500` is the default, but given explicitly it must agree."""
     saved = vars(train_tiny_lm.parse_args(["--steps", "4", "--temperature", "0.3"]))
     record = {"args": saved}
-    args = train_tiny_lm.parse_args(["--resume", "--steps", "1700"])
-    with pytest.raises(SystemExit, match="with --steps 4; got --steps 1700"):
+    args = train_tiny_lm.parse_args(["--resume", "--steps", "1500"])
+    with pytest.raises(SystemExit, match="with --steps 4; got --steps 1500"):
         train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoint.json")
     # The sampling settings come back, unless given again.
     args = train_tiny_lm.parse_args(["--resume"])

@@ -10,6 +10,7 @@ import sys
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "train_tiny_lm.py"
 SETTINGS = [
+    "--tokenizer", "byte",
     "--steps", "4",
     "--batch-size", "8",
     "--seq-len", "32",
