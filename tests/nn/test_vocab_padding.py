@@ -189,21 +189,31 @@ def inputs(vocab):
     return ids, hidden, targets, where
 
 
-def per_token_losses(model, hidden, targets, where):
+# Each loss per sequence: the batch's split over "data" stays on the vmapped axis.
+def per_sequence(loss, model, hidden, targets, where, **options):
     def one_sequence(hidden, targets, where):
-        return model.cross_entropy(
-            hidden, targets, where=where, z_loss=1e-2, block_size=4
-        )
+        method = getattr(model, loss)
+        return method(hidden, targets, where=where, z_loss=1e-2, **options)
 
     return jax.vmap(one_sequence)(hidden, targets, where)
 
 
-def everything(model, ids, hidden, targets, where):
-    losses = per_token_losses(model, hidden, targets, where)
-    grads, d_hidden = jax.grad(
-        lambda model, hidden: per_token_losses(model, hidden, targets, where).sum(),
+# The per-sequence values of a loss, and the gradients of their sum.
+def with_gradients(loss, model, hidden, targets, where, **options):
+    values = per_sequence(loss, model, hidden, targets, where, **options)
+    grads = jax.grad(
+        lambda model, hidden: per_sequence(
+            loss, model, hidden, targets, where, **options
+        ).sum(),
         argnums=(0, 1),
     )(model, hidden)
+    return values, grads
+
+
+def everything(model, ids, hidden, targets, where):
+    losses, (grads, d_hidden) = with_gradients(
+        "cross_entropy", model, hidden, targets, where, block_size=4
+    )
     out = dict(
         lookup=jax.vmap(jax.vmap(model))(ids),
         decode=jax.vmap(jax.vmap(model.decode))(hidden),
@@ -214,19 +224,8 @@ def everything(model, ids, hidden, targets, where):
         grad_table=grads.embedding.weight,
         grad_reverse_table=(grads.reverse_embedding or grads.embedding).weight,
     )
-
-    def mean(model_and_hidden):
-        # Per sequence (the batch's split over "data" stays on the vmapped axis).
-        model, hidden = model_and_hidden
-        means = jax.vmap(
-            lambda h, t, w: model.mean_cross_entropy(
-                h, t, where=w, z_loss=1e-2, chunk_size=4
-            )
-        )(hidden, targets, where)
-        return means.sum()
-
-    out["mean"], (grads, out["mean_grad_hidden"]) = eqx.filter_value_and_grad(mean)(
-        (model, hidden)
+    out["mean"], (grads, out["mean_grad_hidden"]) = with_gradients(
+        "mean_cross_entropy", model, hidden, targets, where, chunk_size=4
     )
     out["mean_grad_reverse_table"] = (grads.reverse_embedding or grads.embedding).weight
     return out
