@@ -29,6 +29,7 @@ from .nn import (
     RotaryPositionalEmbedding as RotaryPositionalEmbedding,
     SinusoidalPositionalEncoding as SinusoidalPositionalEncoding,
     default_embedding_init as default_embedding_init,
+    pad_vocabulary as pad_vocabulary,
 )
 
 __version__ = "0.1.0"

@@ -87,7 +87,9 @@ def _transpose_conv1d(
         tensors[name] = tensors[name].T
 
 
-# The model's name of the decode head, which a tied model does not have.
+# The model's name of its lookup table, and of the decode head, which a tied model
+# does not have.
+VOCAB_TABLE = "embedding.embedding.weight"
 UNTIED_HEAD = "embedding.reverse_embedding.weight"
 
 # Buffers that old checkpoints saved and that transformers recomputes.
@@ -187,9 +189,7 @@ def read_weights(
         head = tensors.pop(_huggingface_name(UNTIED_HEAD, config), None)
         # A copy of the embedding is the tied head; a different head is returned too,
         # to be loaded untied, as transformers does: never dropped.
-        if head is not None and not np.array_equal(
-            head, arrays["embedding.embedding.weight"]
-        ):
+        if head is not None and not np.array_equal(head, arrays[VOCAB_TABLE]):
             arrays[UNTIED_HEAD] = head
     if tensors:
         raise ValueError(

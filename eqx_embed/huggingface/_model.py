@@ -7,11 +7,18 @@ import warnings
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import DTypeLike
 
 from ..models._transformer import TransformerLM, _named_leaves, _random_parts
 from ..nn._indices import OutOfRange
-from ._checkpoint import UNTIED_HEAD, read_config, read_weights, write_checkpoint
+from ._checkpoint import (
+    UNTIED_HEAD,
+    VOCAB_TABLE,
+    read_config,
+    read_weights,
+    write_checkpoint,
+)
 
 
 def load_transformer(
@@ -61,4 +68,11 @@ def load_transformer(
 def save_transformer(model: TransformerLM, path: str | pathlib.Path) -> None:
     """Writes `model` as a Hugging Face checkpoint directory; see
     [`TransformerLM.to_huggingface`][eqx_embed.TransformerLM.to_huggingface]."""
-    write_checkpoint(path, model.config, _named_leaves(model.parts()))
+    arrays = _named_leaves(model.parts())
+    # Tables padded for a device mesh (`pad_vocabulary`) are written without their
+    # padding rows, read back whole from the devices as the writer would anyway.
+    vocab_size = model.config.vocab_size
+    for name in (VOCAB_TABLE, UNTIED_HEAD):
+        if name in arrays and arrays[name].shape[0] != vocab_size:
+            arrays[name] = np.asarray(arrays[name])[:vocab_size]
+    write_checkpoint(path, model.config, arrays)

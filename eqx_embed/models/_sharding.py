@@ -6,12 +6,15 @@ axis to mesh axes, as MaxText's `logical_axis_rules`. So one small dictionary sa
 a whole model is laid out, and the same model code runs on one device or on many.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
 import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+from ..nn import pad_vocabulary
 
 Rules = Mapping[str, tuple[str, ...]]
 """Logical axis name -> the mesh axes that split it (`()`: replicated)."""
@@ -151,10 +154,16 @@ def _spec(
             used[mesh_axis] = axis
             devices *= mesh.shape[mesh_axis]
         if size % devices:
+            fix = (
+                f"eqx_embed.pad_vocabulary(model, {devices}) pads it (shard_model "
+                "does so itself)"
+                if axis == "vocab"
+                else f"pad it to a multiple of {devices}"
+            )
             raise ValueError(
                 f"{name} has {size} entries along its {axis!r} axis, which its "
-                f"{devices} devices on mesh axes {mesh_axes} do not divide; pad it to "
-                f"a multiple of {devices} or change the rule for {axis!r}."
+                f"{devices} devices on mesh axes {mesh_axes} do not divide; {fix} "
+                f"or change the rule for {axis!r}."
             )
         entries.append(mesh_axes or None)
     return PartitionSpec(*entries)
@@ -173,8 +182,10 @@ def model_partition_specs(model: Any, mesh: Mesh | AbstractMesh, rules: Rules) -
 
     A pytree like `eqx.filter(model, eqx.is_array)` with a `PartitionSpec` for each
     array. A rule that names an axis the mesh lacks, that splits an array along an
-    axis the devices do not divide, or that uses a mesh axis twice in one array
-    raises a `ValueError` naming the array and the axis.
+    axis the devices do not divide (a vocabulary: pad it first with
+    [`pad_vocabulary`][eqx_embed.pad_vocabulary], as `shard_model` does), or that
+    uses a mesh axis twice in one array raises a `ValueError` naming the array and
+    the axis.
 
     **Raises:**
 
@@ -215,6 +226,12 @@ def shard_model(model: Any, mesh: Mesh, rules: Rules) -> Any:
     with the mesh set (`jax.set_mesh(mesh)`) the embedding's lookup, decode and fused
     loss run vocabulary-parallel. The RoPE tables are replicated.
 
+    A vocabulary that the devices splitting it do not divide (GPT-2's 50,257 on 8) is
+    padded first, by [`pad_vocabulary`][eqx_embed.pad_vocabulary]: the tables get
+    zero rows that are never read, and every result (lookup, logits of the real
+    vocabulary size, losses, gradients, checkpoints written) stays that of the
+    unpadded model.
+
     **Arguments:**
 
     - `model`: a [`TransformerLM`][eqx_embed.TransformerLM] (or any of its parts).
@@ -223,7 +240,8 @@ def shard_model(model: Any, mesh: Mesh, rules: Rules) -> Any:
 
     **Returns:**
 
-    The same model, its arrays sharded. Raises as
+    The same model, its arrays sharded (its embedding tables padded where the
+    vocabulary needs it). Raises as
     [`model_partition_specs`][eqx_embed.model_partition_specs].
 
     **Raises:**
@@ -249,6 +267,10 @@ def shard_model(model: Any, mesh: Mesh, rules: Rules) -> Any:
     assert sharded(jnp.array([1, 2, 3])).shape == (3, 64)
     ```
     """
+    vocab_devices = math.prod(
+        mesh.shape[axis] for axis in rules.get("vocab", ()) if axis in mesh.shape
+    )
+    model = pad_vocabulary(model, vocab_devices)
     specs = model_partition_specs(model, mesh, rules)
     arrays, static = eqx.partition(model, eqx.is_array)
     # `jax.device_put` rather than `eqx.filter_shard`, whose sharding constraint is

@@ -19,3 +19,4 @@ from ._rope import (
     RopeRotation as RopeRotation,
     RotaryPositionalEmbedding as RotaryPositionalEmbedding,
 )
+from ._vocab_padding import pad_vocabulary as pad_vocabulary

@@ -26,6 +26,9 @@ up front, `_reduced_cross_entropy.py` walks token chunks instead: three matmuls.
 A vocabulary that is not a multiple of the block is not padded (padding would copy
 the table): the last block starts at `vocabulary - block_size` instead and the columns
 it shares with the block before are masked out of the log-sum-exp and the gradient.
+A table that is itself padded (rows past the vocabulary, so that a device mesh can
+split it evenly: `pad_vocabulary`) has those rows masked out the same way: they get
+no gradient, and a target there is out of range.
 
 XLA:CPU has no 16-bit float data movement: it would slice a bfloat16 table as a
 float32 copy of the whole table, hoisted out of the loop. So blocks of a 16-bit table
@@ -69,6 +72,11 @@ class _Blocking(NamedTuple):
     compute_dtype: jnp.dtype
     accumulate_dtype: jnp.dtype
     logit_soft_cap: float | None
+    # The vocabulary: the table's rows from it on are padding (`pad_vocabulary`).
+    num_rows: int
+    # Inside a vocabulary-parallel shard_map, the mesh axes that split the rows:
+    # the table is then this device's shard of them.
+    vocab_axes: tuple[str, ...] = ()
 
 
 def _contract(
@@ -94,7 +102,8 @@ class _Block(NamedTuple):
     logits: Array  # (tokens, block_size), soft-capped, the accumulation dtype
     cap_slope: Array | None  # d capped / d raw logits, when soft-capped
     columns: Array  # (block_size,), vocabulary index of each column
-    is_new: Array  # (block_size,), False for columns an earlier block covered
+    # (block_size,), False for columns an earlier block covered and padding rows
+    is_new: Array
     first_new: Array  # the first vocabulary index this block adds
 
 
@@ -106,6 +115,16 @@ def _slice_rows(table: Array, start: Array, size: int) -> Array:
     bits = lax.bitcast_convert_type(table, jnp.uint16)
     rows = lax.dynamic_slice_in_dim(bits, start, size)
     return lax.bitcast_convert_type(rows, table.dtype)
+
+
+def rows_in_use(table: Array, blocking: _Blocking) -> int | Array:
+    """How many of `table`'s rows (this device's shard of them, inside a
+    vocabulary-parallel shard_map) are in the vocabulary: the others are padding,
+    which sits at the end of the whole table."""
+    if not blocking.vocab_axes:
+        return blocking.num_rows
+    first_row = lax.axis_index(blocking.vocab_axes) * table.shape[0]
+    return jnp.clip(blocking.num_rows - first_row, 0, table.shape[0])
 
 
 def _block(table: Array, hidden: Array, index: Array, blocking: _Blocking) -> _Block:
@@ -121,7 +140,10 @@ def _block(table: Array, hidden: Array, index: Array, blocking: _Blocking) -> _B
         logits = blocking.logit_soft_cap * squashed
         cap_slope = 1 - squashed**2
     columns = start + jnp.arange(size)
-    return _Block(rows, logits, cap_slope, columns, columns >= first_new, first_new)
+    is_new = columns >= first_new
+    if blocking.vocab_axes or blocking.num_rows < table.shape[0]:
+        is_new = is_new & (columns < rows_in_use(table, blocking))
+    return _Block(rows, logits, cap_slope, columns, is_new, first_new)
 
 
 def _num_blocks(table: Array, blocking: _Blocking) -> int:
@@ -162,7 +184,7 @@ def _lse_and_target_logit(
     (lse, target_logit, _), _ = lax.scan(
         step, initial, jnp.arange(_num_blocks(table, blocking))
     )
-    in_range = (targets >= 0) & (targets < table.shape[0])
+    in_range = (targets >= 0) & (targets < rows_in_use(table, blocking))
     return lse, jnp.where(in_range, target_logit, jnp.nan)
 
 
@@ -290,6 +312,7 @@ def _blocking(
     dtype: jnp.dtype | None,
     logit_soft_cap: float | None,
     block_size: int | None,
+    num_rows: int | None = None,
 ) -> _Blocking:
     if block_size is None:
         block_size = DEFAULT_BLOCK_SIZE
@@ -297,7 +320,11 @@ def _blocking(
     compute = jnp.result_type(table, hidden) if dtype is None else jnp.dtype(dtype)
     accumulate = accumulation_dtype(compute)
     return _Blocking(
-        min(block_size, table.shape[0]), compute, accumulate, logit_soft_cap
+        min(block_size, table.shape[0]),
+        compute,
+        accumulate,
+        logit_soft_cap,
+        table.shape[0] if num_rows is None else num_rows,
     )
 
 
@@ -308,8 +335,11 @@ def fused_log_sum_exp(
     dtype: jnp.dtype | None,
     logit_soft_cap: float | None,
     block_size: int | None,
+    num_rows: int | None = None,
 ) -> Float[Array, " tokens"]:
-    """`logsumexp(dot_with_rows(table, hidden, ...), axis=-1)`, blockwise.
+    """`logsumexp(dot_with_rows(table, hidden, ...)[:, :num_rows], axis=-1)`,
+    blockwise: `num_rows` (default: all) is the vocabulary, the rows of a padded
+    table that are in use.
 
     Accumulated in float32 for a low-precision compute `dtype` (`None`: the promoted
     dtype of `table` and `hidden`), and returned in that accumulation dtype.
@@ -320,6 +350,7 @@ def fused_log_sum_exp(
         dtype=dtype,
         logit_soft_cap=logit_soft_cap,
         block_size=block_size,
+        num_rows=num_rows,
     )
     no_targets = jnp.zeros(hidden.shape[0], jnp.int32)
     lse, _ = _any_table_lse_and_target_logit(table, hidden, no_targets, blocking)
@@ -336,11 +367,12 @@ def fused_cross_entropy(
     dtype: jnp.dtype | None,
     logit_soft_cap: float | None,
     block_size: int | None,
+    num_rows: int | None = None,
 ) -> Float[Array, " tokens"]:
     """Per-token `lse - logit[target] + z_loss * lse**2`, zero where `where` is False.
 
     `targets` must already have been checked against the caller's out-of-range
-    policy; one outside `[0, num_embeddings)` gives a NaN loss. Dtypes as
+    policy; one outside `[0, num_rows)` gives a NaN loss. Dtypes and `num_rows` as
     [`fused_log_sum_exp`][].
     """
     blocking = _blocking(
@@ -349,6 +381,7 @@ def fused_cross_entropy(
         dtype=dtype,
         logit_soft_cap=logit_soft_cap,
         block_size=block_size,
+        num_rows=num_rows,
     )
     if where is not None:
         # Zeroed before the matmuls, so that a NaN or an infinity in a masked-out row

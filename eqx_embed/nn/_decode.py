@@ -20,6 +20,7 @@ from ._indices import IntegerSequence, check_indices
 from ._numerics import dot_with_rows
 from ._reduced_cross_entropy import fused_weighted_cross_entropy
 from ._token_layout import check_token_layout
+from ._vocab_parallel import first_columns
 
 
 class EmbeddingDecode(eqx.Module):
@@ -109,9 +110,10 @@ class EmbeddingDecode(eqx.Module):
         dtype, soft-capped if `logit_soft_cap` is set.
         """
         self._check_hidden(hidden, method="EmbeddingDecode.__call__")
-        return dot_with_rows(
+        logits = dot_with_rows(
             self.weight, hidden, dtype=self.dtype, soft_cap=self.logit_soft_cap
         )
+        return first_columns(logits, self.embedding.num_embeddings)
 
     def _check_hidden(self, hidden: Array, *, method: str) -> None:
         check_feature_size(
@@ -210,6 +212,7 @@ class EmbeddingDecode(eqx.Module):
             dtype=self.dtype,
             logit_soft_cap=self.logit_soft_cap,
             block_size=block_size,
+            num_rows=self.embedding.num_embeddings,
         )
 
     @jax.named_scope("eqx_embed.EmbeddingDecode.mean_cross_entropy")
@@ -284,6 +287,7 @@ class EmbeddingDecode(eqx.Module):
             dtype=self.dtype,
             logit_soft_cap=self.logit_soft_cap,
             chunk_size=chunk_size,
+            num_rows=self.embedding.num_embeddings,
         )
 
     @jax.named_scope("eqx_embed.EmbeddingDecode.log_sum_exp")
@@ -315,4 +319,5 @@ class EmbeddingDecode(eqx.Module):
             dtype=self.dtype,
             logit_soft_cap=self.logit_soft_cap,
             block_size=block_size,
+            num_rows=self.embedding.num_embeddings,
         )

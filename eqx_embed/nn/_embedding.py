@@ -24,7 +24,7 @@ from ._indices import (
     gather_rows,
 )
 from ._numerics import default_float_dtype, dot_with_rows
-from ._vocab_parallel import row_sharding
+from ._vocab_parallel import first_columns, row_sharding
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
 
@@ -127,6 +127,10 @@ class Embedding(eqx.Module):
 
     Batch it with `jax.vmap`, over as many axes as you like:
     `jax.vmap(jax.vmap(embedding))(tokens)` for `tokens` of shape `(batch, seq)`.
+
+    A table padded for a device mesh by
+    [`pad_vocabulary`][eqx_embed.pad_vocabulary] has rows past `num_embeddings`,
+    which nothing reads: every result is that of the unpadded table.
 
     **Raises:**
 
@@ -295,6 +299,12 @@ class Embedding(eqx.Module):
             # here, as they would from any table.
             row = jnp.where((token == 0) | (token == -1), self.weight[0], jnp.nan)
         else:
+            if self.weight.shape[0] > self.num_embeddings:
+                # A padded table (`pad_vocabulary`): a bad id, which comes back as
+                # `num_embeddings`, must read past the padding rows, as NaNs.
+                token = jnp.where(
+                    token < self.num_embeddings, token, self.weight.shape[0]
+                )
             row = gather_rows(
                 self.weight,
                 token,
@@ -324,7 +334,8 @@ class Embedding(eqx.Module):
         check_feature_size(
             query, self.embedding_size, name="query", owner="table's embedding_size"
         )
-        return dot_with_rows(self.weight, query, dtype=self.dtype)
+        logits = dot_with_rows(self.weight, query, dtype=self.dtype)
+        return first_columns(logits, self.num_embeddings)
 
     @checked
     def mask(

@@ -27,6 +27,9 @@ A token count that is not a multiple of the chunk is not padded (padding would c
 the hidden states): the last chunk starts at `tokens - chunk_size` instead, its
 tokens that the chunk before covers get weight zero, and the chunks run from the last
 one so that the chunk before writes those tokens' gradient rows last.
+
+A padded table (rows past the vocabulary, `pad_vocabulary`) has its padding columns
+masked out of every chunk's logits: they count in no log-sum-exp and get no gradient.
 """
 
 from functools import partial
@@ -80,9 +83,11 @@ def _reduced_pass(
         if blocking.logit_soft_cap is not None:
             squashed = jnp.tanh(logits / blocking.logit_soft_cap)
             logits = blocking.logit_soft_cap * squashed
+        if blocking.num_rows < table.shape[0]:
+            logits = jnp.where(vocabulary < blocking.num_rows, logits, -jnp.inf)
         lse = jax.nn.logsumexp(logits, axis=1)
-        in_range = (chunk_targets >= 0) & (chunk_targets < table.shape[0])
-        local = jnp.clip(chunk_targets, 0, table.shape[0] - 1)
+        in_range = (chunk_targets >= 0) & (chunk_targets < blocking.num_rows)
+        local = jnp.clip(chunk_targets, 0, blocking.num_rows - 1)
         picked = jnp.take_along_axis(logits, local[:, None], axis=1)[:, 0]
         chunk_losses = lse - jnp.where(in_range, picked, jnp.nan)
         if z_loss:
@@ -153,12 +158,14 @@ def fused_weighted_cross_entropy(
     dtype: jnp.dtype | None,
     logit_soft_cap: float | None,
     chunk_size: int | None,
+    num_rows: int | None = None,
 ) -> Float[Array, ""]:
     """`sum(weights * (lse - logit[target] + z_loss * lse**2))`, with both gradients
-    computed in the forward pass, `chunk_size` tokens at a time.
+    computed in the forward pass, `chunk_size` tokens at a time, over the first
+    `num_rows` rows of `table` (default: all; the others are padding).
 
     `targets` must already have been checked against the caller's out-of-range
-    policy; one outside `[0, num_embeddings)` gives a NaN loss for that token (and
+    policy; one outside `[0, num_rows)` gives a NaN loss for that token (and
     so a NaN total). A table whose vocabulary is split over explicit mesh axes takes
     the vocabulary-parallel per-token loss instead (`chunk_size` unused).
     Accumulated in float32 for a low-precision compute `dtype`
@@ -193,10 +200,16 @@ def fused_weighted_cross_entropy(
             dtype=dtype,
             logit_soft_cap=logit_soft_cap,
             block_size=None,
+            num_rows=num_rows,
         )
         return jnp.sum(jnp.asarray(weights, losses.dtype) * losses)
     blocking = _blocking(
-        table, hidden, dtype=dtype, logit_soft_cap=logit_soft_cap, block_size=None
+        table,
+        hidden,
+        dtype=dtype,
+        logit_soft_cap=logit_soft_cap,
+        block_size=None,
+        num_rows=num_rows,
     )
     # A chunk of tokens, bounded by the tokens (not by the vocabulary, as a block).
     blocking = blocking._replace(block_size=max(1, min(chunk_size, tokens)))

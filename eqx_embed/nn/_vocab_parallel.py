@@ -104,3 +104,18 @@ def vmapped_mesh_axes() -> frozenset[str]:
     the batch of the arrays seen here one example at a time. (JAX keeps them in its
     axis environment, which has no public accessor.)"""
     return jax_core.get_axis_env().explicit_mesh_axis_names
+
+
+def first_columns(logits: Array, size: int) -> Array:
+    """The first `size` entries of `logits`' last (vocabulary) axis: the logits of
+    the rows in use of a table padded past its vocabulary. Where explicit mesh axes
+    split that axis, it is gathered first: `size` need not be divisible by them."""
+    if logits.shape[-1] == size:
+        return logits
+    sharding = explicit_sharding(logits)
+    if sharding is not None:
+        spec = tuple(sharding.spec) + (None,) * (logits.ndim - len(sharding.spec))
+        if spec[-1] is not None:
+            unsplit = PartitionSpec(*spec[:-1], None)
+            logits = jax.sharding.reshard(logits, sharding.update(spec=unsplit))
+    return logits[..., :size]

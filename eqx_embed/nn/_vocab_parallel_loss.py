@@ -86,9 +86,11 @@ def vocab_parallel_lse_and_target_logit(
     for name in vocab_axes:
         count *= mesh.shape[name]
     shards = _Shards(mesh, vocab_axes, count, table.shape[0] // count)
-    shard_blocking = blocking._replace(block_size=min(blocking.block_size, shards.rows))
+    shard_blocking = blocking._replace(
+        block_size=min(blocking.block_size, shards.rows), vocab_axes=vocab_axes
+    )
     lse, target_logit = _sharded(table, hidden, targets, shard_blocking, shards)
-    in_range = (targets >= 0) & (targets < table.shape[0])
+    in_range = (targets >= 0) & (targets < blocking.num_rows)
     return lse, jnp.where(in_range, target_logit, jnp.nan)
 
 
