@@ -107,14 +107,18 @@ class _Block(NamedTuple):
     first_new: Array  # the first vocabulary index this block adds
 
 
+def slice_in_place(slice_: Callable[[Array], Array], x: Array) -> Array:
+    """`slice_(x)`, where `slice_` takes a slice of its argument. XLA:CPU moves
+    16-bit floats as float32: slicing them would slice a float32 copy of the whole of
+    `x`. Their bits, as 16-bit integers, are sliced in place."""
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.itemsize != 2:
+        return slice_(x)
+    bits = lax.bitcast_convert_type(x, jnp.uint16)
+    return lax.bitcast_convert_type(slice_(bits), x.dtype)
+
+
 def _slice_rows(table: Array, start: Array, size: int) -> Array:
-    # XLA:CPU moves 16-bit floats as float32: slicing them would slice a float32
-    # copy of the whole table. Their bits, as 16-bit integers, are sliced in place.
-    if table.dtype.itemsize != 2:
-        return lax.dynamic_slice_in_dim(table, start, size)
-    bits = lax.bitcast_convert_type(table, jnp.uint16)
-    rows = lax.dynamic_slice_in_dim(bits, start, size)
-    return lax.bitcast_convert_type(rows, table.dtype)
+    return slice_in_place(lambda x: lax.dynamic_slice_in_dim(x, start, size), table)
 
 
 def rows_in_use(table: Array, blocking: _Blocking) -> int | Array:

@@ -36,6 +36,8 @@ import numpy as np
 from jax._src import core as jax_core
 from jaxtyping import Array, ArrayLike, Bool, Int, Integer, Shaped
 
+from ._vocab_parallel import vmapped_mesh_axes
+
 OutOfRange = Literal["nan", "error"]
 """The policy for indices outside their table: `"nan"` or `"error"` (see above)."""
 
@@ -214,8 +216,7 @@ def _error_if_any_bad(safe, outside, largest_bad, messages: _MessageForValue):
     # that axis, and a callback needs every axis manual. The shard_map's inputs are
     # unbatched scalars, so making it manual over all of them is sound: JAX has no
     # public way to say so, hence its private context.
-    vmapped_axes = jax_core.get_axis_env().explicit_mesh_axis_names
-    with jax_core.remove_explicit_mesh_axis_names(vmapped_axes):
+    with jax_core.remove_explicit_mesh_axis_names(vmapped_mesh_axes()):
         poisoned = jax.shard_map(
             raise_on_every_device,
             mesh=mesh,

@@ -41,7 +41,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from ._cross_entropy import _Blocking, _blocking, _contract, fused_cross_entropy
-from ._vocab_parallel import table_axes, token_split_axes, vmapped_mesh_axes
+from ._vocab_parallel import split_axes, table_axes, vmapped_mesh_axes
 
 DEFAULT_CHUNK_ELEMENTS = 2**24
 """The default chunk holds about this many logits: `chunk_size * vocabulary`."""
@@ -181,8 +181,8 @@ def fused_weighted_cross_entropy(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     on_mesh = (
         table_axes(table)[0]
-        or token_split_axes(hidden)
-        or token_split_axes(targets)
+        or split_axes(hidden, 0)
+        or split_axes(targets, 0)
         or vmapped_mesh_axes()
     )
     if on_mesh:

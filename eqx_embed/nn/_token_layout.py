@@ -8,29 +8,9 @@ tracing: there GSPMD places everything (see `_vocab_parallel`), and nothing here
 applies.
 """
 
-from collections.abc import Iterable
-
-import jax
-from jax.sharding import AxisType
 from jaxtyping import Array
 
-from ._vocab_parallel import table_axes, vmapped_mesh_axes
-
-
-def _explicit_axes(array: Array, dims: Iterable[int]) -> tuple[str, ...]:
-    """The explicit mesh axes that split `array` along `dims`."""
-    sharding = getattr(jax.typeof(array), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty:
-        return ()
-    kinds = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
-    spec = tuple(sharding.spec) + (None,) * (array.ndim - len(sharding.spec))
-    found = []
-    for dim in dims:
-        entry = spec[dim]
-        names = entry if isinstance(entry, tuple) else (entry,)
-        found += [name for name in names if kinds.get(name) == AxisType.Explicit]
-    return tuple(found)
+from ._vocab_parallel import split_axes, table_axes, vmapped_mesh_axes
 
 
 def check_token_layout(table: Array, arrays: dict[str, Array], *, method: str) -> None:
@@ -49,8 +29,8 @@ def check_token_layout(table: Array, arrays: dict[str, Array], *, method: str) -
     vmapped = vmapped_mesh_axes()
     for name, array in arrays.items():
         token_dims = range(array.ndim - 1 if name == "hidden" else array.ndim)
-        token_axes = _explicit_axes(array, token_dims)
-        shared = sorted(vocab_axes & (vmapped | set(token_axes)))
+        token_axes = {axis for dim in token_dims for axis in split_axes(array, dim)}
+        shared = sorted(vocab_axes & (vmapped | token_axes))
         if shared:
             raise ValueError(
                 f"{method}: {name} is split over the mesh axis {shared[0]!r}, which "

@@ -39,22 +39,27 @@ def _axes(entry) -> AxisNames:
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-def table_axes(table: Array) -> tuple[AxisNames, AxisNames]:
-    """The explicit mesh axes that split `table`'s vocabulary (rows) and embedding
-    (columns) axes: `((), ())` without a mesh, with auto axes or for a replicated
-    table."""
-    sharding = getattr(jax.typeof(table), "sharding", None)
+def split_axes(array: Array, dim: int) -> AxisNames:
+    """The explicit mesh axes that split `array` along `dim`: `()` without a mesh,
+    with auto axes or where that dimension is whole."""
+    sharding = getattr(jax.typeof(array), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or mesh.empty:
-        return (), ()
-    spec = tuple(sharding.spec) + (None,) * (table.ndim - len(sharding.spec))
+        return ()
+    spec = tuple(sharding.spec) + (None,) * (array.ndim - len(sharding.spec))
     explicit = {
         name
         for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
         if kind == AxisType.Explicit
     }
-    rows, columns = (tuple(a for a in _axes(e) if a in explicit) for e in spec[:2])
-    return rows, columns
+    return tuple(name for name in _axes(spec[dim]) if name in explicit)
+
+
+def table_axes(table: Array) -> tuple[AxisNames, AxisNames]:
+    """The explicit mesh axes that split `table`'s vocabulary (rows) and embedding
+    (columns) axes: `((), ())` without a mesh, with auto axes or for a replicated
+    table."""
+    return split_axes(table, 0), split_axes(table, 1)
 
 
 def row_sharding(table: Array) -> NamedSharding | None:
@@ -88,15 +93,6 @@ def sharded_like(x: Array, reference: Array) -> Array:
     added to `reference`. A no-op without explicit mesh axes."""
     sharding = explicit_sharding(reference)
     return x if sharding is None else jax.sharding.reshard(x, sharding)
-
-
-def token_split_axes(x: Array) -> tuple[str, ...]:
-    """The explicit mesh axes that split `x`'s first (token) axis."""
-    sharding = explicit_sharding(x)
-    if sharding is None or not sharding.spec or sharding.spec[0] is None:
-        return ()
-    entry = sharding.spec[0]
-    return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
 def vmapped_mesh_axes() -> frozenset[str]:

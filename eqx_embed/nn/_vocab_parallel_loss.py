@@ -35,7 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, Mesh, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array
 
 from ._cross_entropy import (
@@ -46,11 +46,12 @@ from ._cross_entropy import (
     _lse_and_target_logit,
     _num_blocks,
     fold_batch_into_tokens,
+    slice_in_place,
 )
 from ._vocab_parallel import (
     explicit_sharding,
+    split_axes,
     table_axes,
-    token_split_axes,
     varying_like,
 )
 
@@ -72,7 +73,7 @@ def vocab_parallel_lse_and_target_logit(
     explicit mesh axes, without gathering the table. Other tables: the one-device
     kernel."""
     vocab_axes, embedding_axes = table_axes(table)
-    if not vocab_axes and not (token_split_axes(hidden) or token_split_axes(targets)):
+    if not vocab_axes and not (split_axes(hidden, 0) or split_axes(targets, 0)):
         return _lse_and_target_logit(table, hidden, targets, blocking)
     if embedding_axes:
         # FSDP: each device's rows are gathered whole where they are used (their
@@ -96,19 +97,7 @@ def vocab_parallel_lse_and_target_logit(
 
 def _token_axes(hidden: Array, shards: _Shards) -> tuple[str, ...]:
     """The explicit mesh axes (other than the vocabulary's) that split the tokens."""
-    sharding = explicit_sharding(hidden)
-    if sharding is None or not sharding.spec:
-        return ()
-    entry = sharding.spec[0]
-    names = entry if isinstance(entry, tuple) else (entry,)
-    return tuple(
-        name
-        for name in names
-        if isinstance(name, str)
-        and name not in shards.vocab_axes
-        and sharding.mesh.axis_types[sharding.mesh.axis_names.index(name)]
-        == AxisType.Explicit
-    )
+    return tuple(a for a in split_axes(hidden, 0) if a not in shards.vocab_axes)
 
 
 def _per_shard(function, shards: _Shards, hidden: Array, layouts: str, outputs: str):
@@ -178,13 +167,11 @@ def _chunked(x: Array, chunks: int) -> Array:
 
 
 def _chunk(x: Array, k: Array) -> Array:
-    """Chunk `k` of `_chunked(x)`. As the kernel slices a table's rows: a 16-bit
-    float array is sliced from its bits, which XLA:CPU does not copy to float32."""
-    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.itemsize != 2:
-        return lax.dynamic_index_in_dim(x, k, axis=1, keepdims=False)
-    bits = lax.bitcast_convert_type(x, jnp.uint16)
-    chunk = lax.dynamic_index_in_dim(bits, k, axis=1, keepdims=False)
-    return lax.bitcast_convert_type(chunk, x.dtype)
+    """Chunk `k` of `_chunked(x)`, sliced in place as the kernel slices a table's
+    rows."""
+    return slice_in_place(
+        lambda x: lax.dynamic_index_in_dim(x, k, axis=1, keepdims=False), x
+    )
 
 
 # Both passes take the tokens flat: under `jax.vmap`, the batch is folded into them,
