@@ -1,8 +1,10 @@
 """The benchmarks' shared harness and the performance page `benchmarks/run_all.py`
 writes: min/median/max per timed case, the goals (met or MISSED) first, the commit
-measured. Nothing heavy runs: the page is built from rows made here."""
+measured. Nothing heavy runs: the page is built from rows made here. And the GPU
+check, `benchmarks/accelerator/run.sh`, run with `--smoke` on the CPU."""
 
 import datetime
+import os
 import pathlib
 import re
 import subprocess
@@ -177,3 +179,59 @@ def test_report_rows_carry_min_median_max_of_the_rounds(monkeypatch):
     # The 47 rounds a smoke run leaves out, at the rounds' mean time.
     mean_round = sum(sum(values) for values in timings.samples.values()) / 3
     assert _harness.SMOKE_RUN.skipped_seconds == pytest.approx(47 * mean_round, rel=0.2)
+
+
+def test_the_gpu_check_runs_on_the_cpu_with_smoke(tmp_path):
+    """`benchmarks/accelerator/run.sh --smoke`: tiny shapes on the CPU, so that the
+    GPU check cannot rot while no GPU runs it."""
+    page = tmp_path / "performance-gpu.md"
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        GPU_CHECK_PAGE=str(page),
+        JAX_PLATFORMS="cpu",
+    )
+    env.pop("OUT", None)
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "accelerator" / "run.sh"), "--smoke"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    verdicts = re.findall(
+        r"^  (PASS|FAIL) (.+): (?:largest|shape)", result.stdout, re.MULTILINE
+    )
+    items = [item for _, item in verdicts]
+    assert {verdict for verdict, _ in verdicts} == {"PASS"}
+    for item in (
+        "lookup, bfloat16",
+        "decode, float32",
+        "cross_entropy, bfloat16: d table",
+        "mean_cross_entropy, float32: d hidden",
+        "RoPE, bfloat16",
+        "TransformerLM training step: loss",
+        "TransformerLM training step: gradient along a random direction",
+        "greedy generate, 8 tokens after 8",
+    ):
+        assert item in items
+    text = page.read_text()
+    for section in (
+        "## Correctness",
+        "## Goals",
+        "## Fused loss + gradients",
+        "## Lookup, decode and RoPE",
+        "## TransformerLM training step",
+        "## generate",
+        "## How to read and rerun",
+    ):
+        assert section in text
+    assert f"{len(items)} of the {len(items)} items PASS." in text
+    assert "**A smoke run**" in text
+    fused = table_rows(text, "| case | min |")
+    assert [row[0] for row in fused[2:]] == [
+        "materialised: h @ W.T, optax",
+        "cross_entropy(...).mean()",
+        "mean_cross_entropy",
+    ]

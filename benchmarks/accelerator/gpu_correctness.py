@@ -80,7 +80,7 @@ def compare(item: str, got, expected, *, rtol: float, atol: float) -> Check:
     return Check(
         item,
         worst <= 1.0,
-        f"max |error| {float(np.max(error, initial=0.0)):.3g}, "
+        f"largest error {float(np.max(error, initial=0.0)):.3g}, "
         f"{worst:.3g} of the tolerance",
     )
 
