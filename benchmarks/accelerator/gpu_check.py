@@ -57,7 +57,6 @@ from bench_rope import hand_fused_reference  # noqa: E402
 from bench_transformer import (  # noqa: E402
     OPTIMISER,
     equinox_copy,
-    fused_loss,
     logits_loss,
     make_train_step,
 )
@@ -113,7 +112,7 @@ FULL = Sizes(
 SMOKE = Sizes(
     losses=((64, 32, 515, "tiny"),),
     rope=((2, 16, 2, 32),),
-    model=_llama(256, 32, 64, 2, 4, 2, 64),
+    model=_llama(256, 32, 64, 1, 4, 2, 64),
     batch=2,
     seq=16,
     context=16,
@@ -327,7 +326,6 @@ def transformer_section(sizes: Sizes, model: eqx_embed.TransformerLM) -> Section
     baseline = "equinox.nn, logits + optax"
     steps = {
         "eqx_embed, model.mean_loss": (mean_loss, model),
-        "eqx_embed, fused model.loss (vmap)": (fused_loss, model),
         baseline: (logits_loss, peer),
     }
     cases, temps = {}, {}
