@@ -58,7 +58,7 @@ from bench_transformer import (  # noqa: E402
     logits_loss,
     make_train_step,
 )
-from gpu_correctness import Check, run_checks  # noqa: E402
+from gpu_correctness import Check, llama_config, run_checks  # noqa: E402
 from run_all import Results, git_commit, goals_section, markdown_table  # noqa: E402
 
 import eqx_embed  # noqa: E402
@@ -83,24 +83,10 @@ class Sizes:
     rounds: int
 
 
-def _llama(vocab, width, inner, layers, heads, kv_heads, positions):
-    return eqx_embed.TransformerConfig(
-        family="llama",
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=inner,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        max_position_embeddings=positions,
-        tie_word_embeddings=True,  # the equinox.nn twin ties with eqx.nn.Shared
-    )
-
-
 FULL = Sizes(
     losses=((8192, 2304, 256000, "Gemma 2 2B"), (8192, 4096, 128256, "Llama 3 8B")),
     rope=((4, 2048, 8, 256), (4, 2048, 32, 128)),
-    model=_llama(32000, 1024, 2816, 4, 16, 8, 1024),
+    model=llama_config(32000, 1024, 2816, 4, 16, 8, 1024),
     batch=8,
     seq=1024,
     context=512,
@@ -110,7 +96,7 @@ FULL = Sizes(
 SMOKE = Sizes(
     losses=((64, 32, 515, "tiny"),),
     rope=((2, 16, 2, 32),),
-    model=_llama(256, 32, 64, 1, 4, 2, 64),
+    model=llama_config(256, 32, 64, 1, 4, 2, 64),
     batch=2,
     seq=16,
     context=16,

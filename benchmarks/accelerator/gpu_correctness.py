@@ -40,16 +40,25 @@ DTYPES = (jnp.float32, jnp.bfloat16)
 # Several vocabulary blocks of the fused loss's default 2048 rows, the last partial.
 TOKENS, WIDTH, VOCAB = 128, 64, 4500
 BATCH, HEADS, HEAD_DIM = 2, 4, 32
-MODEL = eqx_embed.TransformerConfig(
-    family="llama",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    max_position_embeddings=32,
-)
+
+
+def llama_config(vocab, width, inner, layers, heads, kv_heads, positions):
+    """A tied Llama (tied, so that `benchmarks/bench_transformer.py`'s `equinox.nn`
+    twin, which ties with `eqx.nn.Shared`, can hold its weights)."""
+    return eqx_embed.TransformerConfig(
+        family="llama",
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=inner,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        max_position_embeddings=positions,
+        tie_word_embeddings=True,
+    )
+
+
+MODEL = llama_config(64, 32, 48, 2, 4, 2, 32)
 SEQ, PROMPT, NEW_TOKENS = 16, 8, 8
 
 
