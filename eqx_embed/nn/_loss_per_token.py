@@ -58,8 +58,7 @@ from ._vocab_parallel import explicit_sharding, sharded_like, varying_like
 # loop, which copies the whole table.
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def lse_and_target_logit(
+def _lse_and_target_logit(
     table: Array, hidden: Array, targets: Array, blocking: Blocking
 ) -> tuple[Array, Array]:
     """Each token's log-sum-exp over the table's rows in use and its target's logit
@@ -95,6 +94,9 @@ def lse_and_target_logit(
     )
     in_range = (targets >= 0) & (targets < rows_in_use(table, blocking))
     return lse, jnp.where(in_range, target_logit, jnp.nan)
+
+
+lse_and_target_logit = jax.custom_vjp(_lse_and_target_logit, nondiff_argnums=(3,))
 
 
 def _forward(table, hidden, targets, blocking):

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array
 
 from ._loss_kernel import (
@@ -62,7 +62,7 @@ class _Shards(NamedTuple):
 
     mesh: Mesh
     vocab_axes: tuple[str, ...]
-    count: int  # the number of vocabulary shards
+    num_shards: int  # the number of vocabulary shards
     rows: int  # rows per shard
 
 
@@ -84,9 +84,7 @@ def vocab_parallel_lse_and_target_logit(
         # FSDP: each device's rows are gathered whole where they are used (their
         # gradient is scattered back by the transpose).
         gathered = PartitionSpec(vocab_axes or None, None)
-        table = jax.sharding.reshard(
-            table, explicit_sharding(table).update(spec=gathered)
-        )
+        table = jax.sharding.reshard(table, _explicit(table).update(spec=gathered))
     mesh = jax.typeof(table).sharding.mesh
     count = 1
     for name in vocab_axes:
@@ -98,6 +96,14 @@ def vocab_parallel_lse_and_target_logit(
     lse, target_logit = _sharded(table, hidden, targets, shard_blocking, shards)
     in_range = (targets >= 0) & (targets < blocking.num_rows)
     return lse, jnp.where(in_range, target_logit, jnp.nan)
+
+
+def _explicit(x: Array) -> NamedSharding:
+    """The layout of `x`, split over explicit mesh axes (it is, here)."""
+    sharding = explicit_sharding(x)
+    if sharding is None:
+        raise TypeError("Expected an array laid out over explicit mesh axes.")
+    return sharding
 
 
 def _token_axes(hidden: Array, shards: _Shards) -> tuple[str, ...]:
@@ -126,7 +132,7 @@ def _per_shard(function, shards: _Shards, hidden: Array, layouts: str, outputs: 
     def split_tokens(x: Array) -> Array:
         # The per-token arrays (targets, cotangents) split as the hidden states'
         # tokens are: each device then holds the same tokens of each.
-        sharding = explicit_sharding(x)
+        sharding = _explicit(x)
         spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
         if spec[0] == specs["t"][0]:
             return x
@@ -162,7 +168,9 @@ def _across_shards(collective, x: Array, shards: _Shards) -> Array:
 def _num_chunks(tokens: int, shards: _Shards) -> int:
     """The number of chunks of a device's tokens: the largest divisor of `tokens`
     that is at most the number of vocabulary shards."""
-    return next(n for n in range(min(shards.count, tokens), 0, -1) if not tokens % n)
+    return next(
+        n for n in range(min(shards.num_shards, tokens), 0, -1) if not tokens % n
+    )
 
 
 def _chunked(x: Array, chunks: int) -> Array:
@@ -184,13 +192,17 @@ def _chunk(x: Array, k: Array) -> Array:
 # the shard_map's, and the table's gradient is one.
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _sharded(table, hidden, targets, blocking: Blocking, shards: _Shards):
+def _sharded_forward(
+    table: Array, hidden: Array, targets: Array, blocking: Blocking, shards: _Shards
+) -> tuple[Array, Array]:
     def forward(table, hidden, targets):
         function = partial(_forward_shard, blocking=blocking, shards=shards)
         return _per_shard(function, shards, hidden, "vtt", "tt")(table, hidden, targets)
 
     return fold_batch_into_tokens(forward, (True, True))(table, hidden, targets)
+
+
+_sharded = jax.custom_vjp(_sharded_forward, nondiff_argnums=(3, 4))
 
 
 def _forward_shard(table, hidden, targets, *, blocking, shards, token_axes):
@@ -245,9 +257,10 @@ def _backward_shard(
     def tile(operands, k, index):
         """Chunk `k`'s tokens against block `index` of this shard's rows."""
         table, per_token = operands
-        chunk, *rest = (_chunk(x, k) for x in per_token)
+        chunk, targets, lse, d_lse, d_target = (_chunk(x, k) for x in per_token)
         this = block(table, chunk, index, blocking)
-        return chunk, this, block_d_logits(this, *rest, blocking)
+        d_logits = block_d_logits(this, targets, lse, d_lse, d_target, blocking)
+        return chunk, this, d_logits
 
     def summed(contribution, count, initial, operands):
         """`initial + sum(contribution(operands, i) for i in range(count))`, in a

@@ -21,7 +21,7 @@ def accumulation_dtype(dtype: DTypeLike) -> jnp.dtype:
 def default_float_dtype() -> jnp.dtype:
     """float64 when JAX runs in 64-bit mode (`jax_enable_x64`), float32 otherwise, as
     `jax.numpy` picks for a Python float."""
-    return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    return jnp.dtype(jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32)
 
 
 def soft_capped_and_slope(x: Array, cap: float | None) -> tuple[Array, Array | None]:
