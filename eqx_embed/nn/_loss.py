@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from ._loss_kernel import Blocking, blocking_for, table_rows
 from ._loss_mean import DEFAULT_CHUNK_ELEMENTS, weighted_sum
@@ -34,7 +34,7 @@ def _per_token_walk(
 
 
 def fused_log_sum_exp(
-    table: Float[Array, "num_embeddings embedding_size"],
+    table: Shaped[Array, "num_embeddings embedding_size"],
     hidden: Float[Array, "tokens embedding_size"],
     *,
     dtype: jnp.dtype | None,
@@ -65,7 +65,7 @@ def fused_log_sum_exp(
 
 
 def fused_cross_entropy(
-    table: Float[Array, "num_embeddings embedding_size"],
+    table: Shaped[Array, "num_embeddings embedding_size"],
     hidden: Float[Array, "tokens embedding_size"],
     targets: Int[Array, " tokens"],
     *,
@@ -107,7 +107,7 @@ def fused_cross_entropy(
 
 
 def fused_weighted_cross_entropy(
-    table: Float[Array, "num_embeddings embedding_size"],
+    table: Shaped[Array, "num_embeddings embedding_size"],
     hidden: Float[Array, "tokens embedding_size"],
     targets: Int[Array, " tokens"],
     weights: Float[Array, " tokens"],

@@ -32,7 +32,7 @@ def make_inputs(seed=0):
     hidden = rng.standard_normal((TOKENS, WIDTH)).astype(np.float32)
     targets = rng.integers(0, VOCAB, TOKENS).astype(np.int32)
     weights = rng.uniform(0.5, 1.5, TOKENS).astype(np.float32)
-    return codes, hidden, targets, weights
+    return tuple(jnp.asarray(x) for x in (codes, hidden, targets, weights))
 
 
 def assert_matches(actual, expected, scale):
@@ -48,7 +48,9 @@ def assert_matches(actual, expected, scale):
 @pytest.mark.parametrize("cap", [None, 3.0])
 def test_losses_through_a_plug_in_match_the_dequantized_table(cap):
     codes, hidden, targets, weights = make_inputs()
-    common = dict(dtype=jnp.float32, logit_soft_cap=cap, num_rows=VOCAB, rows=int8_rows)
+    common = dict(
+        dtype=jnp.dtype(jnp.float32), logit_soft_cap=cap, num_rows=VOCAB, rows=int8_rows
+    )
     losses = jax.jit(
         lambda c, h, t: fused_cross_entropy(
             c, h, t, where=None, z_loss=1e-2, block_size=8, **common
@@ -63,18 +65,22 @@ def test_losses_through_a_plug_in_match_the_dequantized_table(cap):
         )
     )(codes, hidden, targets, weights)
 
-    dequantized = codes[:VOCAB].astype(np.float64) * SCALE
+    dequantized = np.asarray(codes[:VOCAB], np.float64) * SCALE
     expected, expected_lse, _, _ = reference(
         dequantized, hidden, targets, z_loss=1e-2, cap=cap, weights=weights
     )
     # The terms behind a logit, then behind a loss (the z-loss scales the
     # log-sum-exp's error by 2 * z_loss * lse) and behind the weighted sum.
-    logit_terms = float(np.max(np.abs(dequantized) @ np.abs(hidden).T))
+    logit_terms = float(np.max(np.abs(dequantized) @ np.abs(np.asarray(hidden)).T))
     loss_terms = logit_terms * (2 + 2e-2 * np.max(np.abs(expected_lse)))
     assert losses.dtype == lse.dtype == total.dtype == jnp.float32
     assert_matches(losses, expected, loss_terms)
     assert_matches(lse, expected_lse, logit_terms)
-    assert_matches(total, np.sum(weights * expected), loss_terms * np.sum(weights))
+    assert_matches(
+        total,
+        np.sum(np.asarray(weights) * expected),
+        loss_terms * float(np.sum(weights)),
+    )
     # Read as a plain table, the codes give other losses: the plug-in was used.
     plain = fused_log_sum_exp(
         codes, hidden, block_size=8, **common | dict(rows=table_rows)
@@ -85,7 +91,10 @@ def test_losses_through_a_plug_in_match_the_dequantized_table(cap):
 def test_a_gradient_through_a_plug_in_is_refused():
     codes, hidden, targets, weights = make_inputs()
     common = dict(
-        dtype=jnp.float32, logit_soft_cap=None, num_rows=VOCAB, rows=int8_rows
+        dtype=jnp.dtype(jnp.float32),
+        logit_soft_cap=None,
+        num_rows=VOCAB,
+        rows=int8_rows,
     )
 
     def per_token(h):
