@@ -8,19 +8,14 @@ device, the token-chunk walk (`_loss_mean.py`). All of them walk the blockwise s
 `_loss_kernel.py`, which is also where a new kind of table plugs in (`table_rows`).
 """
 
-from collections.abc import Callable
-from typing import Any
-
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
-from ._loss_kernel import Blocking, blocking_for, table_rows
+from ._loss_kernel import Blocking, TableRows, blocking_for, table_rows
 from ._loss_mean import DEFAULT_CHUNK_ELEMENTS, weighted_sum
 from ._loss_per_token import lse_and_target_logit
 from ._loss_vocab_parallel import is_on_mesh, vocab_parallel_lse_and_target_logit
 from ._vocab_parallel import vmapped_mesh_axes
-
-TableRows = Callable[[Any, Any, int, jnp.dtype], Array]
 
 
 def _per_token_walk(
@@ -92,6 +87,18 @@ def fused_cross_entropy(
         num_rows=num_rows,
         rows=rows,
     )
+    return _losses(table, hidden, targets, where, z_loss, blocking)
+
+
+def _losses(
+    table: Array,
+    hidden: Array,
+    targets: Array,
+    where: Array | None,
+    z_loss: float,
+    blocking: Blocking,
+) -> Array:
+    """[`fused_cross_entropy`][], configured."""
     if where is not None:
         # Zeroed before the matmuls, so that a NaN or an infinity in a masked-out row
         # cannot reach the table's gradient (in the backward pass, a masked row's zero
@@ -136,25 +143,6 @@ def fused_weighted_cross_entropy(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
-    if is_on_mesh(table, hidden, targets) or vmapped_mesh_axes():
-        # A table split over its vocabulary, or tokens split over explicit mesh axes
-        # (a call's own, or a batch's under vmap): the per-token loss, weighted (its
-        # gradients in the backward pass, in memory bounded per device). The token
-        # walk would need the whole vocabulary per chunk of tokens, and its scan
-        # carries its tokens whole.
-        losses = fused_cross_entropy(
-            table,
-            hidden,
-            targets,
-            where=None,
-            z_loss=z_loss,
-            dtype=dtype,
-            logit_soft_cap=logit_soft_cap,
-            block_size=None,
-            num_rows=num_rows,
-            rows=rows,
-        )
-        return jnp.sum(jnp.asarray(weights, losses.dtype) * losses)
     blocking = blocking_for(
         table,
         hidden,
@@ -164,6 +152,14 @@ def fused_weighted_cross_entropy(
         num_rows=num_rows,
         rows=rows,
     )
+    if is_on_mesh(table, hidden, targets) or vmapped_mesh_axes():
+        # A table split over its vocabulary, or tokens split over explicit mesh axes
+        # (a call's own, or a batch's under vmap): the per-token loss, weighted (its
+        # gradients in the backward pass, in memory bounded per device). The token
+        # walk would need the whole vocabulary per chunk of tokens, and its scan
+        # carries its tokens whole.
+        losses = _losses(table, hidden, targets, None, z_loss, blocking)
+        return jnp.sum(jnp.asarray(weights, losses.dtype) * losses)
     # A chunk of tokens, bounded by the tokens (not by the vocabulary, as a block).
     blocking = blocking._replace(block_size=max(1, min(chunk_size, tokens)))
     weights = jnp.asarray(weights, blocking.accumulate_dtype)

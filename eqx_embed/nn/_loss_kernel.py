@@ -73,6 +73,10 @@ def table_rows(table: Any, start: int | Array, size: int, dtype: jnp.dtype) -> A
     return rows.astype(dtype)
 
 
+TableRows = Callable[[Any, Any, int, jnp.dtype], Array]
+"""The signature of a table kind's plug-in, as [`table_rows`][]."""
+
+
 class Blocking(NamedTuple):
     """The static configuration of one fused computation (hashable, for `jit`)."""
 
@@ -88,7 +92,7 @@ class Blocking(NamedTuple):
     # the table is then this device's shard of them.
     vocab_axes: tuple[str, ...] = ()
     # How a block of rows is read from the table: the table kind's plug-in.
-    table_rows: Callable[[Any, Any, int, jnp.dtype], Array] = table_rows
+    table_rows: TableRows = table_rows
 
 
 def blocking_for(
@@ -99,7 +103,7 @@ def blocking_for(
     logit_soft_cap: float | None,
     block_size: int | None,
     num_rows: int | None = None,
-    rows: Callable[[Any, Any, int, jnp.dtype], Array] = table_rows,
+    rows: TableRows = table_rows,
 ) -> Blocking:
     """The configuration of a loss of `hidden` against `table`: `block_size`
     (default [`DEFAULT_BLOCK_SIZE`][]) at most the table's rows, the compute dtype
