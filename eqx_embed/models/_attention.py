@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..nn._contracts import checked
+from ..nn._numerics import soft_capped
 from ..nn._rope import RopeRotation
 from ._linear import Linear
 from ._norms import LayerNorm, RMSNorm
@@ -41,10 +42,6 @@ def segment_runs(segment_ids: Int[Array, " seq"]) -> tuple[jax.Array, jax.Array]
     runs = jnp.cumsum(starts) - 1
     run_start = jax.lax.cummax(jnp.where(starts, index, 0))
     return runs, index - run_start
-
-
-def _soft_cap(scores: jax.Array, cap: float | None) -> jax.Array:
-    return scores if cap is None else cap * jnp.tanh(scores / cap)
 
 
 class Attention(eqx.Module):
@@ -205,7 +202,7 @@ class Attention(eqx.Module):
         scores = jnp.einsum(
             "qkgd,skd->kgqs", grouped, keys, preferred_element_type=jnp.float32
         )
-        scores = _soft_cap(scores * self.scale, self.logit_soft_cap)
+        scores = soft_capped(scores * self.scale, self.logit_soft_cap)
         scores = jnp.where(mask, scores, -jnp.inf)
         weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
         attended = jnp.einsum("kgqs,skd->qkgd", weights, values)
@@ -288,7 +285,7 @@ class Attention(eqx.Module):
             "kgd,kd->kg", grouped, key[0], preferred_element_type=jnp.float32
         )
         scores = jnp.concatenate([cached_scores, own_scores[..., None]], axis=-1)
-        scores = _soft_cap(scores * self.scale, self.logit_soft_cap)
+        scores = soft_capped(scores * self.scale, self.logit_soft_cap)
         mask = jnp.concatenate([cached_mask, jnp.ones((1,), bool)])
         weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
         weights = weights.astype(cached_values.dtype)

@@ -14,11 +14,14 @@ from jaxtyping import (
 )
 
 from ._contracts import check_feature_size, check_positive, checked
-from ._cross_entropy import fused_cross_entropy, fused_log_sum_exp
 from ._embedding import Embedding
 from ._indices import IntegerSequence, check_indices
+from ._loss import (
+    fused_cross_entropy,
+    fused_log_sum_exp,
+    fused_weighted_cross_entropy,
+)
 from ._numerics import dot_with_rows
-from ._reduced_cross_entropy import fused_weighted_cross_entropy
 from ._token_layout import check_token_layout
 from ._vocab_parallel import first_columns
 

@@ -1,6 +1,6 @@
 """Numerical conventions shared by every module: which dtypes accumulate in float32,
-the default float dtype, and the float32-accumulating product of a vector with every
-row of a table."""
+the default float dtype, the soft cap (its one definition in the package), and the
+float32-accumulating product of a vector with every row of a table."""
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,22 @@ def accumulation_dtype(dtype: DTypeLike) -> jnp.dtype:
 def default_float_dtype() -> jnp.dtype:
     """float64 when JAX runs in 64-bit mode (`jax_enable_x64`), float32 otherwise, as
     `jax.numpy` picks for a Python float."""
-    return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    return jnp.dtype(jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32)
+
+
+def soft_capped_and_slope(x: Array, cap: float | None) -> tuple[Array, Array | None]:
+    """Gemma's soft cap, `cap * tanh(x / cap)`, and its slope with respect to `x`,
+    `1 - tanh(x / cap)**2`; `(x, None)` when `cap` is None. Both in `x`'s dtype."""
+    if cap is None:
+        return x, None
+    squashed = jnp.tanh(x / cap)
+    return cap * squashed, 1 - squashed**2
+
+
+def soft_capped(x: Array, cap: float | None) -> Array:
+    """`cap * tanh(x / cap)` (`x` itself when `cap` is None): logits or attention
+    scores squashed into `(-cap, cap)`, nearly unchanged where they are small."""
+    return soft_capped_and_slope(x, cap)[0]
 
 
 def dot_with_rows(
@@ -44,6 +59,4 @@ def dot_with_rows(
         rows.astype(dtype).T,
         preferred_element_type=accumulation_dtype(dtype),
     )
-    if soft_cap is not None:
-        product = soft_cap * jnp.tanh(product / soft_cap)
-    return product.astype(dtype)
+    return soft_capped(product, soft_cap).astype(dtype)

@@ -35,19 +35,20 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array
 
-from ._cross_entropy import (
-    _block,
-    _Blocking,
-    _contract,
-    _d_logits,
-    _lse_and_target_logit,
-    _num_blocks,
-    fold_batch_into_tokens,
+from ._loss_kernel import (
+    Blocking,
+    block,
+    block_d_logits,
+    check_differentiable,
+    contract,
+    num_blocks,
+    shifted_start,
     slice_in_place,
 )
+from ._loss_per_token import fold_batch_into_tokens, lse_and_target_logit
 from ._vocab_parallel import (
     explicit_sharding,
     split_axes,
@@ -61,27 +62,29 @@ class _Shards(NamedTuple):
 
     mesh: Mesh
     vocab_axes: tuple[str, ...]
-    count: int  # the number of vocabulary shards
+    num_shards: int  # the number of vocabulary shards
     rows: int  # rows per shard
 
 
+def is_on_mesh(table: Array, hidden: Array, targets: Array) -> bool:
+    """Whether the table's rows or the tokens are split over explicit mesh axes: the
+    loss then runs per shard, here."""
+    return bool(table_axes(table)[0] or split_axes(hidden, 0) or split_axes(targets, 0))
+
+
 def vocab_parallel_lse_and_target_logit(
-    table: Array, hidden: Array, targets: Array, blocking: _Blocking
+    table: Array, hidden: Array, targets: Array, blocking: Blocking
 ) -> tuple[Array, Array]:
     """The blockwise log-sum-exp and target logit per token (those of
-    `_lse_and_target_logit`), on each shard of a table whose rows are split over
-    explicit mesh axes, without gathering the table. Other tables: the one-device
-    kernel."""
+    `lse_and_target_logit`), on each shard of a table whose rows are split over
+    explicit mesh axes (or of a whole table, with tokens split over them), without
+    gathering the table."""
     vocab_axes, embedding_axes = table_axes(table)
-    if not vocab_axes and not (split_axes(hidden, 0) or split_axes(targets, 0)):
-        return _lse_and_target_logit(table, hidden, targets, blocking)
     if embedding_axes:
         # FSDP: each device's rows are gathered whole where they are used (their
         # gradient is scattered back by the transpose).
         gathered = PartitionSpec(vocab_axes or None, None)
-        table = jax.sharding.reshard(
-            table, explicit_sharding(table).update(spec=gathered)
-        )
+        table = jax.sharding.reshard(table, _explicit(table).update(spec=gathered))
     mesh = jax.typeof(table).sharding.mesh
     count = 1
     for name in vocab_axes:
@@ -93,6 +96,14 @@ def vocab_parallel_lse_and_target_logit(
     lse, target_logit = _sharded(table, hidden, targets, shard_blocking, shards)
     in_range = (targets >= 0) & (targets < blocking.num_rows)
     return lse, jnp.where(in_range, target_logit, jnp.nan)
+
+
+def _explicit(x: Array) -> NamedSharding:
+    """The layout of `x`, split over explicit mesh axes (it is, here)."""
+    sharding = explicit_sharding(x)
+    if sharding is None:
+        raise TypeError("Expected an array laid out over explicit mesh axes.")
+    return sharding
 
 
 def _token_axes(hidden: Array, shards: _Shards) -> tuple[str, ...]:
@@ -121,7 +132,7 @@ def _per_shard(function, shards: _Shards, hidden: Array, layouts: str, outputs: 
     def split_tokens(x: Array) -> Array:
         # The per-token arrays (targets, cotangents) split as the hidden states'
         # tokens are: each device then holds the same tokens of each.
-        sharding = explicit_sharding(x)
+        sharding = _explicit(x)
         spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
         if spec[0] == specs["t"][0]:
             return x
@@ -157,7 +168,9 @@ def _across_shards(collective, x: Array, shards: _Shards) -> Array:
 def _num_chunks(tokens: int, shards: _Shards) -> int:
     """The number of chunks of a device's tokens: the largest divisor of `tokens`
     that is at most the number of vocabulary shards."""
-    return next(n for n in range(min(shards.count, tokens), 0, -1) if not tokens % n)
+    return next(
+        n for n in range(min(shards.num_shards, tokens), 0, -1) if not tokens % n
+    )
 
 
 def _chunked(x: Array, chunks: int) -> Array:
@@ -179,13 +192,17 @@ def _chunk(x: Array, k: Array) -> Array:
 # the shard_map's, and the table's gradient is one.
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _sharded(table, hidden, targets, blocking: _Blocking, shards: _Shards):
+def _sharded_forward(
+    table: Array, hidden: Array, targets: Array, blocking: Blocking, shards: _Shards
+) -> tuple[Array, Array]:
     def forward(table, hidden, targets):
         function = partial(_forward_shard, blocking=blocking, shards=shards)
         return _per_shard(function, shards, hidden, "vtt", "tt")(table, hidden, targets)
 
     return fold_batch_into_tokens(forward, (True, True))(table, hidden, targets)
+
+
+_sharded = jax.custom_vjp(_sharded_forward, nondiff_argnums=(3, 4))
 
 
 def _forward_shard(table, hidden, targets, *, blocking, shards, token_axes):
@@ -199,7 +216,7 @@ def _forward_shard(table, hidden, targets, *, blocking, shards, token_axes):
         # bit cast that slices a 16-bit chunk would copy all the hidden states.
         hidden_chunks = lax.optimization_barrier(hidden_chunks)
         chunk, chunk_targets = _chunk(hidden_chunks, k), _chunk(target_chunks, k)
-        return hidden_chunks, _lse_and_target_logit(
+        return hidden_chunks, lse_and_target_logit(
             table, chunk, chunk_targets, blocking
         )
 
@@ -222,6 +239,7 @@ def _sharded_fwd(table, hidden, targets, blocking, shards):
 def _backward_shard(
     table, hidden, targets, lse, d_lse, d_target, *, blocking, shards, token_axes
 ):
+    check_differentiable(blocking)
     local, here = _local_targets(targets, shards)
     # The target logit's cotangent belongs to the shard that holds the target.
     d_target = jnp.where(here, d_target, 0)
@@ -239,9 +257,10 @@ def _backward_shard(
     def tile(operands, k, index):
         """Chunk `k`'s tokens against block `index` of this shard's rows."""
         table, per_token = operands
-        chunk, *rest = (_chunk(x, k) for x in per_token)
-        block = _block(table, chunk, index, blocking)
-        return chunk, block, _d_logits(block, *rest, blocking)
+        chunk, targets, lse, d_lse, d_target = (_chunk(x, k) for x in per_token)
+        this = block(table, chunk, index, blocking)
+        d_logits = block_d_logits(this, targets, lse, d_lse, d_target, blocking)
+        return chunk, this, d_logits
 
     def summed(contribution, count, initial, operands):
         """`initial + sum(contribution(operands, i) for i in range(count))`, in a
@@ -259,13 +278,16 @@ def _backward_shard(
         d_hidden, operands = carry
 
         def from_block(operands, index):
-            _, block, d_logits = tile(operands, k, index)
-            return _contract(d_logits, block.rows, 1, 0, blocking)
+            _, this, d_logits = tile(operands, k, index)
+            return contract(d_logits, this.rows, 1, 0, blocking)
 
         initial = jnp.zeros_like(_chunk(per_token[0], k), accumulate)
         initial = varying_like(initial, table, hidden)
         d_chunk, operands = summed(
-            from_block, _num_blocks(table, blocking), initial, operands
+            from_block,
+            num_blocks(table.shape[0], blocking.block_size),
+            initial,
+            operands,
         )
         # Summed over the shards in float32, then cast: one chunk at a time.
         d_chunk = _across_shards(lax.psum, d_chunk, shards).astype(hidden.dtype)
@@ -290,15 +312,15 @@ def _backward_shard(
         def from_chunk(operands, k):
             chunk, _, d_logits = tile(operands, k, index)
             layout = explicit_sharding(initial)
-            return _contract(d_logits, chunk, 0, 0, blocking, layout)
+            return contract(d_logits, chunk, 0, 0, blocking, layout)
 
         d_rows, operands = summed(from_chunk, chunks, initial, operands)
         if token_axes:
             # Summed over the devices that split the tokens, in float32.
             d_rows = lax.psum(d_rows, token_axes)
-        # As in the kernel: the last block is shifted back to end at the last row,
-        # and the blocks run from the last one, writing without reading.
-        start = jnp.minimum(index * blocking.block_size, table.shape[0] - shape[0])
+        # The blocks run from the last one, writing without reading: the rows the
+        # shifted last block shares with the block before are overwritten.
+        _, start = shifted_start(index, blocking.block_size, table.shape[0])
         d_table = lax.dynamic_update_slice_in_dim(
             d_table, d_rows.astype(table.dtype), start, 0
         )
@@ -307,7 +329,7 @@ def _backward_shard(
     (d_table, _), _ = lax.scan(
         table_block_step,
         (jnp.zeros_like(table), operands),
-        jnp.arange(_num_blocks(table, blocking)),
+        jnp.arange(num_blocks(table.shape[0], blocking.block_size)),
         reverse=True,
     )
     return d_table, d_hidden.reshape(hidden.shape)
