@@ -6,7 +6,8 @@ stack where interleaved), which XLA fuses into one loop over `x`, and which ever
 transformation and platform handles with its own rules. Vmapped over heads as equinox
 documents (`jax.vmap(rope, in_axes=1, out_axes=1)`), JAX's batching rules move the
 vmapped axis to the front and back; XLA folds those transposes into the same fused
-loop, so the queries are still read and written once, in place.
+loop, so the queries are still read once and the result written once, with no
+transposed copy in between.
 """
 
 import equinox as eqx
