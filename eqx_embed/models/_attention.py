@@ -10,7 +10,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..nn._contracts import checked
 from ..nn._numerics import soft_capped
-from ..nn._rope import RopeRotation
+from ..nn._rope_rotate import RopeRotation
 from ._linear import Linear
 from ._norms import LayerNorm, RMSNorm
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..nn._contracts import checked
-from ..nn._rope import RopeRotation
+from ..nn._rope_rotate import RopeRotation
 from ._attention import Attention, Window
 from ._config import ACTIVATIONS, TransformerConfig
 from ._linear import Linear

@@ -41,7 +41,8 @@ from ..nn._contracts import checked
 from ..nn._indices import IntegerSequence, OutOfRange, check_indices
 from ..nn._position import PositionEmbedding
 from ..nn._reversible import ReversibleEmbedding
-from ..nn._rope import RopeRotation, RotaryPositionalEmbedding
+from ..nn._rope import RotaryPositionalEmbedding
+from ..nn._rope_rotate import RopeRotation
 from ._attention import NO_WINDOW, segment_runs
 from ._blocks import DecoderBlock, Norm, make_norm
 from ._cache import KVCache, decode_step, prefill

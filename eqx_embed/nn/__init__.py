@@ -15,8 +15,6 @@ from ._position import (
     SinusoidalPositionalEncoding as SinusoidalPositionalEncoding,
 )
 from ._reversible import ReversibleEmbedding as ReversibleEmbedding
-from ._rope import (
-    RopeRotation as RopeRotation,
-    RotaryPositionalEmbedding as RotaryPositionalEmbedding,
-)
+from ._rope import RotaryPositionalEmbedding as RotaryPositionalEmbedding
+from ._rope_rotate import RopeRotation as RopeRotation
 from ._vocab_padding import pad_vocabulary as pad_vocabulary

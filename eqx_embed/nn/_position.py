@@ -309,13 +309,25 @@ class SinusoidalPositionalEncoding(eqx.Module):
         """
         if self._tables_per_length is not None:
             return jnp.asarray(self._tables_per_length(seq_len))
-        if seq_len > self.max_seq_len:
+        max_seq_len, table_bits = self._stored_table()
+        if seq_len > max_seq_len:
             raise ValueError(
-                f"seq_len={seq_len} is more than the max_seq_len={self.max_seq_len} "
+                f"seq_len={seq_len} is more than the max_seq_len={max_seq_len} "
                 "positions stored; build the module with a larger max_seq_len, or "
                 "without one."
             )
-        return jax.lax.bitcast_convert_type(self.table_bits, self.dtype)[:seq_len]
+        return jax.lax.bitcast_convert_type(table_bits, self.dtype)[:seq_len]
+
+    def _stored_table(self) -> tuple[int, Array]:
+        """`max_seq_len` and the stored bits of the table, or a `ValueError` for a
+        module built without `max_seq_len`."""
+        if self.max_seq_len is None or self.table_bits is None:
+            raise ValueError(
+                "A per-position call reads a stored table: build the module with "
+                "max_seq_len=..., or use encodings(seq_len) for positions "
+                "0 .. seq_len-1."
+            )
+        return self.max_seq_len, self.table_bits
 
     @jax.named_scope("eqx_embed.SinusoidalPositionalEncoding")
     @checked
@@ -333,17 +345,12 @@ class SinusoidalPositionalEncoding(eqx.Module):
         The position's encoding, of shape `(embedding_size,)`, in `dtype`. NaNs (or
         an error) for a position out of range.
         """
-        if self.max_seq_len is None:
-            raise ValueError(
-                "A per-position call reads a stored table: build the module with "
-                "max_seq_len=..., or use encodings(seq_len) for positions "
-                "0 .. seq_len-1."
-            )
-        table = jax.lax.bitcast_convert_type(self.table_bits, self.dtype)
+        max_seq_len, table_bits = self._stored_table()
+        table = jax.lax.bitcast_convert_type(table_bits, self.dtype)
         return _position_row(
             table,
             position,
-            max_seq_len=self.max_seq_len,
+            max_seq_len=max_seq_len,
             out_of_range=self.out_of_range,
         )
 

@@ -1,20 +1,19 @@
-"""Rotary position embeddings: `RotaryPositionalEmbedding` and the `RopeRotation` it
-returns for many tensors at once.
+"""Rotary position embeddings: `RotaryPositionalEmbedding`, a drop-in for
+`equinox.nn.RotaryPositionalEmbedding` that also reads Hugging Face's RoPE settings.
 
-Why this module is longer than the others: the module is a drop-in for
-`equinox.nn.RotaryPositionalEmbedding` as well as Hugging Face's RoPE, so its class
-docstring documents both contracts and every difference (about 200 of its lines);
-the scaling rules live in `_rope_scaling.py`, the rotation's kernel in
-`_rope_rotate.py` and the stored tables in `_tables.py`.
+It holds (or builds per sequence length) the cos and sin tables and hands out a
+`RopeRotation` (`_rope_rotate.py`) for a sequence of positions; the scaling rules live
+in `_rope_scaling.py` and the stored tables in `_tables.py`.
 """
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jaxtyping import (
     Array,
     ArrayLike,
@@ -33,8 +32,8 @@ from ._indices import (
     check_policy,
     gather_rows,
 )
-from ._numerics import accumulation_dtype, default_float_dtype
-from ._rope_rotate import rotate
+from ._numerics import default_float_dtype
+from ._rope_rotate import RopeRotation
 from ._rope_scaling import (
     RopeScaling,
     default_inverse_frequencies,
@@ -294,22 +293,24 @@ class RotaryPositionalEmbedding(eqx.Module):
         """`attention_factor * cos(position * frequency)`, in `dtype`. Only with
         `max_seq_len`; without it, see
         [`tables`][eqx_embed.RotaryPositionalEmbedding.tables]."""
-        return self.tables(self._stored_length("cos"))[0]
+        return self.tables(self._stored_tables("cos")[0])[0]
 
     @property
     def sin(self) -> Float[Array, "max_seq_len half_rotary_dim"]:
         """`attention_factor * sin(position * frequency)`, in `dtype`. Only with
         `max_seq_len`; without it, see
         [`tables`][eqx_embed.RotaryPositionalEmbedding.tables]."""
-        return self.tables(self._stored_length("sin"))[1]
+        return self.tables(self._stored_tables("sin")[0])[1]
 
-    def _stored_length(self, name: str) -> int:
-        if self.max_seq_len is None:
+    def _stored_tables(self, name: str) -> tuple[int, Array, Array]:
+        """`max_seq_len` and the stored bits of cos and sin, or a `ValueError`
+        naming `name` for a module built without `max_seq_len`."""
+        if self.max_seq_len is None or self.cos_bits is None or self.sin_bits is None:
             raise ValueError(
                 f"This module stores no {name} table (it was built without "
                 f"max_seq_len); use tables(seq_len)."
             )
-        return self.max_seq_len
+        return self.max_seq_len, self.cos_bits, self.sin_bits
 
     def tables(
         self, seq_len: int
@@ -323,14 +324,15 @@ class RotaryPositionalEmbedding(eqx.Module):
         if self._tables_per_length is not None:
             cos, sin, _ = self._tables_per_length(seq_len)
             return jnp.asarray(cos), jnp.asarray(sin)
-        if seq_len > self.max_seq_len:
+        max_seq_len, cos_bits, sin_bits = self._stored_tables("cos and sin")
+        if seq_len > max_seq_len:
             raise ValueError(
                 f"x has {seq_len} positions (its first axis) but the tables hold "
-                f"max_seq_len={self.max_seq_len}; build the module with a larger "
+                f"max_seq_len={max_seq_len}; build the module with a larger "
                 "max_seq_len."
             )
-        cos = jax.lax.bitcast_convert_type(self.cos_bits, self.dtype)
-        sin = jax.lax.bitcast_convert_type(self.sin_bits, self.dtype)
+        cos = jax.lax.bitcast_convert_type(cos_bits, self.dtype)
+        sin = jax.lax.bitcast_convert_type(sin_bits, self.dtype)
         # A static slice, not a gather: it fuses into the rotation.
         return cos[:seq_len], sin[:seq_len]
 
@@ -340,7 +342,7 @@ class RotaryPositionalEmbedding(eqx.Module):
         seq_len: int,
         *,
         positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
-    ) -> "RopeRotation":
+    ) -> RopeRotation:
         """The rotation for `seq_len` tokens at `positions`, to apply to several
         tensors: queries and keys, or the same positions in every layer, without
         checking the positions and gathering their table rows once per tensor.
@@ -364,13 +366,15 @@ class RotaryPositionalEmbedding(eqx.Module):
                 "max_seq_len=None."
             )
         else:
-            if np.shape(positions) != (seq_len,):
+            # NumPy's annotations leave out sequences of mixed int types.
+            shape = np.shape(cast(ArrayLike, positions))
+            if shape != (seq_len,):
                 raise ValueError(
                     f"positions must have shape ({seq_len},), one per token, got "
-                    f"shape {np.shape(positions)}."
+                    f"shape {shape}."
                 )
             # Positions known now raise now, whatever the policy for traced ones.
-            known_now = not isinstance(positions, jax.core.Tracer)
+            known_now = not isinstance(positions, Tracer)
             positions = check_indices(
                 positions,
                 size=self.max_seq_len,
@@ -424,75 +428,6 @@ class RotaryPositionalEmbedding(eqx.Module):
             x, self.embedding_size, name="x", owner="module's embedding_size"
         )
         return self.rotation(x.shape[0], positions=positions)(x)
-
-
-class RopeRotation(eqx.Module):
-    """RoPE's cos and sin rows for one sequence of positions, from
-    [`RotaryPositionalEmbedding.rotation`][eqx_embed.RotaryPositionalEmbedding.rotation].
-    Apply it to every tensor rotated at those positions (queries and keys, in every
-    layer). It is built per call, never stored in a model, so its float rows are
-    never trained.
-
-    **Raises:**
-
-    - `ValueError`: an `x` whose first axis is not the rotation's number of positions,
-        or whose last axis is not `embedding_size`.
-    - `jaxtyping.TypeCheckError`: an integer `x`.
-
-    **Example:**
-
-    ```python
-    import jax
-    import jax.numpy as jnp
-
-    import eqx_embed
-
-    rope = eqx_embed.RotaryPositionalEmbedding(8, max_seq_len=32)
-    queries, keys = jax.random.normal(jax.random.key(0), (2, 10, 4, 8))
-    rotation = rope.rotation(10)  # positions checked and gathered once
-    assert jnp.array_equal(rotation(queries), rope(queries))
-    assert jnp.array_equal(rotation(keys), rope(keys))
-    ```
-    """
-
-    cos: Float[Array, "seq half_rotary_dim"]
-    sin: Float[Array, "seq half_rotary_dim"]
-    embedding_size: int = eqx.field(static=True)
-    interleaved: bool = eqx.field(static=True)
-
-    @jax.named_scope("eqx_embed.RopeRotation")
-    @checked
-    def __call__(
-        self, x: Float[Array, "seq *heads embedding_size"]
-    ) -> Float[Array, "seq *heads embedding_size"]:
-        """**Arguments:**
-
-        - `x`: as for
-            [`RotaryPositionalEmbedding.__call__`][eqx_embed.RotaryPositionalEmbedding.__call__],
-            with as many rows as the rotation has positions.
-
-        **Returns:**
-
-        The rotated `x`, same shape and dtype; the features past `rotary_dim` pass
-        through unchanged.
-        """
-        check_feature_size(
-            x, self.embedding_size, name="x", owner="rotation's embedding_size"
-        )
-        if x.shape[0] != self.cos.shape[0]:
-            raise ValueError(
-                f"x has {x.shape[0]} rows but the rotation was built for "
-                f"{self.cos.shape[0]} positions."
-            )
-        rotary_dim = 2 * self.cos.shape[-1]
-        compute = accumulation_dtype(x.dtype)
-        cos, sin = self.cos.astype(compute), self.sin.astype(compute)
-        rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
-        rotated = rotate(rotated.astype(compute), cos, sin, self.interleaved)
-        rotated = rotated.astype(x.dtype)
-        if passed.shape[-1]:
-            rotated = jnp.concatenate([rotated, passed], axis=-1)
-        return rotated
 
 
 def _tables(

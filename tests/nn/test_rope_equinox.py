@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from jax._src.dtypes import TypePromotionError  # where equinox's tests take it
+from jax.dtypes import TypePromotionError
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import eqx_embed
