@@ -55,7 +55,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._contracts import check_positive
 from ._numerics import accumulation_dtype
-from ._vocab_parallel import (
+from ._mesh import (
     explicit_sharding,
     sharded_like,
     varying_like,

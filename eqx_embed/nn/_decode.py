@@ -19,8 +19,8 @@ from ._embedding import Embedding
 from ._indices import IntegerSequence, check_indices
 from ._numerics import dot_with_rows
 from ._reduced_cross_entropy import fused_weighted_cross_entropy
-from ._token_layout import check_token_layout
-from ._vocab_parallel import first_columns
+from ._mesh_token_layout import check_token_layout
+from ._mesh import first_columns
 
 
 class EmbeddingDecode(eqx.Module):

@@ -24,7 +24,7 @@ from ._indices import (
     gather_rows,
 )
 from ._numerics import default_float_dtype, dot_with_rows
-from ._vocab_parallel import first_columns, row_sharding
+from ._mesh import first_columns, row_sharding
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
 

@@ -36,7 +36,7 @@ import numpy as np
 from jax._src import core as jax_core
 from jaxtyping import Array, ArrayLike, Bool, Int, Integer, Shaped
 
-from ._vocab_parallel import vmapped_mesh_axes
+from ._mesh import vmapped_mesh_axes
 
 OutOfRange = Literal["nan", "error"]
 """The policy for indices outside their table: `"nan"` or `"error"` (see above)."""

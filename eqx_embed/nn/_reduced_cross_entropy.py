@@ -41,7 +41,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from ._cross_entropy import _Blocking, _blocking, _contract, fused_cross_entropy
-from ._vocab_parallel import split_axes, table_axes, vmapped_mesh_axes
+from ._mesh import split_axes, table_axes, vmapped_mesh_axes
 
 DEFAULT_CHUNK_ELEMENTS = 2**24
 """The default chunk holds about this many logits: `chunk_size * vocabulary`."""

@@ -42,7 +42,7 @@ from ._rope_scaling import (
     parse_scaling,
 )
 from ._tables import TablesPerLength, as_bits, frozen
-from ._vocab_parallel import row_sharding
+from ._mesh import row_sharding
 
 
 class RotaryPositionalEmbedding(eqx.Module):

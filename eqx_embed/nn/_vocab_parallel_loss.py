@@ -48,7 +48,7 @@ from ._cross_entropy import (
     fold_batch_into_tokens,
     slice_in_place,
 )
-from ._vocab_parallel import (
+from ._mesh import (
     explicit_sharding,
     split_axes,
     table_axes,
