@@ -24,6 +24,7 @@ from ._embedding import (
     default_embedding_init as default_embedding_init,
 )
 from ._indices import OutOfRange as OutOfRange
+from ._mesh_padding import pad_vocabulary as pad_vocabulary
 from ._position import (
     PositionEmbedding as PositionEmbedding,
     SinusoidalPositionalEncoding as SinusoidalPositionalEncoding,
@@ -33,4 +34,3 @@ from ._rope import (
     RopeRotation as RopeRotation,
     RotaryPositionalEmbedding as RotaryPositionalEmbedding,
 )
-from ._mesh_padding import pad_vocabulary as pad_vocabulary

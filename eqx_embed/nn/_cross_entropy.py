@@ -54,12 +54,12 @@ from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Bool, Float, Int
 
 from ._contracts import check_positive
-from ._numerics import accumulation_dtype
 from ._mesh import (
     explicit_sharding,
     sharded_like,
     varying_like,
 )
+from ._numerics import accumulation_dtype
 
 DEFAULT_BLOCK_SIZE = 2048
 """The default number of vocabulary rows per block."""

@@ -17,10 +17,10 @@ from ._contracts import check_feature_size, check_positive, checked
 from ._cross_entropy import fused_cross_entropy, fused_log_sum_exp
 from ._embedding import Embedding
 from ._indices import IntegerSequence, check_indices
+from ._mesh import first_columns, on_explicit_mesh
+from ._mesh_token_layout import check_token_layout
 from ._numerics import dot_with_rows
 from ._reduced_cross_entropy import fused_weighted_cross_entropy
-from ._mesh_token_layout import check_token_layout
-from ._mesh import first_columns
 
 
 class EmbeddingDecode(eqx.Module):
@@ -113,7 +113,9 @@ class EmbeddingDecode(eqx.Module):
         logits = dot_with_rows(
             self.weight, hidden, dtype=self.dtype, soft_cap=self.logit_soft_cap
         )
-        return first_columns(logits, self.embedding.num_embeddings)
+        if self.embedding._is_padded() or on_explicit_mesh(self.weight, hidden):
+            return first_columns(logits, self.embedding.num_embeddings)
+        return logits
 
     def _check_hidden(self, hidden: Array, *, method: str) -> None:
         check_feature_size(
@@ -122,7 +124,8 @@ class EmbeddingDecode(eqx.Module):
             name="hidden",
             owner="table's embedding_size",
         )
-        check_token_layout(self.weight, dict(hidden=hidden), method=method)
+        if on_explicit_mesh(self.weight, hidden):
+            check_token_layout(self.weight, dict(hidden=hidden), method=method)
 
     def _check_loss_inputs(
         self, hidden: Array, targets: Any, where: Any, z_loss: float, method: str
@@ -141,7 +144,8 @@ class EmbeddingDecode(eqx.Module):
             negative_from_end=False,
             where=where,
         )
-        check_token_layout(self.weight, dict(targets=targets), method=method)
+        if on_explicit_mesh(self.weight, hidden, targets):
+            check_token_layout(self.weight, dict(targets=targets), method=method)
         return targets, where
 
     @jax.named_scope("eqx_embed.EmbeddingDecode.cross_entropy")

@@ -23,8 +23,8 @@ from ._indices import (
     check_policy,
     gather_rows,
 )
+from ._mesh import first_columns, gather_rows_on_mesh, on_explicit_mesh
 from ._numerics import default_float_dtype, dot_with_rows
-from ._mesh import first_columns, row_sharding
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
 
@@ -298,19 +298,11 @@ class Embedding(eqx.Module):
             # select returns the row for every id, ids other than 0 and -1 read NaNs
             # here, as they would from any table.
             row = jnp.where((token == 0) | (token == -1), self.weight[0], jnp.nan)
+        elif self._is_padded() or on_explicit_mesh(self.weight):
+            row = gather_rows_on_mesh(self.weight, token, self.num_embeddings)
         else:
-            if self.weight.shape[0] > self.num_embeddings:
-                # A padded table (`pad_vocabulary`): a bad id, which comes back as
-                # `num_embeddings`, must read past the padding rows, as NaNs.
-                token = jnp.where(
-                    token < self.num_embeddings, token, self.weight.shape[0]
-                )
-            row = gather_rows(
-                self.weight,
-                token,
-                negative_from_end=True,
-                out_sharding=row_sharding(self.weight),
-            )
+            # A bad id comes back as `num_embeddings`, one past the table: NaNs.
+            row = gather_rows(self.weight, token, negative_from_end=True)
         if self.padding_idx is not None:
             row = jnp.where(self._is_padding(token), jnp.zeros_like(row), row)
         return row if self.dtype is None else row.astype(self.dtype)
@@ -335,7 +327,13 @@ class Embedding(eqx.Module):
             query, self.embedding_size, name="query", owner="table's embedding_size"
         )
         logits = dot_with_rows(self.weight, query, dtype=self.dtype)
-        return first_columns(logits, self.num_embeddings)
+        if self._is_padded() or on_explicit_mesh(self.weight, query):
+            return first_columns(logits, self.num_embeddings)
+        return logits
+
+    def _is_padded(self) -> bool:
+        """Whether the table has rows past `num_embeddings` (`pad_vocabulary`)."""
+        return self.weight.shape[0] > self.num_embeddings
 
     @checked
     def mask(

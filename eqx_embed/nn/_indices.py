@@ -33,10 +33,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import core as jax_core
+from jax.custom_batching import custom_vmap
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Int, Integer, Shaped
-
-from ._mesh import vmapped_mesh_axes
 
 OutOfRange = Literal["nan", "error"]
 """The policy for indices outside their table: `"nan"` or `"error"` (see above)."""
@@ -188,44 +187,59 @@ def check_indices(
 
 
 def _error_if_any_bad(safe, outside, largest_bad, messages: _MessageForValue):
-    """`equinox.branched_error_if(safe, outside.any(), largest_bad, messages)`, made
-    to raise on every device of the mesh set with `jax.set_mesh`.
-
-    On a mesh, Equinox's error branch runs its callback on one device and broadcasts
-    the result: the raising device never joins that collective, and the others wait at
-    it until XLA's rendezvous gives up (40 s on CPU) and aborts the process. So the
-    predicate and the bad value are first reduced over the whole batch, vmapped axes
-    and mesh axes alike (one all-reduce of two scalars, after which every device holds
-    the same ones), and the error is raised inside a `jax.shard_map` over every mesh
-    axis, where each device runs its own callback: all take the same branch and raise,
-    and none waits for another. Only the `"error"` policy pays for this.
-    """
+    """`equinox.branched_error_if(safe, outside.any(), largest_bad, messages)`: as
+    Equinox does it on one device, and on every device of the mesh set with
+    `jax.set_mesh` (`_error_on_every_device`)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or mesh.manual_axes:
         # One device, or inside a `shard_map` (whose callbacks already run per
-        # device): as Equinox does it.
+        # device).
         return eqx.branched_error_if(safe, outside.any(), largest_bad, messages)
-    any_bad = eqx.internal.unvmap_any(outside)
-    largest_bad = eqx.internal.unvmap_max(largest_bad)
+    return _error_on_every_device(safe, outside, largest_bad, messages)
+
+
+def _error_on_every_device(safe, outside, largest_bad, messages: _MessageForValue):
+    """The `"error"` policy on a mesh.
+
+    Equinox's error branch runs its callback on one device and broadcasts the result:
+    the raising device never joins that collective, and the others wait at it until
+    XLA's rendezvous gives up (40 s on CPU) and aborts the process. So the predicate
+    and the bad value are first reduced over the whole batch, vmapped axes and mesh
+    axes alike (one all-reduce of two scalars, after which every device holds the same
+    ones), and the error is raised inside a `jax.shard_map` over every mesh axis, where
+    each device runs its own callback: all take the same branch and raise, and none
+    waits for another. Only the `"error"` policy pays for this.
+
+    A callback needs every mesh axis manual, but under `jax.vmap` over an array split
+    on an explicit mesh axis, `shard_map` leaves that axis out. So the `shard_map` is
+    built in a `custom_vmap` rule: JAX runs batching rules outside the `vmap`, where
+    the axis is the mesh's again, and the rule reduces the batch first.
+    """
 
     def raise_on_every_device(any_bad, largest_bad):
         # False, or True where `EQX_ON_ERROR=nan` replaces the raise.
         return eqx.branched_error_if(jnp.array(False), any_bad, largest_bad, messages)
 
-    # Under `jax.vmap` over an array split on an explicit mesh axis, `shard_map` hides
-    # that axis, and a callback needs every axis manual. The shard_map's inputs are
-    # unbatched scalars, so making it manual over all of them is sound: JAX has no
-    # public way to say so, hence its private context.
-    with jax_core.remove_explicit_mesh_axis_names(vmapped_mesh_axes()):
-        poisoned = jax.shard_map(
+    @custom_vmap
+    def poisoned(any_bad, largest_bad):
+        return jax.shard_map(
             raise_on_every_device,
-            mesh=mesh,
-            in_specs=(jax.P(), jax.P()),
-            out_specs=jax.P(),
-            axis_names=set(mesh.axis_names),
+            mesh=jax.sharding.get_abstract_mesh(),
+            in_specs=(PartitionSpec(), PartitionSpec()),
+            out_specs=PartitionSpec(),
         )(any_bad, largest_bad)
+
+    @poisoned.def_vmap
+    def reduce_the_batch_first(axis_size, in_batched, any_bad, largest_bad):
+        del axis_size
+        if in_batched[0]:
+            any_bad = jnp.any(any_bad, axis=0)
+        if in_batched[1]:
+            largest_bad = jnp.max(largest_bad, axis=0)
+        return poisoned(any_bad, largest_bad), False
+
     # The data dependency keeps the check: a result nobody used would be dropped.
-    return jnp.where(poisoned, messages.size, safe)
+    return jnp.where(poisoned(outside.any(), largest_bad), messages.size, safe)
 
 
 def gather_rows(

@@ -24,10 +24,12 @@ out ("Scaling out" guide): make the axes explicit around the loss with
 """
 
 import jax
+import jax.numpy as jnp
 from jax import lax
-from jax._src import core as jax_core
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jaxtyping import Array
+
+from ._indices import gather_rows
 
 AxisNames = tuple[str, ...]
 
@@ -37,6 +39,20 @@ def _axes(entry) -> AxisNames:
     if entry is None or entry is PartitionSpec.UNCONSTRAINED:
         return ()
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def on_explicit_mesh(*arrays: Array) -> bool:
+    """Whether explicit mesh axes are involved: the mesh set with `jax.set_mesh` has
+    some, or one of `arrays` is laid out on a mesh that has.
+
+    The modules ask this once, at the top of a call, to choose between their
+    one-device path (as equinox's, no mesh helper on it) and their mesh path. It reads
+    types only: free while tracing.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and AxisType.Explicit in mesh.axis_types:
+        return True
+    return any(explicit_sharding(array) is not None for array in arrays)
 
 
 def split_axes(array: Array, dim: int) -> AxisNames:
@@ -97,9 +113,41 @@ def sharded_like(x: Array, reference: Array) -> Array:
 
 def vmapped_mesh_axes() -> frozenset[str]:
     """The explicit mesh axes that enclosing `jax.vmap`s map away: those splitting
-    the batch of the arrays seen here one example at a time. (JAX keeps them in its
-    axis environment, which has no public accessor.)"""
-    return jax_core.get_axis_env().explicit_mesh_axis_names
+    the batch of the arrays seen here one example at a time.
+
+    JAX keeps them in its axis environment, which has no public accessor, and the
+    type of an example drops its batch axis with its sharding. But `jax.shard_map`
+    left to choose its manual axes takes every mesh axis that is not vmapped away:
+    a shard_map of nothing, traced abstractly, says which axes those are. Inside a
+    `shard_map` (manual axes) there is nothing to ask: `frozenset()`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.manual_axes or AxisType.Explicit not in mesh.axis_types:
+        return frozenset()
+    manual: list[frozenset[str]] = []
+
+    def record_manual_axes():
+        manual.append(frozenset(jax.sharding.get_abstract_mesh().manual_axes))
+        return jnp.zeros(())
+
+    jax.eval_shape(
+        jax.shard_map(
+            record_manual_axes, mesh=mesh, in_specs=(), out_specs=PartitionSpec()
+        )
+    )
+    return frozenset(mesh.axis_names) - manual[0]
+
+
+def gather_rows_on_mesh(table: Array, token: Array, num_rows: int) -> Array:
+    """The lookup of a token id, already checked against `num_rows` (a bad one is
+    `num_rows`), in a `table` sharded over explicit mesh axes or padded past its
+    `num_rows` rows (`pad_vocabulary`): a bad id reads past the padding rows, as
+    NaNs, and the row comes back whole (`row_sharding`)."""
+    if table.shape[0] > num_rows:
+        token = jnp.where(token < num_rows, token, table.shape[0])
+    return gather_rows(
+        table, token, negative_from_end=True, out_sharding=row_sharding(table)
+    )
 
 
 def first_columns(logits: Array, size: int) -> Array:

@@ -33,6 +33,7 @@ from ._indices import (
     check_policy,
     gather_rows,
 )
+from ._mesh import row_sharding
 from ._numerics import accumulation_dtype, default_float_dtype
 from ._rope_rotate import rotate
 from ._rope_scaling import (
@@ -42,7 +43,6 @@ from ._rope_scaling import (
     parse_scaling,
 )
 from ._tables import TablesPerLength, as_bits, frozen
-from ._mesh import row_sharding
 
 
 class RotaryPositionalEmbedding(eqx.Module):
