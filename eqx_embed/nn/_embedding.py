@@ -23,7 +23,7 @@ from ._indices import (
     check_policy,
     gather_rows,
 )
-from ._mesh import first_columns, gather_rows_on_mesh, on_explicit_mesh
+from ._mesh import first_columns, on_explicit_mesh, row_sharding
 from ._numerics import default_float_dtype, dot_with_rows
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
@@ -79,6 +79,18 @@ def default_embedding_init(
     ```
     """
     return jax.random.normal(key, shape, dtype)
+
+
+def _gather_on_mesh(table: Array, token: Array, num_rows: int) -> Array:
+    """The lookup of a token id, already checked against `num_rows` (a bad one is
+    `num_rows`), in a `table` sharded over explicit mesh axes or padded past its
+    `num_rows` rows (`pad_vocabulary`): a bad id reads past the padding rows, as
+    NaNs, and the row comes back whole (`row_sharding`)."""
+    if table.shape[0] > num_rows:
+        token = jnp.where(token < num_rows, token, table.shape[0])
+    return gather_rows(
+        table, token, negative_from_end=True, out_sharding=row_sharding(table)
+    )
 
 
 def _canonical_dtype(dtype: DTypeLike | None) -> jnp.dtype | None:
@@ -299,7 +311,7 @@ class Embedding(eqx.Module):
             # here, as they would from any table.
             row = jnp.where((token == 0) | (token == -1), self.weight[0], jnp.nan)
         elif self._is_padded() or on_explicit_mesh(self.weight):
-            row = gather_rows_on_mesh(self.weight, token, self.num_embeddings)
+            row = _gather_on_mesh(self.weight, token, self.num_embeddings)
         else:
             # A bad id comes back as `num_embeddings`, one past the table: NaNs.
             row = gather_rows(self.weight, token, negative_from_end=True)

@@ -37,6 +37,8 @@ from jax.custom_batching import custom_vmap
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Int, Integer, Shaped
 
+from ._mesh import vmapped_mesh_axes
+
 OutOfRange = Literal["nan", "error"]
 """The policy for indices outside their table: `"nan"` or `"error"` (see above)."""
 
@@ -222,6 +224,12 @@ def _error_on_every_device(safe, outside, largest_bad, messages: _MessageForValu
 
     @custom_vmap
     def poisoned(any_bad, largest_bad):
+        if vmapped_mesh_axes():
+            # Traced inside such a `vmap`, this is used only where the indices do not
+            # vary over it (else the rule below replaces it), and no `shard_map` over
+            # every axis can be built here: Equinox's error, on one device, as
+            # without this function.
+            return raise_on_every_device(any_bad, largest_bad)
         return jax.shard_map(
             raise_on_every_device,
             mesh=jax.sharding.get_abstract_mesh(),

@@ -29,8 +29,6 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jaxtyping import Array
 
-from ._indices import gather_rows
-
 AxisNames = tuple[str, ...]
 
 
@@ -49,10 +47,11 @@ def on_explicit_mesh(*arrays: Array) -> bool:
     one-device path (as equinox's, no mesh helper on it) and their mesh path. It reads
     types only: free while tracing.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and AxisType.Explicit in mesh.axis_types:
-        return True
-    return any(explicit_sharding(array) is not None for array in arrays)
+    meshes = [jax.sharding.get_abstract_mesh()]
+    meshes += [getattr(jax.typeof(array).sharding, "mesh", None) for array in arrays]
+    return any(
+        mesh is not None and AxisType.Explicit in mesh.axis_types for mesh in meshes
+    )
 
 
 def split_axes(array: Array, dim: int) -> AxisNames:
@@ -136,18 +135,6 @@ def vmapped_mesh_axes() -> frozenset[str]:
         )
     )
     return frozenset(mesh.axis_names) - manual[0]
-
-
-def gather_rows_on_mesh(table: Array, token: Array, num_rows: int) -> Array:
-    """The lookup of a token id, already checked against `num_rows` (a bad one is
-    `num_rows`), in a `table` sharded over explicit mesh axes or padded past its
-    `num_rows` rows (`pad_vocabulary`): a bad id reads past the padding rows, as
-    NaNs, and the row comes back whole (`row_sharding`)."""
-    if table.shape[0] > num_rows:
-        token = jnp.where(token < num_rows, token, table.shape[0])
-    return gather_rows(
-        table, token, negative_from_end=True, out_sharding=row_sharding(table)
-    )
 
 
 def first_columns(logits: Array, size: int) -> Array:
