@@ -277,6 +277,7 @@ class EmbeddingDecode(eqx.Module):
         if weights is None:
             count = targets.shape[0] if where is None else jnp.sum(where)
             weights = jnp.ones(targets.shape, jnp.float32) / jnp.maximum(count, 1)
+        weights = jnp.asarray(weights)
         if where is not None:
             weights = jnp.where(where, weights, 0)
             # A NaN or an infinity in a masked-out row must not reach the table's

@@ -279,9 +279,11 @@ class Embedding(eqx.Module):
         self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
         self.out_of_range = out_of_range
 
-    def _is_padding(self, token: Integer[ArrayLike, "*shape"]) -> Bool[Array, "*shape"]:
-        index = self.padding_idx
-        return (token == index) | (token == index - self.num_embeddings)
+    def _is_padding(
+        self, token: Integer[ArrayLike, "*shape"], padding_idx: int
+    ) -> Bool[Array, "*shape"]:
+        token = jnp.asarray(token)
+        return (token == padding_idx) | (token == padding_idx - self.num_embeddings)
 
     @jax.named_scope("eqx_embed.Embedding")
     @checked
@@ -316,7 +318,9 @@ class Embedding(eqx.Module):
             # A bad id comes back as `num_embeddings`, one past the table: NaNs.
             row = gather_rows(self.weight, token, negative_from_end=True)
         if self.padding_idx is not None:
-            row = jnp.where(self._is_padding(token), jnp.zeros_like(row), row)
+            row = jnp.where(
+                self._is_padding(token, self.padding_idx), jnp.zeros_like(row), row
+            )
         return row if self.dtype is None else row.astype(self.dtype)
 
     @checked
@@ -371,4 +375,4 @@ class Embedding(eqx.Module):
             name="token id",
             negative_from_end=True,
         )
-        return ~self._is_padding(tokens)
+        return ~self._is_padding(tokens, self.padding_idx)

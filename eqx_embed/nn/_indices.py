@@ -27,12 +27,13 @@ and Python sequences of ints are accepted.
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jax.custom_batching import custom_vmap
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Int, Integer, Shaped
@@ -72,7 +73,8 @@ def _out_of_range_message(name: str, value: int, size: int, low: int) -> str:
 class _MessageForValue:
     """The messages of `equinox.branched_error_if`, one per bad value: it raises
     `messages[index]`, and the index passed is the bad value itself (the largest one,
-    across a `vmap`ped batch too), so the message can name it."""
+    across a `vmap`ped batch too), so the message can name it. Equinox only indexes
+    it, so it stands for the `Sequence[str]` that Equinox's signature names."""
 
     name: str
     size: int
@@ -163,7 +165,7 @@ def check_indices(
     computation runs (see the module's docstring for the exception).
     """
     low, high = valid_range(size, negative_from_end=negative_from_end)
-    traced = isinstance(indices, jax.core.Tracer) or isinstance(where, jax.core.Tracer)
+    traced = isinstance(indices, Tracer) or isinstance(where, Tracer)
     if not traced:
         host = _host_integers(indices, name)
         mask = None if where is None else np.asarray(where, dtype=bool)
@@ -196,7 +198,9 @@ def _error_if_any_bad(safe, outside, largest_bad, messages: _MessageForValue):
     if mesh.empty or mesh.size == 1 or mesh.manual_axes:
         # One device, or inside a `shard_map` (whose callbacks already run per
         # device).
-        return eqx.branched_error_if(safe, outside.any(), largest_bad, messages)
+        return eqx.branched_error_if(
+            safe, outside.any(), largest_bad, cast(Sequence[str], messages)
+        )
     return _error_on_every_device(safe, outside, largest_bad, messages)
 
 
@@ -220,7 +224,9 @@ def _error_on_every_device(safe, outside, largest_bad, messages: _MessageForValu
 
     def raise_on_every_device(any_bad, largest_bad):
         # False, or True where `EQX_ON_ERROR=nan` replaces the raise.
-        return eqx.branched_error_if(jnp.array(False), any_bad, largest_bad, messages)
+        return eqx.branched_error_if(
+            jnp.array(False), any_bad, largest_bad, cast(Sequence[str], messages)
+        )
 
     @custom_vmap
     def poisoned(any_bad, largest_bad):

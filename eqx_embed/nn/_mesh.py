@@ -59,7 +59,7 @@ def split_axes(array: Array, dim: int) -> AxisNames:
     with auto axes or where that dimension is whole."""
     sharding = getattr(jax.typeof(array), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty:
+    if sharding is None or mesh is None or mesh.empty:
         return ()
     spec = tuple(sharding.spec) + (None,) * (array.ndim - len(sharding.spec))
     explicit = {
@@ -88,7 +88,10 @@ def row_sharding(table: Array) -> NamedSharding | None:
 def varying_like(x: Array, *references: Array) -> Array:
     """`x`, made to vary over the manual mesh axes that `references` vary over:
     inside `jax.shard_map`, a loop's initial carry must have the type of what the loop
-    computes from the shards. A no-op elsewhere."""
+    computes from the shards. A no-op elsewhere (where nothing varies), which asks
+    only the mesh."""
+    if not jax.sharding.get_abstract_mesh().manual_axes:
+        return x
     varying = set().union(*(jax.typeof(r).mat.varying for r in references))
     missing = tuple(sorted(varying - jax.typeof(x).mat.varying))
     return lax.pcast(x, missing, to="varying") if missing else x
