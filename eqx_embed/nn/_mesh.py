@@ -90,7 +90,8 @@ def varying_like(x: Array, *references: Array) -> Array:
     inside `jax.shard_map`, a loop's initial carry must have the type of what the loop
     computes from the shards. A no-op elsewhere (where nothing varies), which asks
     only the mesh."""
-    if not jax.sharding.get_abstract_mesh().manual_axes:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.manual_axes:
         return x
     varying = set().union(*(jax.typeof(r).mat.varying for r in references))
     missing = tuple(sorted(varying - jax.typeof(x).mat.varying))
