@@ -1,6 +1,11 @@
 """Tables sharded over a device mesh: reading their layout, and the
 vocabulary-parallel fused loss.
 
+This is a layer on top of the one-device modules: each asks `on_explicit_mesh` once,
+at the top of a call, and only where explicit mesh axes are involved (or a table is
+padded for a mesh) does its mesh path use what is here. Everything is read through
+public JAX: array types, the abstract mesh and `jax.shard_map`.
+
 With a mesh set (`jax.set_mesh`) whose axes are explicit (the default of
 `jax.make_mesh`), every array's type carries its `PartitionSpec`, so a module can see,
 while tracing, how its table is laid out, and nothing needs to be configured:
