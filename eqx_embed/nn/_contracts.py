@@ -38,7 +38,7 @@ def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
         isinstance(value, bool)
         or not isinstance(value, kind)
         or not math.isfinite(value)
-        or not value > 0
+        or not float(value) > 0
     ):
         expected = "a positive integer" if integer else "a positive finite number"
         raise ValueError(f"{name} must be {expected}, got {value!r}.")

@@ -21,9 +21,9 @@ from ._loss import (
     fused_log_sum_exp,
     fused_weighted_cross_entropy,
 )
+from ._mesh import first_columns, on_explicit_mesh
+from ._mesh_token_layout import check_token_layout
 from ._numerics import dot_with_rows
-from ._token_layout import check_token_layout
-from ._vocab_parallel import first_columns
 
 
 class EmbeddingDecode(eqx.Module):
@@ -116,7 +116,9 @@ class EmbeddingDecode(eqx.Module):
         logits = dot_with_rows(
             self.weight, hidden, dtype=self.dtype, soft_cap=self.logit_soft_cap
         )
-        return first_columns(logits, self.embedding.num_embeddings)
+        if self.embedding._is_padded() or on_explicit_mesh(self.weight, hidden):
+            return first_columns(logits, self.embedding.num_embeddings)
+        return logits
 
     def _check_hidden(self, hidden: Array, *, method: str) -> None:
         check_feature_size(
@@ -125,7 +127,8 @@ class EmbeddingDecode(eqx.Module):
             name="hidden",
             owner="table's embedding_size",
         )
-        check_token_layout(self.weight, dict(hidden=hidden), method=method)
+        if on_explicit_mesh(self.weight, hidden):
+            check_token_layout(self.weight, dict(hidden=hidden), method=method)
 
     def _check_loss_inputs(
         self, hidden: Array, targets: Any, where: Any, z_loss: float, method: str
@@ -144,7 +147,8 @@ class EmbeddingDecode(eqx.Module):
             negative_from_end=False,
             where=where,
         )
-        check_token_layout(self.weight, dict(targets=targets), method=method)
+        if on_explicit_mesh(self.weight, hidden, targets):
+            check_token_layout(self.weight, dict(targets=targets), method=method)
         return targets, where
 
     @jax.named_scope("eqx_embed.EmbeddingDecode.cross_entropy")
@@ -276,6 +280,7 @@ class EmbeddingDecode(eqx.Module):
         if weights is None:
             count = targets.shape[0] if where is None else jnp.sum(where)
             weights = jnp.ones(targets.shape, jnp.float32) / jnp.maximum(count, 1)
+        weights = jnp.asarray(weights)
         if where is not None:
             weights = jnp.where(where, weights, 0)
             # A NaN or an infinity in a masked-out row must not reach the table's

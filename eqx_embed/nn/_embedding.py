@@ -23,8 +23,8 @@ from ._indices import (
     check_policy,
     gather_rows,
 )
+from ._mesh import first_columns, on_explicit_mesh, row_sharding
 from ._numerics import default_float_dtype, dot_with_rows
-from ._vocab_parallel import first_columns, row_sharding
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
 
@@ -79,6 +79,18 @@ def default_embedding_init(
     ```
     """
     return jax.random.normal(key, shape, dtype)
+
+
+def _gather_on_mesh(table: Array, token: Array, num_rows: int) -> Array:
+    """The lookup of a token id, already checked against `num_rows` (a bad one is
+    `num_rows`), in a `table` sharded over explicit mesh axes or padded past its
+    `num_rows` rows (`pad_vocabulary`): a bad id reads past the padding rows, as
+    NaNs, and the row comes back whole (`row_sharding`)."""
+    if table.shape[0] > num_rows:
+        token = jnp.where(token < num_rows, token, table.shape[0])
+    return gather_rows(
+        table, token, negative_from_end=True, out_sharding=row_sharding(table)
+    )
 
 
 def _canonical_dtype(dtype: DTypeLike | None) -> jnp.dtype | None:
@@ -267,9 +279,11 @@ class Embedding(eqx.Module):
         self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
         self.out_of_range = out_of_range
 
-    def _is_padding(self, token: Integer[ArrayLike, "*shape"]) -> Bool[Array, "*shape"]:
-        index = self.padding_idx
-        return (token == index) | (token == index - self.num_embeddings)
+    def _is_padding(
+        self, token: Integer[ArrayLike, "*shape"], padding_idx: int
+    ) -> Bool[Array, "*shape"]:
+        token = jnp.asarray(token)
+        return (token == padding_idx) | (token == padding_idx - self.num_embeddings)
 
     @jax.named_scope("eqx_embed.Embedding")
     @checked
@@ -298,21 +312,15 @@ class Embedding(eqx.Module):
             # select returns the row for every id, ids other than 0 and -1 read NaNs
             # here, as they would from any table.
             row = jnp.where((token == 0) | (token == -1), self.weight[0], jnp.nan)
+        elif self._is_padded() or on_explicit_mesh(self.weight):
+            row = _gather_on_mesh(self.weight, token, self.num_embeddings)
         else:
-            if self.weight.shape[0] > self.num_embeddings:
-                # A padded table (`pad_vocabulary`): a bad id, which comes back as
-                # `num_embeddings`, must read past the padding rows, as NaNs.
-                token = jnp.where(
-                    token < self.num_embeddings, token, self.weight.shape[0]
-                )
-            row = gather_rows(
-                self.weight,
-                token,
-                negative_from_end=True,
-                out_sharding=row_sharding(self.weight),
-            )
+            # A bad id comes back as `num_embeddings`, one past the table: NaNs.
+            row = gather_rows(self.weight, token, negative_from_end=True)
         if self.padding_idx is not None:
-            row = jnp.where(self._is_padding(token), jnp.zeros_like(row), row)
+            row = jnp.where(
+                self._is_padding(token, self.padding_idx), jnp.zeros_like(row), row
+            )
         return row if self.dtype is None else row.astype(self.dtype)
 
     @checked
@@ -335,7 +343,13 @@ class Embedding(eqx.Module):
             query, self.embedding_size, name="query", owner="table's embedding_size"
         )
         logits = dot_with_rows(self.weight, query, dtype=self.dtype)
-        return first_columns(logits, self.num_embeddings)
+        if self._is_padded() or on_explicit_mesh(self.weight, query):
+            return first_columns(logits, self.num_embeddings)
+        return logits
+
+    def _is_padded(self) -> bool:
+        """Whether the table has rows past `num_embeddings` (`pad_vocabulary`)."""
+        return self.weight.shape[0] > self.num_embeddings
 
     @checked
     def mask(
@@ -361,4 +375,4 @@ class Embedding(eqx.Module):
             name="token id",
             negative_from_end=True,
         )
-        return ~self._is_padding(tokens)
+        return ~self._is_padding(tokens, self.padding_idx)

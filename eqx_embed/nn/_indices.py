@@ -27,16 +27,18 @@ and Python sequences of ints are accepted.
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import core as jax_core
+from jax.core import Tracer
+from jax.custom_batching import custom_vmap
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Int, Integer, Shaped
 
-from ._vocab_parallel import vmapped_mesh_axes
+from ._mesh import vmapped_mesh_axes
 
 OutOfRange = Literal["nan", "error"]
 """The policy for indices outside their table: `"nan"` or `"error"` (see above)."""
@@ -71,7 +73,8 @@ def _out_of_range_message(name: str, value: int, size: int, low: int) -> str:
 class _MessageForValue:
     """The messages of `equinox.branched_error_if`, one per bad value: it raises
     `messages[index]`, and the index passed is the bad value itself (the largest one,
-    across a `vmap`ped batch too), so the message can name it."""
+    across a `vmap`ped batch too), so the message can name it. Equinox only indexes
+    it, so it stands for the `Sequence[str]` that Equinox's signature names."""
 
     name: str
     size: int
@@ -162,7 +165,7 @@ def check_indices(
     computation runs (see the module's docstring for the exception).
     """
     low, high = valid_range(size, negative_from_end=negative_from_end)
-    traced = isinstance(indices, jax.core.Tracer) or isinstance(where, jax.core.Tracer)
+    traced = isinstance(indices, Tracer) or isinstance(where, Tracer)
     if not traced:
         host = _host_integers(indices, name)
         mask = None if where is None else np.asarray(where, dtype=bool)
@@ -188,44 +191,69 @@ def check_indices(
 
 
 def _error_if_any_bad(safe, outside, largest_bad, messages: _MessageForValue):
-    """`equinox.branched_error_if(safe, outside.any(), largest_bad, messages)`, made
-    to raise on every device of the mesh set with `jax.set_mesh`.
-
-    On a mesh, Equinox's error branch runs its callback on one device and broadcasts
-    the result: the raising device never joins that collective, and the others wait at
-    it until XLA's rendezvous gives up (40 s on CPU) and aborts the process. So the
-    predicate and the bad value are first reduced over the whole batch, vmapped axes
-    and mesh axes alike (one all-reduce of two scalars, after which every device holds
-    the same ones), and the error is raised inside a `jax.shard_map` over every mesh
-    axis, where each device runs its own callback: all take the same branch and raise,
-    and none waits for another. Only the `"error"` policy pays for this.
-    """
+    """`equinox.branched_error_if(safe, outside.any(), largest_bad, messages)`: as
+    Equinox does it on one device, and on every device of the mesh set with
+    `jax.set_mesh` (`_error_on_every_device`)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or mesh.manual_axes:
         # One device, or inside a `shard_map` (whose callbacks already run per
-        # device): as Equinox does it.
-        return eqx.branched_error_if(safe, outside.any(), largest_bad, messages)
-    any_bad = eqx.internal.unvmap_any(outside)
-    largest_bad = eqx.internal.unvmap_max(largest_bad)
+        # device).
+        return eqx.branched_error_if(
+            safe, outside.any(), largest_bad, cast(Sequence[str], messages)
+        )
+    return _error_on_every_device(safe, outside, largest_bad, messages)
+
+
+def _error_on_every_device(safe, outside, largest_bad, messages: _MessageForValue):
+    """The `"error"` policy on a mesh.
+
+    Equinox's error branch runs its callback on one device and broadcasts the result:
+    the raising device never joins that collective, and the others wait at it until
+    XLA's rendezvous gives up (40 s on CPU) and aborts the process. So the predicate
+    and the bad value are first reduced over the whole batch, vmapped axes and mesh
+    axes alike (one all-reduce of two scalars, after which every device holds the same
+    ones), and the error is raised inside a `jax.shard_map` over every mesh axis, where
+    each device runs its own callback: all take the same branch and raise, and none
+    waits for another. Only the `"error"` policy pays for this.
+
+    A callback needs every mesh axis manual, but under `jax.vmap` over an array split
+    on an explicit mesh axis, `shard_map` leaves that axis out. So the `shard_map` is
+    built in a `custom_vmap` rule: JAX runs batching rules outside the `vmap`, where
+    the axis is the mesh's again, and the rule reduces the batch first.
+    """
 
     def raise_on_every_device(any_bad, largest_bad):
         # False, or True where `EQX_ON_ERROR=nan` replaces the raise.
-        return eqx.branched_error_if(jnp.array(False), any_bad, largest_bad, messages)
+        return eqx.branched_error_if(
+            jnp.array(False), any_bad, largest_bad, cast(Sequence[str], messages)
+        )
 
-    # Under `jax.vmap` over an array split on an explicit mesh axis, `shard_map` hides
-    # that axis, and a callback needs every axis manual. The shard_map's inputs are
-    # unbatched scalars, so making it manual over all of them is sound: JAX has no
-    # public way to say so, hence its private context.
-    with jax_core.remove_explicit_mesh_axis_names(vmapped_mesh_axes()):
-        poisoned = jax.shard_map(
+    @custom_vmap
+    def poisoned(any_bad, largest_bad):
+        if vmapped_mesh_axes():
+            # Traced inside such a `vmap`, this is used only where the indices do not
+            # vary over it (else the rule below replaces it), and no `shard_map` over
+            # every axis can be built here: Equinox's error, on one device, as
+            # without this function.
+            return raise_on_every_device(any_bad, largest_bad)
+        return jax.shard_map(
             raise_on_every_device,
-            mesh=mesh,
-            in_specs=(jax.P(), jax.P()),
-            out_specs=jax.P(),
-            axis_names=set(mesh.axis_names),
+            mesh=jax.sharding.get_abstract_mesh(),
+            in_specs=(PartitionSpec(), PartitionSpec()),
+            out_specs=PartitionSpec(),
         )(any_bad, largest_bad)
+
+    @poisoned.def_vmap
+    def reduce_the_batch_first(axis_size, in_batched, any_bad, largest_bad):
+        del axis_size
+        if in_batched[0]:
+            any_bad = jnp.any(any_bad, axis=0)
+        if in_batched[1]:
+            largest_bad = jnp.max(largest_bad, axis=0)
+        return poisoned(any_bad, largest_bad), False
+
     # The data dependency keeps the check: a result nobody used would be dropped.
-    return jnp.where(poisoned, messages.size, safe)
+    return jnp.where(poisoned(outside.any(), largest_bad), messages.size, safe)
 
 
 def gather_rows(

@@ -15,7 +15,7 @@ from ._loss_kernel import Blocking, TableRows, blocking_for, table_rows
 from ._loss_mean import DEFAULT_CHUNK_ELEMENTS, weighted_sum
 from ._loss_per_token import lse_and_target_logit
 from ._loss_vocab_parallel import is_on_mesh, vocab_parallel_lse_and_target_logit
-from ._vocab_parallel import vmapped_mesh_axes
+from ._mesh import vmapped_mesh_axes
 
 
 def _per_token_walk(

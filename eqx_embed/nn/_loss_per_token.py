@@ -51,7 +51,7 @@ from ._loss_kernel import (
     num_blocks,
     rows_in_use,
 )
-from ._vocab_parallel import explicit_sharding, sharded_like, varying_like
+from ._mesh import explicit_sharding, sharded_like, varying_like
 
 # Each loop carries the table through an optimization barrier, so that it is not
 # loop-invariant: otherwise XLA hoists the bit cast of a 16-bit table out of the

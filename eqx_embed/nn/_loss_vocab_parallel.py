@@ -49,7 +49,7 @@ from ._loss_kernel import (
     slice_in_place,
 )
 from ._loss_per_token import fold_batch_into_tokens, lse_and_target_logit
-from ._vocab_parallel import (
+from ._mesh import (
     explicit_sharding,
     split_axes,
     table_axes,

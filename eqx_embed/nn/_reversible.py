@@ -114,11 +114,11 @@ class ReversibleEmbedding(eqx.Module):
                 )
             # A drawn decode table takes the lookup table's dtype; a given one is
             # cast by `param_dtype` as the lookup table is.
-            table_options = {
-                name: embedding_options[name]
-                for name in ("init", "param_dtype")
-                if name in embedding_options
-            }
+            table_options = EmbeddingOptions()
+            if "init" in embedding_options:
+                table_options["init"] = embedding_options["init"]
+            if "param_dtype" in embedding_options:
+                table_options["param_dtype"] = embedding_options["param_dtype"]
             if reverse_weight is None:
                 table_options["param_dtype"] = self.embedding.weight.dtype
             self.reverse_embedding = Embedding(

@@ -32,6 +32,7 @@ from ._indices import (
     check_policy,
     gather_rows,
 )
+from ._mesh import row_sharding
 from ._numerics import default_float_dtype
 from ._rope_rotate import RopeRotation
 from ._rope_scaling import (
@@ -41,7 +42,6 @@ from ._rope_scaling import (
     parse_scaling,
 )
 from ._tables import TablesPerLength, as_bits, frozen
-from ._vocab_parallel import row_sharding
 
 
 class RotaryPositionalEmbedding(eqx.Module):

@@ -7,6 +7,7 @@ one device and once under `jax.set_mesh`, and must agree.
 
 import numpy as np
 import pytest
+from _tolerances import matmul_tolerance
 
 VOCAB, WIDTH = 64, 16
 # The sharded programs reduce in another order: float32 rounding, grown with the
@@ -182,3 +183,61 @@ def test_vocab_parallel_programs_never_gather_a_table_shard(run_on_devices):
     # a shard of the table is ever gathered.
     assert "all-reduce" in result["kinds"], result
     assert all(size < result["shard_bytes"] for size in result["gathers"]), result
+
+
+SHARED_TARGETS = (
+    MODULES
+    + """
+rng = np.random.default_rng(0)
+hidden = rng.standard_normal((BATCH, SEQ, WIDTH)).astype(np.float32)
+targets = rng.integers(0, VOCAB, SEQ).astype(np.int32)
+table = rng.standard_normal((VOCAB, WIDTH)).astype(np.float32)
+
+
+@eqx.filter_jit
+def losses(embedding, hidden, targets):
+    # The targets do not vary over the vmap, whose batch is split over "data".
+    decode = ee.EmbeddingDecode(embedding)
+    return jax.vmap(lambda h: decode.cross_entropy(h, targets, block_size=8))(hidden)
+
+
+mesh = jax.make_mesh((2, 4), ("data", "vocab"), axis_types=(AxisType.Explicit,) * 2)
+strict = ee.Embedding(weight=jnp.asarray(table), out_of_range="error")
+with jax.set_mesh(mesh):
+    got = losses(strict, jax.device_put(hidden, P("data")), jnp.asarray(targets))
+print(json.dumps(dict(losses=np.asarray(got).tolist())))
+"""
+)
+
+
+def test_shared_targets_under_the_error_policy_give_the_losses(run_on_devices):
+    """The `"error"` policy on a mesh, for targets that do not vary over a `vmap`
+    whose batch is split over an explicit mesh axis: valid targets give NumPy's
+    losses in float64."""
+    result = run_on_devices(SHARED_TARGETS)
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((4, 6, WIDTH))
+    targets = rng.integers(0, VOCAB, 6)
+    table = rng.standard_normal((VOCAB, WIDTH))
+    logits = (
+        hidden.astype(np.float32).astype(np.float64)
+        @ table.astype(np.float32).astype(np.float64).T
+    )
+    top = logits.max(axis=-1, keepdims=True)
+    log_sum_exp = (top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)))[
+        ..., 0
+    ]
+    expected = (
+        log_sum_exp
+        - np.take_along_axis(
+            logits, np.broadcast_to(targets, (4, 6))[..., None], axis=-1
+        )[..., 0]
+    )
+    # One device's losses and these are different programs: the bound of a product
+    # over the width, then the log-sum-exp over the vocabulary.
+    bound = matmul_tolerance(
+        hidden.astype(np.float32), table.astype(np.float32), after=VOCAB + 8
+    )
+    np.testing.assert_allclose(
+        result["losses"], expected, rtol=bound["rtol"], atol=bound["atol"]
+    )

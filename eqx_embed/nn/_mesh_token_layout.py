@@ -4,13 +4,13 @@ With explicit mesh axes, every array's type says how it is split, so a layout th
 would need the whole table on every device is refused while tracing, with a
 `ValueError` naming the array and the mesh axis, rather than failing deep inside
 XLA's sharding rules or gathering the table. Auto axes carry no layout while
-tracing: there GSPMD places everything (see `_vocab_parallel`), and nothing here
+tracing: there GSPMD places everything (see `_mesh`), and nothing here
 applies.
 """
 
 from jaxtyping import Array
 
-from ._vocab_parallel import split_axes, table_axes, vmapped_mesh_axes
+from ._mesh import split_axes, table_axes, vmapped_mesh_axes
 
 
 def check_token_layout(table: Array, arrays: dict[str, Array], *, method: str) -> None:

@@ -1,6 +1,11 @@
 """Tables sharded over a device mesh: reading their layout, and the
 vocabulary-parallel fused loss.
 
+This is a layer on top of the one-device modules: each asks `on_explicit_mesh` once,
+at the top of a call, and only where explicit mesh axes are involved (or a table is
+padded for a mesh) does its mesh path use what is here. Everything is read through
+public JAX: array types, the abstract mesh and `jax.shard_map`.
+
 With a mesh set (`jax.set_mesh`) whose axes are explicit (the default of
 `jax.make_mesh`), every array's type carries its `PartitionSpec`, so a module can see,
 while tracing, how its table is laid out, and nothing needs to be configured:
@@ -13,7 +18,7 @@ while tracing, how its table is laid out, and nothing needs to be configured:
 - the fused loss is the hard part: its blockwise loop slices rows of the table, which
   GSPMD can only serve by gathering the whole table on every device. So when the
   table's vocabulary axis is split, the loss runs as Megatron-LM's
-  `vocab_parallel_cross_entropy` under `jax.shard_map` (`_vocab_parallel_loss.py`):
+  `vocab_parallel_cross_entropy` under `jax.shard_map` (`_loss_vocab_parallel.py`):
   each device walks the blocks of its own rows, and collectives of per-token values
   over the vocabulary axis combine the shards.
 
@@ -24,8 +29,8 @@ out ("Scaling out" guide): make the axes explicit around the loss with
 """
 
 import jax
+import jax.numpy as jnp
 from jax import lax
-from jax._src import core as jax_core
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jaxtyping import Array
 
@@ -39,12 +44,27 @@ def _axes(entry) -> AxisNames:
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
+def on_explicit_mesh(*arrays: Array) -> bool:
+    """Whether explicit mesh axes are involved: the mesh set with `jax.set_mesh` has
+    some, or one of `arrays` is laid out on a mesh that has.
+
+    The modules ask this once, at the top of a call, to choose between their
+    one-device path (as equinox's, no mesh helper on it) and their mesh path. It reads
+    types only: free while tracing.
+    """
+    meshes = [jax.sharding.get_abstract_mesh()]
+    meshes += [getattr(jax.typeof(array).sharding, "mesh", None) for array in arrays]
+    return any(
+        mesh is not None and AxisType.Explicit in mesh.axis_types for mesh in meshes
+    )
+
+
 def split_axes(array: Array, dim: int) -> AxisNames:
     """The explicit mesh axes that split `array` along `dim`: `()` without a mesh,
     with auto axes or where that dimension is whole."""
     sharding = getattr(jax.typeof(array), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty:
+    if sharding is None or mesh is None or mesh.empty:
         return ()
     spec = tuple(sharding.spec) + (None,) * (array.ndim - len(sharding.spec))
     explicit = {
@@ -73,7 +93,11 @@ def row_sharding(table: Array) -> NamedSharding | None:
 def varying_like(x: Array, *references: Array) -> Array:
     """`x`, made to vary over the manual mesh axes that `references` vary over:
     inside `jax.shard_map`, a loop's initial carry must have the type of what the loop
-    computes from the shards. A no-op elsewhere."""
+    computes from the shards. A no-op elsewhere (where nothing varies), which asks
+    only the mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.manual_axes:
+        return x
     varying = set().union(*(jax.typeof(r).mat.varying for r in references))
     missing = tuple(sorted(varying - jax.typeof(x).mat.varying))
     return lax.pcast(x, missing, to="varying") if missing else x
@@ -97,9 +121,29 @@ def sharded_like(x: Array, reference: Array) -> Array:
 
 def vmapped_mesh_axes() -> frozenset[str]:
     """The explicit mesh axes that enclosing `jax.vmap`s map away: those splitting
-    the batch of the arrays seen here one example at a time. (JAX keeps them in its
-    axis environment, which has no public accessor.)"""
-    return jax_core.get_axis_env().explicit_mesh_axis_names
+    the batch of the arrays seen here one example at a time.
+
+    JAX keeps them in its axis environment, which has no public accessor, and the
+    type of an example drops its batch axis with its sharding. But `jax.shard_map`
+    left to choose its manual axes takes every mesh axis that is not vmapped away:
+    a shard_map of nothing, traced abstractly, says which axes those are. Inside a
+    `shard_map` (manual axes) there is nothing to ask: `frozenset()`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.manual_axes or AxisType.Explicit not in mesh.axis_types:
+        return frozenset()
+    manual: list[frozenset[str]] = []
+
+    def record_manual_axes():
+        manual.append(frozenset(jax.sharding.get_abstract_mesh().manual_axes))
+        return jnp.zeros(())
+
+    jax.eval_shape(
+        jax.shard_map(
+            record_manual_axes, mesh=mesh, in_specs=(), out_specs=PartitionSpec()
+        )
+    )
+    return frozenset(mesh.axis_names) - manual[0]
 
 
 def first_columns(logits: Array, size: int) -> Array:
