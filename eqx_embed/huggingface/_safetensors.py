@@ -1,10 +1,14 @@
 """The files of a Hugging Face checkpoint directory (`*.safetensors`,
-`model.safetensors.index.json`, `config.json`) read and written with NumPy alone.
+`model.safetensors.index.json`, `config.json`), read and written with NumPy and the
+`safetensors` library.
 
 Readers trust nothing in the files: they open regular files only (a FIFO or a device
 would block or never end), take shards only from the checkpoint directory, bound what
 they parse before reading it, and check a safetensors header's every field against the
-file before reading a tensor, so that a bad file raises one `ValueError` naming it.
+file before the library reads a tensor, so that a bad file raises one `ValueError`
+naming it and what is wrong (the library's own errors name neither). The library then
+reads each tensor once, with `pread(2)` rather than through a memory map, whose pages
+would stay resident beside the copies.
 Writers write each file to a temporary name and `os.replace` it, so that a directory
 holds exactly one checkpoint, whole or (after a crash) without `config.json`.
 """
@@ -19,7 +23,6 @@ import struct
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-import jax.numpy as jnp
 import numpy as np
 
 WEIGHTS_NAME = "model.safetensors"
@@ -30,20 +33,22 @@ CONFIG_NAME = "config.json"
 # also applied to the JSON files of a checkpoint.
 MAX_HEADER_SIZE = 100_000_000
 
-_DTYPES = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(jnp.bfloat16),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"),
-    "U32": np.dtype("<u4"),
-    "U16": np.dtype("<u2"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype(bool),
+# The bytes per element of the dtypes read (what the header check needs); the library
+# returns the NumPy dtype itself, bfloat16 as ml_dtypes' (JAX's) `bfloat16`.
+_ITEM_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
 
 
@@ -96,12 +101,10 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _tensor_layout(
-    header: Any, data_size: int, file: pathlib.Path
-) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
-    """Each tensor's dtype, shape and byte range in the data section, after checking
-    the header as safetensors does: known fields, sizes that agree with the shapes,
-    and ranges that tile the data section exactly."""
+def _check_header(header: Any, data_size: int, file: pathlib.Path) -> None:
+    """Checks the parsed header of `file` as safetensors does, field by field: known
+    fields, sizes that agree with the shapes, and byte ranges that tile the data
+    section (`data_size` bytes) exactly."""
 
     def invalid(problem: str) -> ValueError:
         return ValueError(f"{file} is not a valid safetensors file: {problem}.")
@@ -113,7 +116,7 @@ def _tensor_layout(
         isinstance(value, str) for value in metadata.values()
     ):
         raise invalid("its __metadata__ must map strings to strings")
-    layout = {}
+    ranges = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -124,10 +127,10 @@ def _tensor_layout(
         )
         if not isinstance(dtype, str):
             raise invalid(f"{name!r} has dtype {dtype!r}, not a string")
-        if dtype not in _DTYPES:
+        if dtype not in _ITEM_BYTES:
             raise invalid(
                 f"{name!r} has the unsupported dtype {dtype!r} (supported: "
-                f"{', '.join(_DTYPES)})"
+                f"{', '.join(_ITEM_BYTES)})"
             )
         if not isinstance(shape, list) or not all(map(_is_count, shape)):
             raise invalid(
@@ -144,17 +147,15 @@ def _tensor_layout(
                 "non-negative integers"
             )
         start, end = offsets
-        size = math.prod(shape) * _DTYPES[dtype].itemsize
+        size = math.prod(shape) * _ITEM_BYTES[dtype]
         if end - start != size:
             raise invalid(
                 f"{name!r} has {end - start} bytes of data, but its shape {shape} of "
                 f"{dtype} needs {size}"
             )
-        layout[name] = (_DTYPES[dtype], tuple(shape), start, end)
+        ranges[name] = (start, end)
     covered = 0
-    for name, (_, _, start, end) in sorted(
-        layout.items(), key=lambda item: item[1][2:]
-    ):
+    for name, (start, end) in sorted(ranges.items(), key=lambda item: item[1]):
         if start != covered:
             raise invalid(
                 f"the data of {name!r} starts at byte {start} of the data section, "
@@ -166,44 +167,61 @@ def _tensor_layout(
             f"its tensors cover {covered} bytes, but the data section after the "
             f"header holds {data_size}"
         )
-    return layout
+
+
+def _check_safetensors(handle: BinaryIO, file: pathlib.Path) -> None:
+    """Checks the header of the safetensors file open in `handle`, bounding its length
+    before reading it. The format is an 8-byte little-endian header length, a JSON
+    header, then the tensors' bytes."""
+    file_size = os.fstat(handle.fileno()).st_size
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise ValueError(
+            f"{file} is not a valid safetensors file: it is {len(prefix)} bytes "
+            "long, too short for the 8-byte header length."
+        )
+    (header_size,) = struct.unpack("<Q", prefix)
+    if header_size > MAX_HEADER_SIZE:
+        raise ValueError(
+            f"{file} is not a valid safetensors file: its header length, "
+            f"{header_size} bytes, exceeds safetensors' limit of {MAX_HEADER_SIZE}."
+        )
+    if header_size > file_size - 8:
+        raise ValueError(
+            f"{file} is not a valid safetensors file: its header length, "
+            f"{header_size} bytes, runs past the end of the file "
+            f"({file_size} bytes)."
+        )
+    header = _parse_json(handle.read(header_size), file, "the safetensors header")
+    _check_header(header, file_size - 8 - header_size, file)
+
+
+def _checked_file_name(handle: BinaryIO, file: pathlib.Path) -> str:
+    """A name under which the library opens the very file that `handle` has open and
+    checked: `/dev/fd/N` where the system has it, so that a file swapped for a FIFO
+    after the check cannot make the library's own `open` block; else `file`."""
+    descriptor_name = f"/dev/fd/{handle.fileno()}"
+    return descriptor_name if os.path.exists(descriptor_name) else str(file)
 
 
 def read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
-    """All tensors of one `.safetensors` file as NumPy arrays (bfloat16 ones too,
-    which safetensors' NumPy API cannot return). The format is an 8-byte little-endian
-    header length, a JSON header, then the tensors' bytes, little-endian."""
+    """All tensors of one `.safetensors` file as NumPy arrays (bfloat16 ones as
+    ml_dtypes' `bfloat16`, which is JAX's), each read once by the `safetensors`
+    library after `file` and its header pass our checks."""
+    from safetensors import SafetensorError, safe_open
+
     with _open_regular_file(file) as handle:
-        file_size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ValueError(
-                f"{file} is not a valid safetensors file: it is {len(prefix)} bytes "
-                "long, too short for the 8-byte header length."
-            )
-        (header_size,) = struct.unpack("<Q", prefix)
-        if header_size > MAX_HEADER_SIZE:
-            raise ValueError(
-                f"{file} is not a valid safetensors file: its header length, "
-                f"{header_size} bytes, exceeds safetensors' limit of "
-                f"{MAX_HEADER_SIZE}."
-            )
-        if header_size > file_size - 8:
-            raise ValueError(
-                f"{file} is not a valid safetensors file: its header length, "
-                f"{header_size} bytes, runs past the end of the file "
-                f"({file_size} bytes)."
-            )
-        header = _parse_json(handle.read(header_size), file, "the safetensors header")
-        layout = _tensor_layout(header, file_size - 8 - header_size, file)
-        tensors = {}
-        for name, (dtype, shape, start, end) in layout.items():
-            handle.seek(8 + header_size + start)
-            data = bytearray(end - start)
-            if handle.readinto(data) != len(data):
-                raise ValueError(f"{file} ended while {name!r} was read.")
-            tensors[name] = np.frombuffer(data, dtype).reshape(shape)
-    return tensors
+        _check_safetensors(handle, file)
+        try:
+            with safe_open(
+                _checked_file_name(handle, file), framework="numpy", backend="pread"
+            ) as library:
+                # In the file's order, so that the reads run forward through it.
+                names = library.offset_keys()
+                return {name: library.get_tensor(name) for name in names}
+        except (SafetensorError, OSError) as error:
+            # Only what changed since the checks (a file cut short) gets here.
+            raise ValueError(f"{file} cannot be read: {error}.") from error
 
 
 def _is_file_name(entry: str) -> bool:
