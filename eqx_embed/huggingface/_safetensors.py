@@ -7,8 +7,9 @@ would block or never end), take shards only from the checkpoint directory, bound
 they parse before reading it, and check a safetensors header's every field against the
 file before the library reads a tensor, so that a bad file raises one `ValueError`
 naming it and what is wrong (the library's own errors name neither). The library then
-reads each tensor once, with `pread(2)` rather than through a memory map, whose pages
-would stay resident beside the copies.
+reads each tensor, block by block through short-lived memory maps, into a host array
+that JAX's CPU client adopts without a copy, so that loading holds the weights about
+once.
 Writers write each file to a temporary name and `os.replace` it, so that a directory
 holds exactly one checkpoint, whole or (after a crash) without `config.json`.
 """
@@ -50,6 +51,14 @@ _ITEM_BYTES = {
     "U8": 1,
     "BOOL": 1,
 }
+
+
+# JAX's CPU client adopts a host buffer that starts on this boundary (XLA's minimum
+# alignment) rather than copying it.
+_ADOPTED_ALIGNMENT = 64
+# The most bytes a tensor's block holds in memory twice while it is read: once mapped
+# from the file, once copied.
+_BLOCK_BYTES = 16 * 2**20
 
 
 def _open_regular_file(file: pathlib.Path) -> BinaryIO:
@@ -101,10 +110,13 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _check_header(header: Any, data_size: int, file: pathlib.Path) -> None:
-    """Checks the parsed header of `file` as safetensors does, field by field: known
-    fields, sizes that agree with the shapes, and byte ranges that tile the data
-    section (`data_size` bytes) exactly."""
+def _checked_layout(
+    header: Any, data_size: int, file: pathlib.Path
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Each tensor's dtype code and shape, in the file's order, after checking the
+    parsed header of `file` as safetensors does, field by field: known fields, sizes
+    that agree with the shapes, and byte ranges that tile the data section
+    (`data_size` bytes) exactly."""
 
     def invalid(problem: str) -> ValueError:
         return ValueError(f"{file} is not a valid safetensors file: {problem}.")
@@ -153,26 +165,33 @@ def _check_header(header: Any, data_size: int, file: pathlib.Path) -> None:
                 f"{name!r} has {end - start} bytes of data, but its shape {shape} of "
                 f"{dtype} needs {size}"
             )
-        ranges[name] = (start, end)
+        ranges[name] = (start, end, dtype, tuple(shape))
     covered = 0
-    for name, (start, end) in sorted(ranges.items(), key=lambda item: item[1]):
+    layout = {}
+    for name, (start, end, dtype, shape) in sorted(
+        ranges.items(), key=lambda item: item[1][:2]
+    ):
         if start != covered:
             raise invalid(
                 f"the data of {name!r} starts at byte {start} of the data section, "
                 f"not at {covered} where the previous tensor ends"
             )
         covered = end
+        layout[name] = (dtype, shape)
     if covered != data_size:
         raise invalid(
             f"its tensors cover {covered} bytes, but the data section after the "
             f"header holds {data_size}"
         )
+    return layout
 
 
-def _check_safetensors(handle: BinaryIO, file: pathlib.Path) -> None:
-    """Checks the header of the safetensors file open in `handle`, bounding its length
-    before reading it. The format is an 8-byte little-endian header length, a JSON
-    header, then the tensors' bytes."""
+def _checked_safetensors(
+    handle: BinaryIO, file: pathlib.Path
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """`_checked_layout` of the safetensors file open in `handle`, its header's length
+    bounded before the header is read. The format is an 8-byte little-endian header
+    length, a JSON header, then the tensors' bytes."""
     file_size = os.fstat(handle.fileno()).st_size
     prefix = handle.read(8)
     if len(prefix) < 8:
@@ -193,7 +212,7 @@ def _check_safetensors(handle: BinaryIO, file: pathlib.Path) -> None:
             f"({file_size} bytes)."
         )
     header = _parse_json(handle.read(header_size), file, "the safetensors header")
-    _check_header(header, file_size - 8 - header_size, file)
+    return _checked_layout(header, file_size - 8 - header_size, file)
 
 
 def _checked_file_name(handle: BinaryIO, file: pathlib.Path) -> str:
@@ -204,21 +223,68 @@ def _checked_file_name(handle: BinaryIO, file: pathlib.Path) -> str:
     return descriptor_name if os.path.exists(descriptor_name) else str(file)
 
 
+def adoptable_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary,
+    which JAX's CPU client adopts (`jax.device_put`) instead of copying."""
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.empty(size + _ADOPTED_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % _ADOPTED_ALIGNMENT
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
+def _read_rows(library_name: str, name: str, rows: slice | None) -> np.ndarray:
+    """The `rows` of the tensor `name` (all of it for None), read through a memory map
+    of their own, which goes (and with it the file's pages it made resident) when
+    they are read."""
+    from safetensors import safe_open
+
+    with safe_open(library_name, framework="numpy") as library:
+        if rows is None:
+            return library.get_tensor(name)
+        return library.get_slice(name)[rows]
+
+
+def _read_tensor(
+    library_name: str, name: str, dtype: str, shape: tuple[int, ...]
+) -> np.ndarray:
+    """The tensor `name` in an `adoptable_empty` array, read in blocks of rows of at
+    most `_BLOCK_BYTES` (or a row)."""
+    if not shape or math.prod(shape) * _ITEM_BYTES[dtype] <= _BLOCK_BYTES:
+        # Whole, as the library slices no 0-d tensor and no empty range (and an empty
+        # tensor's rows may be past counting).
+        value = _read_rows(library_name, name, None)
+        tensor = adoptable_empty(shape, value.dtype)
+        tensor[...] = value
+        return tensor
+    rows = max(1, _BLOCK_BYTES // (math.prod(shape[1:]) * _ITEM_BYTES[dtype]))
+    # The library refuses a stop past the end.
+    blocks = [
+        slice(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)
+    ]
+    first = _read_rows(library_name, name, blocks[0])
+    tensor = adoptable_empty(shape, first.dtype)
+    tensor[blocks[0]] = first
+    del first
+    for block in blocks[1:]:
+        tensor[block] = _read_rows(library_name, name, block)
+    return tensor
+
+
 def read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
-    """All tensors of one `.safetensors` file as NumPy arrays (bfloat16 ones as
-    ml_dtypes' `bfloat16`, which is JAX's), each read once by the `safetensors`
-    library after `file` and its header pass our checks."""
-    from safetensors import SafetensorError, safe_open
+    """All tensors of one `.safetensors` file as NumPy arrays that JAX can adopt
+    (bfloat16 ones as ml_dtypes' `bfloat16`, which is JAX's), read by the
+    `safetensors` library once `file` and its header pass our checks. Loading holds
+    the tensors once, plus one block."""
+    from safetensors import SafetensorError
 
     with _open_regular_file(file) as handle:
-        _check_safetensors(handle, file)
+        layout = _checked_safetensors(handle, file)
+        library_name = _checked_file_name(handle, file)
         try:
-            with safe_open(
-                _checked_file_name(handle, file), framework="numpy", backend="pread"
-            ) as library:
-                # In the file's order, so that the reads run forward through it.
-                names = library.offset_keys()
-                return {name: library.get_tensor(name) for name in names}
+            return {
+                name: _read_tensor(library_name, name, dtype, shape)
+                for name, (dtype, shape) in layout.items()
+            }
         except (SafetensorError, OSError) as error:
             # Only what changed since the checks (a file cut short) gets here.
             raise ValueError(f"{file} cannot be read: {error}.") from error
