@@ -286,7 +286,8 @@ def read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
                 for name, (dtype, shape) in layout.items()
             }
         except (SafetensorError, OSError) as error:
-            # Only what changed since the checks (a file cut short) gets here.
+            # What the library refuses beyond our checks: a dimension past its
+            # integers, a file cut short since they ran.
             raise ValueError(f"{file} cannot be read: {error}.") from error
 
 
