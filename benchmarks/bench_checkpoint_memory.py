@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 # vocab 32000, width 2048, MLP 5632, 3 layers, 16 heads over 4 key/value heads,
 # untied: 1.07e9 bytes of float32.
@@ -81,11 +82,16 @@ def measure_load(directory: str) -> dict:
     # A first (tiny) array, so that the baseline holds the backend's own start-up.
     jax.block_until_ready(jax.numpy.zeros(8))
     baseline_kib = _status_kib("VmRSS")
-    resettable = _reset_peak() and baseline_kib is not None
-    baseline = baseline_kib * 1024 if resettable else _max_rss_bytes()
+    if baseline_kib is not None and _reset_peak():
+        baseline = baseline_kib * 1024
+
+        def peak_bytes() -> int:
+            return 1024 * (_status_kib("VmHWM") or 0)
+    else:
+        baseline, peak_bytes = _max_rss_bytes(), _max_rss_bytes
     model = TransformerLM.from_huggingface(directory)
     jax.block_until_ready(model)
-    peak = _status_kib("VmHWM") * 1024 if resettable else _max_rss_bytes()
+    peak = peak_bytes()
     return dict(baseline=baseline, peak=peak, weights=_stored_bytes(directory))
 
 
@@ -102,7 +108,8 @@ def _stored_bytes(directory: str) -> int:
     return total
 
 
-def _in_subprocess(function: str, *args: str) -> str:
+def _in_subprocess(function: str, *args: Any) -> str:
+    """`function(*args)`'s JSON result, from a fresh Python process."""
     here = os.path.dirname(os.path.abspath(__file__))
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); "
