@@ -235,3 +235,29 @@ def test_the_gpu_check_runs_on_the_cpu_with_smoke(tmp_path):
         "cross_entropy(...).mean()",
         "mean_cross_entropy",
     ]
+
+
+def test_checkpoint_memory_benchmark_runs_small():
+    """The checkpoint-loading benchmark end to end on a tiny model: its weights'
+    bytes are the Llama parameter count's, and its goal is the measured ratio."""
+    import bench_checkpoint_memory
+
+    size = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+    )
+    returned = bench_checkpoint_memory.main(size)
+    rows = {row.case: row for row in returned if isinstance(row, Row)}
+    (goal,) = [goal for goal in returned if isinstance(goal, Goal)]
+    width, head_dim = size["hidden_size"], size["hidden_size"] // size["num_heads"]
+    attention = 2 * width * width + 2 * width * size["num_kv_heads"] * head_dim
+    layer = attention + 3 * width * size["intermediate_size"] + 2 * width
+    parameters = 2 * size["vocab_size"] * width + size["num_layers"] * layer + width
+    assert rows["weights"].median_ms * 2**20 == 4 * parameters
+    peak = rows["peak above imports"]
+    assert peak.ratio == pytest.approx(peak.median_ms / rows["weights"].median_ms)
+    assert goal.measured == peak.ratio and goal.limit == 1.2

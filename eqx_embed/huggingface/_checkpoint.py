@@ -18,6 +18,7 @@ from ..models._config import TransformerConfig
 from ._config_json import config_from_huggingface, config_to_huggingface
 from ._safetensors import (
     CONFIG_NAME,
+    adoptable_empty,
     checkpoint_files,
     read_json,
     read_safetensors,
@@ -85,6 +86,26 @@ def _transpose_conv1d(
     )
     for name in [n for n in tensors if suffixes and n.endswith(suffixes)]:
         tensors[name] = tensors[name].T
+
+
+def _stacked_layers(
+    tensors: dict[str, np.ndarray], names: list[str], directory: pathlib.Path
+) -> np.ndarray:
+    """The layers `names` of one block weight, stacked along a new leading axis (as
+    `np.stack` would, promoting their dtypes). Each layer leaves `tensors` as it is
+    copied, so that its memory goes as the stack's comes: loading holds the weights
+    once, plus one layer."""
+    shapes = {tensors[name].shape for name in names}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"The checkpoint in {directory} stores the layers {names[0]} ... "
+            f"{names[-1]} with different shapes: {sorted(shapes)}."
+        )
+    dtype = np.result_type(*(tensors[name].dtype for name in names))
+    stack = adoptable_empty((len(names), *shapes.pop()), dtype)
+    for layer, name in enumerate(names):
+        stack[layer] = tensors.pop(name)
+    return stack
 
 
 # The model's name of its lookup table, and of the decode head, which a tied model
@@ -183,8 +204,10 @@ def read_weights(
                 f"The checkpoint in {directory} has no {missing[0]} (for the model's "
                 f"{name}), which its config implies."
             )
-        layers = [tensors.pop(n) for n in hf_names]
-        arrays[name] = np.stack(layers) if isinstance(hf_name, list) else layers[0]
+        if isinstance(hf_name, list):
+            arrays[name] = _stacked_layers(tensors, hf_name, directory)
+        else:
+            arrays[name] = tensors.pop(hf_name)
     if config.tie_word_embeddings:
         head = tensors.pop(_huggingface_name(UNTIED_HEAD, config), None)
         # A copy of the embedding is the tied head; a different head is returned too,

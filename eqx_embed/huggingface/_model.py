@@ -54,13 +54,18 @@ def load_transformer(
         names = _named_leaves(skeleton)
     leaves = []
     for name, want in names.items():
-        array = arrays[name]
+        # Popped, so that each host array goes once it is on the device.
+        array = arrays.pop(name)
         if array.shape != want.shape:
             raise ValueError(
                 f"{path}: the checkpoint's weight for {name} has shape "
                 f"{array.shape}, but its config implies {want.shape}."
             )
-        leaves.append(jnp.asarray(array, dtype=want.dtype))
+        if array.dtype == want.dtype:
+            # On CPU, JAX adopts the reader's aligned host arrays rather than copy them.
+            leaves.append(jax.device_put(array))
+        else:
+            leaves.append(jnp.asarray(array, dtype=want.dtype))
     parts = jax.tree.unflatten(jax.tree.structure(skeleton), leaves)
     return TransformerLM(config, **parts)
 

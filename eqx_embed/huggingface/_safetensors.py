@@ -1,10 +1,15 @@
 """The files of a Hugging Face checkpoint directory (`*.safetensors`,
-`model.safetensors.index.json`, `config.json`) read and written with NumPy alone.
+`model.safetensors.index.json`, `config.json`), read and written with NumPy and the
+`safetensors` library.
 
 Readers trust nothing in the files: they open regular files only (a FIFO or a device
 would block or never end), take shards only from the checkpoint directory, bound what
 they parse before reading it, and check a safetensors header's every field against the
-file before reading a tensor, so that a bad file raises one `ValueError` naming it.
+file before the library reads a tensor, so that a bad file raises one `ValueError`
+naming it and what is wrong (the library's own errors name neither). The library then
+reads each tensor, block by block through short-lived memory maps, into a host array
+that JAX's CPU client adopts without a copy, so that loading holds the weights about
+once.
 Writers write each file to a temporary name and `os.replace` it, so that a directory
 holds exactly one checkpoint, whole or (after a crash) without `config.json`.
 """
@@ -19,7 +24,6 @@ import struct
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-import jax.numpy as jnp
 import numpy as np
 
 WEIGHTS_NAME = "model.safetensors"
@@ -30,21 +34,31 @@ CONFIG_NAME = "config.json"
 # also applied to the JSON files of a checkpoint.
 MAX_HEADER_SIZE = 100_000_000
 
-_DTYPES = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(jnp.bfloat16),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"),
-    "U32": np.dtype("<u4"),
-    "U16": np.dtype("<u2"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype(bool),
+# The bytes per element of the dtypes read (what the header check needs); the library
+# returns the NumPy dtype itself, bfloat16 as ml_dtypes' (JAX's) `bfloat16`.
+_ITEM_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
+
+
+# JAX's CPU client adopts a host buffer that starts on this boundary (XLA's minimum
+# alignment) rather than copying it.
+_ADOPTED_ALIGNMENT = 64
+# The most bytes a tensor's block holds in memory twice while it is read: once mapped
+# from the file, once copied.
+_BLOCK_BYTES = 16 * 2**20
 
 
 def _open_regular_file(file: pathlib.Path) -> BinaryIO:
@@ -96,12 +110,13 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _tensor_layout(
+def _checked_layout(
     header: Any, data_size: int, file: pathlib.Path
-) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
-    """Each tensor's dtype, shape and byte range in the data section, after checking
-    the header as safetensors does: known fields, sizes that agree with the shapes,
-    and ranges that tile the data section exactly."""
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Each tensor's dtype code and shape, in the file's order, after checking the
+    parsed header of `file` as safetensors does, field by field: known fields, sizes
+    that agree with the shapes, and byte ranges that tile the data section
+    (`data_size` bytes) exactly."""
 
     def invalid(problem: str) -> ValueError:
         return ValueError(f"{file} is not a valid safetensors file: {problem}.")
@@ -113,7 +128,7 @@ def _tensor_layout(
         isinstance(value, str) for value in metadata.values()
     ):
         raise invalid("its __metadata__ must map strings to strings")
-    layout = {}
+    ranges = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -124,10 +139,10 @@ def _tensor_layout(
         )
         if not isinstance(dtype, str):
             raise invalid(f"{name!r} has dtype {dtype!r}, not a string")
-        if dtype not in _DTYPES:
+        if dtype not in _ITEM_BYTES:
             raise invalid(
                 f"{name!r} has the unsupported dtype {dtype!r} (supported: "
-                f"{', '.join(_DTYPES)})"
+                f"{', '.join(_ITEM_BYTES)})"
             )
         if not isinstance(shape, list) or not all(map(_is_count, shape)):
             raise invalid(
@@ -144,16 +159,17 @@ def _tensor_layout(
                 "non-negative integers"
             )
         start, end = offsets
-        size = math.prod(shape) * _DTYPES[dtype].itemsize
+        size = math.prod(shape) * _ITEM_BYTES[dtype]
         if end - start != size:
             raise invalid(
                 f"{name!r} has {end - start} bytes of data, but its shape {shape} of "
                 f"{dtype} needs {size}"
             )
-        layout[name] = (_DTYPES[dtype], tuple(shape), start, end)
+        ranges[name] = (start, end, dtype, tuple(shape))
     covered = 0
-    for name, (_, _, start, end) in sorted(
-        layout.items(), key=lambda item: item[1][2:]
+    layout = {}
+    for name, (start, end, dtype, shape) in sorted(
+        ranges.items(), key=lambda item: item[1][:2]
     ):
         if start != covered:
             raise invalid(
@@ -161,6 +177,7 @@ def _tensor_layout(
                 f"not at {covered} where the previous tensor ends"
             )
         covered = end
+        layout[name] = (dtype, shape)
     if covered != data_size:
         raise invalid(
             f"its tensors cover {covered} bytes, but the data section after the "
@@ -169,41 +186,109 @@ def _tensor_layout(
     return layout
 
 
+def _checked_safetensors(
+    handle: BinaryIO, file: pathlib.Path
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """`_checked_layout` of the safetensors file open in `handle`, its header's length
+    bounded before the header is read. The format is an 8-byte little-endian header
+    length, a JSON header, then the tensors' bytes."""
+    file_size = os.fstat(handle.fileno()).st_size
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise ValueError(
+            f"{file} is not a valid safetensors file: it is {len(prefix)} bytes "
+            "long, too short for the 8-byte header length."
+        )
+    (header_size,) = struct.unpack("<Q", prefix)
+    if header_size > MAX_HEADER_SIZE:
+        raise ValueError(
+            f"{file} is not a valid safetensors file: its header length, "
+            f"{header_size} bytes, exceeds safetensors' limit of {MAX_HEADER_SIZE}."
+        )
+    if header_size > file_size - 8:
+        raise ValueError(
+            f"{file} is not a valid safetensors file: its header length, "
+            f"{header_size} bytes, runs past the end of the file "
+            f"({file_size} bytes)."
+        )
+    header = _parse_json(handle.read(header_size), file, "the safetensors header")
+    return _checked_layout(header, file_size - 8 - header_size, file)
+
+
+def _checked_file_name(handle: BinaryIO, file: pathlib.Path) -> str:
+    """A name under which the library opens the very file that `handle` has open and
+    checked: `/dev/fd/N` where the system has it, so that a file swapped for a FIFO
+    after the check cannot make the library's own `open` block; else `file`."""
+    descriptor_name = f"/dev/fd/{handle.fileno()}"
+    return descriptor_name if os.path.exists(descriptor_name) else str(file)
+
+
+def adoptable_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary,
+    which JAX's CPU client adopts (`jax.device_put`) instead of copying."""
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.empty(size + _ADOPTED_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % _ADOPTED_ALIGNMENT
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
+def _read_rows(library_name: str, name: str, rows: slice | None) -> np.ndarray:
+    """The `rows` of the tensor `name` (all of it for None), read through a memory map
+    of their own, which goes (and with it the file's pages it made resident) when
+    they are read."""
+    from safetensors import safe_open
+
+    with safe_open(library_name, framework="numpy") as library:
+        if rows is None:
+            return library.get_tensor(name)
+        return library.get_slice(name)[rows]
+
+
+def _read_tensor(
+    library_name: str, name: str, dtype: str, shape: tuple[int, ...]
+) -> np.ndarray:
+    """The tensor `name` in an `adoptable_empty` array, read in blocks of rows of at
+    most `_BLOCK_BYTES` (or a row)."""
+    if not shape or math.prod(shape) * _ITEM_BYTES[dtype] <= _BLOCK_BYTES:
+        # Whole, as the library slices no 0-d tensor and no empty range (and an empty
+        # tensor's rows may be past counting).
+        value = _read_rows(library_name, name, None)
+        tensor = adoptable_empty(shape, value.dtype)
+        tensor[...] = value
+        return tensor
+    rows = max(1, _BLOCK_BYTES // (math.prod(shape[1:]) * _ITEM_BYTES[dtype]))
+    # The library refuses a stop past the end.
+    blocks = [
+        slice(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)
+    ]
+    first = _read_rows(library_name, name, blocks[0])
+    tensor = adoptable_empty(shape, first.dtype)
+    tensor[blocks[0]] = first
+    del first
+    for block in blocks[1:]:
+        tensor[block] = _read_rows(library_name, name, block)
+    return tensor
+
+
 def read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
-    """All tensors of one `.safetensors` file as NumPy arrays (bfloat16 ones too,
-    which safetensors' NumPy API cannot return). The format is an 8-byte little-endian
-    header length, a JSON header, then the tensors' bytes, little-endian."""
+    """All tensors of one `.safetensors` file as NumPy arrays that JAX can adopt
+    (bfloat16 ones as ml_dtypes' `bfloat16`, which is JAX's), read by the
+    `safetensors` library once `file` and its header pass our checks. Loading holds
+    the tensors once, plus one block."""
+    from safetensors import SafetensorError
+
     with _open_regular_file(file) as handle:
-        file_size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ValueError(
-                f"{file} is not a valid safetensors file: it is {len(prefix)} bytes "
-                "long, too short for the 8-byte header length."
-            )
-        (header_size,) = struct.unpack("<Q", prefix)
-        if header_size > MAX_HEADER_SIZE:
-            raise ValueError(
-                f"{file} is not a valid safetensors file: its header length, "
-                f"{header_size} bytes, exceeds safetensors' limit of "
-                f"{MAX_HEADER_SIZE}."
-            )
-        if header_size > file_size - 8:
-            raise ValueError(
-                f"{file} is not a valid safetensors file: its header length, "
-                f"{header_size} bytes, runs past the end of the file "
-                f"({file_size} bytes)."
-            )
-        header = _parse_json(handle.read(header_size), file, "the safetensors header")
-        layout = _tensor_layout(header, file_size - 8 - header_size, file)
-        tensors = {}
-        for name, (dtype, shape, start, end) in layout.items():
-            handle.seek(8 + header_size + start)
-            data = bytearray(end - start)
-            if handle.readinto(data) != len(data):
-                raise ValueError(f"{file} ended while {name!r} was read.")
-            tensors[name] = np.frombuffer(data, dtype).reshape(shape)
-    return tensors
+        layout = _checked_safetensors(handle, file)
+        library_name = _checked_file_name(handle, file)
+        try:
+            return {
+                name: _read_tensor(library_name, name, dtype, shape)
+                for name, (dtype, shape) in layout.items()
+            }
+        except (SafetensorError, OSError) as error:
+            # What the library refuses beyond our checks: a dimension past its
+            # integers, a file cut short since they ran.
+            raise ValueError(f"{file} cannot be read: {error}.") from error
 
 
 def _is_file_name(entry: str) -> bool:
