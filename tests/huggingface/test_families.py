@@ -13,7 +13,7 @@ import transformers
 from eqx_embed import TransformerConfig
 from eqx_embed.huggingface._checkpoint import _huggingface_name
 from eqx_embed.models._config import FAMILIES, Family
-from eqx_embed.models._transformer import _named_leaves, _random_parts
+from eqx_embed.models._transformer_parts import initial_parts, named_leaves
 from eqx_embed.models.families import FAMILY_SPECS
 
 # transformers 5 keeps these elsewhere or drops them, and reads them back all the same.
@@ -90,9 +90,9 @@ def test_every_weight_has_one_huggingface_name(name):
         num_heads=2,
         tie_word_embeddings=False,
     )
-    parts = eqx.filter_eval_shape(_random_parts, config, jax.random.key(0))
+    parts = eqx.filter_eval_shape(initial_parts, config, jax.random.key(0))
     hf_names = []
-    for weight in _named_leaves(parts):
+    for weight in named_leaves(parts):
         hf_name = _huggingface_name(weight, config)
         hf_names += hf_name if isinstance(hf_name, list) else [hf_name]
     assert len(hf_names) == len(set(hf_names))
