@@ -25,6 +25,7 @@ and are written after it, with one in-place scatter per stack.
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
@@ -167,8 +168,12 @@ def prefill(
             window = keys_values
         return model.embedding.decode(last), *full, *window
 
-    logits, *stacks = jax.vmap(one, out_axes=(0, 1, 1, 1, 1))(prompts, lengths)
-    return logits, KVCache(*stacks, lengths, capacity)
+    logits, keys, values, sliding_keys, sliding_values = jax.vmap(
+        one, out_axes=(0, 1, 1, 1, 1)
+    )(prompts, lengths)
+    return logits, KVCache(
+        keys, values, sliding_keys, sliding_values, lengths, capacity
+    )
 
 
 def check_decode_tokens(cache: KVCache, tokens: ArrayLike) -> Int[Array, " batch"]:

@@ -13,14 +13,25 @@ import jax.numpy as jnp
 from ..nn._contracts import check_positive, checked
 from ..nn._indices import OutOfRange, check_policy
 from ..nn._tables import frozen
-from .families import FAMILY_SPECS, FamilySpec, Presets, family_spec
+from .families import FamilySpec, Presets, family_spec
 from .families._spec import NormKind, PositionKind
 
-FAMILIES: tuple[str, ...] = tuple(FAMILY_SPECS)
-"""The families `TransformerConfig` accepts, by their Hugging Face `model_type`."""
+Family = Literal[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gpt_neox",
+    "gpt2",
+]
+"""The architectures `TransformerLM` implements, by their Hugging Face `model_type`
+(the keys of `FAMILY_SPECS`, in its order, as a test checks)."""
 
-Family = Literal[FAMILIES]
-"""The architectures `TransformerLM` implements, by their Hugging Face `model_type`."""
+FAMILIES: tuple[str, ...] = get_args(Family)
+"""The families `TransformerConfig` accepts, by their Hugging Face `model_type`."""
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,

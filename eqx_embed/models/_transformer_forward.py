@@ -51,7 +51,7 @@ def check_tokens(
 def embed(
     model: Any,
     tokens: Int[Array, " seq"],
-    positions: Integer[ArrayLike, " seq"] | None = None,
+    positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
 ) -> Float[Array, "seq hidden"]:
     """The (scaled) embeddings of checked `tokens`, plus the learned embeddings of
     `positions` (default `0 .. seq-1`) for a model that has them (GPT-2)."""
@@ -67,7 +67,9 @@ def embed(
 
 
 def gather_rotations(
-    model: Any, seq_len: int, positions: Integer[ArrayLike, " seq"] | None = None
+    model: Any,
+    seq_len: int,
+    positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
 ) -> Rotations:
     """The rotations of the global and the local (Gemma 3's sliding layers) RoPE at
     `positions`, checked and gathered once for every layer; `None` where the model has

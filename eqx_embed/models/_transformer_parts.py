@@ -5,6 +5,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
@@ -20,14 +21,13 @@ def make_rope(
 ) -> RotaryPositionalEmbedding | None:
     """The model's RoPE, or with `local=True` Gemma 3's second one for the sliding
     layers (its own theta, unscaled); `None` where the config has no such RoPE."""
-    if config.position_embedding != "rope" or (
-        local and config.rope_local_theta is None
-    ):
+    theta = config.rope_local_theta if local else config.rope_theta
+    if config.position_embedding != "rope" or theta is None:
         return None
     return RotaryPositionalEmbedding(
         config.head_dim,
         max_seq_len=config.max_position_embeddings,
-        theta=config.rope_local_theta if local else config.rope_theta,
+        theta=theta,
         rotary_dim=config.rotary_dim,
         scaling=None if local else config.rope_scaling,
         out_of_range=config.out_of_range,
