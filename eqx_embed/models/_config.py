@@ -13,8 +13,7 @@ import jax.numpy as jnp
 from ..nn._contracts import check_positive, checked
 from ..nn._indices import OutOfRange, check_policy
 from ..nn._tables import frozen
-from .families import FamilySpec, Presets, family_spec
-from .families._spec import NormKind, PositionKind
+from .families import FamilySpec, NormKind, PositionKind, Presets, family_spec
 
 Family = Literal[
     "llama",
@@ -442,9 +441,9 @@ class TransformerConfig:
 
     @property
     def spec(self) -> FamilySpec:
-        """The family's spec: its presets and Hugging Face names (the
-        [Hugging Face guide](../guides/huggingface.md#families-and-adding-one) lists
-        what a spec holds)."""
+        """The family's architecture spec: its presets (the
+        [Hugging Face guide](../guides/huggingface.md#adding-a-family) lists what a
+        spec holds)."""
         return family_spec(self.family)
 
     @property
