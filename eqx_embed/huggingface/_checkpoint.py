@@ -26,18 +26,23 @@ from ._safetensors import (
 from .families import huggingface_family
 
 
+def _top_level_name(name: str, config: TransformerConfig) -> str:
+    """The Hugging Face name of the model's weight `name` outside the blocks."""
+    module, leaf = name.rsplit(".", 1)
+    return f"{huggingface_family(config.family).weight_names.top[module]}.{leaf}"
+
+
 def _huggingface_name(name: str, config: TransformerConfig) -> str | list[str]:
     """The Hugging Face name of the model's weight `name`, or, for a stacked block
     weight, the list of per-layer names, from the family's format."""
+    if not name.startswith("blocks."):
+        return _top_level_name(name, config)
     names = huggingface_family(config.family).weight_names
-    module, leaf = name.rsplit(".", 1)
-    if module.startswith("blocks."):
-        hf_module = names.layer[module.removeprefix("blocks.")]
-        return [
-            f"{names.layer_prefix.format(layer)}{hf_module}.{leaf}"
-            for layer in range(config.num_layers)
-        ]
-    return f"{names.top[module]}.{leaf}"
+    module, leaf = name.removeprefix("blocks.").rsplit(".", 1)
+    return [
+        f"{names.layer_prefix.format(layer)}{names.layer[module]}.{leaf}"
+        for layer in range(config.num_layers)
+    ]
 
 
 def _split_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
@@ -186,7 +191,7 @@ def read_weights(
         layers = [tensors.pop(n) for n in hf_names]
         arrays[name] = np.stack(layers) if isinstance(hf_name, list) else layers[0]
     if config.tie_word_embeddings:
-        head = tensors.pop(_huggingface_name(UNTIED_HEAD, config), None)
+        head = tensors.pop(_top_level_name(UNTIED_HEAD, config), None)
         # A copy of the embedding is the tied head; a different head is returned too,
         # to be loaded untied, as transformers does: never dropped.
         if head is not None and not np.array_equal(head, arrays[VOCAB_TABLE]):
