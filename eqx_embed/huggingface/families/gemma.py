@@ -1,5 +1,5 @@
-"""Gemma (`GemmaForCausalLM`): Llama with RMSNorm scaled by `1 + weight`, GeGLU, and
-the embeddings scaled by `sqrt(hidden_size)`; tied by default."""
+"""The checkpoints of Gemma (`GemmaForCausalLM`): its `config.json` keys, weight names and
+transformers' defaults. The architecture is `eqx_embed.models.families.gemma`."""
 
 from typing import Any
 

@@ -1,6 +1,5 @@
-"""Gemma 2 (`Gemma2ForCausalLM`): Gemma with norms on the attention and MLP outputs
-too, `tanh` soft caps on the attention scores and the logits, and sliding-window
-attention on the even-numbered layers."""
+"""The checkpoints of Gemma 2 (`Gemma2ForCausalLM`): its `config.json` keys, weight names and
+transformers' defaults. The architecture is `eqx_embed.models.families.gemma2`."""
 
 from typing import Any
 

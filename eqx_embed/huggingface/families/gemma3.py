@@ -1,8 +1,5 @@
-"""Gemma 3, text only (`Gemma3ForCausalLM`, `model_type` `gemma3_text`): Gemma 2
-without its soft caps by default, with an RMSNorm on each query and key head, five
-sliding-window layers for every full one, and two RoPEs: the sliding layers rotate
-with a local theta (10,000), the full ones with `rope_theta` (1,000,000) and its
-scaling (linear, factor 8, in the released checkpoints)."""
+"""The checkpoints of Gemma 3, text only (`Gemma3ForCausalLM`): its `config.json` keys, weight names and
+transformers' defaults. The architecture is `eqx_embed.models.families.gemma3`."""
 
 from typing import Any
 

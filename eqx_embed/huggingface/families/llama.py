@@ -1,5 +1,5 @@
-"""Llama (`LlamaForCausalLM`): RMSNorm, SwiGLU, grouped-query attention, optional
-biases on the attention and the MLP."""
+"""The checkpoints of Llama (`LlamaForCausalLM`): its `config.json` keys, weight names and
+transformers' defaults. The architecture is `eqx_embed.models.families.llama`."""
 
 from typing import Any
 

@@ -1,5 +1,5 @@
-"""Mistral (`MistralForCausalLM`): Llama without biases, every layer attending
-through a sliding window unless `layer_types` says otherwise."""
+"""The checkpoints of Mistral (`MistralForCausalLM`): its `config.json` keys, weight names and
+transformers' defaults. The architecture is `eqx_embed.models.families.mistral`."""
 
 from typing import Any
 

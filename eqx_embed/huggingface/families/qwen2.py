@@ -1,6 +1,5 @@
-"""Qwen2 (`Qwen2ForCausalLM`): Llama with biases on the query, key and value
-projections; the layers from `max_window_layers` on slide when `use_sliding_window`
-is set."""
+"""The checkpoints of Qwen2 (`Qwen2ForCausalLM`): its `config.json` keys, weight names and
+transformers' defaults. The architecture is `eqx_embed.models.families.qwen2`."""
 
 from typing import Any
 

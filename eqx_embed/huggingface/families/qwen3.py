@@ -1,6 +1,5 @@
-"""Qwen3 (`Qwen3ForCausalLM`): Qwen2 without its query/key/value biases (or with
-biases on all four projections, by `attention_bias`), and an RMSNorm on each query
-and key head before the rotation."""
+"""The checkpoints of Qwen3 (`Qwen3ForCausalLM`): its `config.json` keys, weight names and
+transformers' defaults. The architecture is `eqx_embed.models.families.qwen3`."""
 
 from typing import Any
 
