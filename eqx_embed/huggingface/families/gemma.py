@@ -1,6 +1,6 @@
 """The checkpoints of Gemma (`GemmaForCausalLM`): its `config.json` keys,
 weight names and transformers' defaults. The architecture is
- `eqx_embed.models.families.gemma`."""
+`eqx_embed.models.families.gemma`."""
 
 from typing import Any
 

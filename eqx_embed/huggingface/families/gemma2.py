@@ -1,6 +1,6 @@
 """The checkpoints of Gemma 2 (`Gemma2ForCausalLM`): its `config.json` keys,
 weight names and transformers' defaults. The architecture is
- `eqx_embed.models.families.gemma2`."""
+`eqx_embed.models.families.gemma2`."""
 
 from typing import Any
 

@@ -1,6 +1,6 @@
 """The checkpoints of Gemma 3, text only (`Gemma3ForCausalLM`): its `config.json` keys,
 weight names and transformers' defaults. The architecture is
- `eqx_embed.models.families.gemma3`."""
+`eqx_embed.models.families.gemma3`."""
 
 from typing import Any
 

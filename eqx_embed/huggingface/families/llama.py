@@ -1,6 +1,6 @@
 """The checkpoints of Llama (`LlamaForCausalLM`): its `config.json` keys,
 weight names and transformers' defaults. The architecture is
- `eqx_embed.models.families.llama`."""
+`eqx_embed.models.families.llama`."""
 
 from typing import Any
 

@@ -1,6 +1,6 @@
 """The checkpoints of Mistral (`MistralForCausalLM`): its `config.json` keys,
 weight names and transformers' defaults. The architecture is
- `eqx_embed.models.families.mistral`."""
+`eqx_embed.models.families.mistral`."""
 
 from typing import Any
 

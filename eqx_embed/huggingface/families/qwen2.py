@@ -1,6 +1,6 @@
 """The checkpoints of Qwen2 (`Qwen2ForCausalLM`): its `config.json` keys,
 weight names and transformers' defaults. The architecture is
- `eqx_embed.models.families.qwen2`."""
+`eqx_embed.models.families.qwen2`."""
 
 from typing import Any
 

@@ -1,6 +1,6 @@
 """The checkpoints of Qwen3 (`Qwen3ForCausalLM`): its `config.json` keys,
 weight names and transformers' defaults. The architecture is
- `eqx_embed.models.families.qwen3`."""
+`eqx_embed.models.families.qwen3`."""
 
 from typing import Any
 
