@@ -46,7 +46,7 @@ def unrolled_forward(model: TransformerLM, tokens: jax.Array) -> jax.Array:
     x = jax.vmap(model.embedding)(tokens)
     x = x * jnp.asarray(model.config.hidden_size**0.5, x.dtype)
     rotation = model.rope.rotation(tokens.shape[0])
-    for layer, window in enumerate(model._layer_windows()):
+    for layer, window in enumerate(model.config.layer_windows):
         block = jax.tree.map(lambda array, i=layer: array[i], model.blocks)
         x = block(x, rotation=rotation, window=window)
     return jax.vmap(model.embedding.decode)(model.final_norm(x))

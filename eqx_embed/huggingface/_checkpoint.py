@@ -24,20 +24,26 @@ from ._safetensors import (
     read_safetensors,
     write_checkpoint_files,
 )
+from .families import huggingface_family
+
+
+def _top_level_name(name: str, config: TransformerConfig) -> str:
+    """The Hugging Face name of the model's weight `name` outside the blocks."""
+    module, leaf = name.rsplit(".", 1)
+    return f"{huggingface_family(config.family).weight_names.top[module]}.{leaf}"
 
 
 def _huggingface_name(name: str, config: TransformerConfig) -> str | list[str]:
     """The Hugging Face name of the model's weight `name`, or, for a stacked block
-    weight, the list of per-layer names, from the family's spec."""
-    names = config.spec.weight_names
-    module, leaf = name.rsplit(".", 1)
-    if module.startswith("blocks."):
-        hf_module = names.layer[module.removeprefix("blocks.")]
-        return [
-            f"{names.layer_prefix.format(layer)}{hf_module}.{leaf}"
-            for layer in range(config.num_layers)
-        ]
-    return f"{names.top[module]}.{leaf}"
+    weight, the list of per-layer names, from the family's format."""
+    if not name.startswith("blocks."):
+        return _top_level_name(name, config)
+    names = huggingface_family(config.family).weight_names
+    module, leaf = name.removeprefix("blocks.").rsplit(".", 1)
+    return [
+        f"{names.layer_prefix.format(layer)}{names.layer[module]}.{leaf}"
+        for layer in range(config.num_layers)
+    ]
 
 
 def _split_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
@@ -45,7 +51,7 @@ def _split_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> Non
     `query_key_value`, GPT-2's `c_attn`) by separate `query`, `key` and `value`
     tensors, in place. The fused rows are laid out per head, `(heads, 3, head_dim)`
     (GPT-NeoX), or as all queries, all keys, all values (GPT-2)."""
-    names = config.spec.weight_names
+    names = huggingface_family(config.family).weight_names
     fused = (f".{names.fused_qkv}.weight", f".{names.fused_qkv}.bias")
     for fused_name in [name for name in tensors if name.endswith(fused)]:
         array = tensors.pop(fused_name)
@@ -61,7 +67,7 @@ def _split_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> Non
 
 def _fuse_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
     """The inverse of `_split_qkv`, in place."""
-    names = config.spec.weight_names
+    names = huggingface_family(config.family).weight_names
     for query_name in [n for n in tensors if n.rsplit(".", 2)[-2] == "query"]:
         prefix, leaf = query_name.rsplit(".query.", 1)
         parts = [
@@ -81,9 +87,8 @@ def _transpose_conv1d(
 ) -> None:
     """Transposes, in place, the weights that the files store as `(in, out)`
     (Hugging Face's `Conv1D`); its own inverse."""
-    suffixes = tuple(
-        f".{module}.weight" for module in config.spec.weight_names.transposed
-    )
+    transposed = huggingface_family(config.family).weight_names.transposed
+    suffixes = tuple(f".{module}.weight" for module in transposed)
     for name in [n for n in tensors if suffixes and n.endswith(suffixes)]:
         tensors[name] = tensors[name].T
 
@@ -187,12 +192,12 @@ def read_weights(
             tensors[name] = array
     for name in [n for n in tensors if n.endswith(_RECOMPUTED_SUFFIXES)]:
         del tensors[name]
-    prefix = config.spec.weight_names.base_model_prefix
+    prefix = huggingface_family(config.family).weight_names.base_model_prefix
     if prefix and not any(name.startswith(prefix) for name in tensors):
         # The base model's files alone: transformers adds the prefix back.
         tensors = {f"{prefix}{name}": array for name, array in tensors.items()}
     _transpose_conv1d(tensors, config)
-    if config.spec.weight_names.fused_qkv:
+    if huggingface_family(config.family).weight_names.fused_qkv:
         _split_qkv(tensors, config)
     arrays = {}
     for name in names:
@@ -209,7 +214,7 @@ def read_weights(
         else:
             arrays[name] = tensors.pop(hf_name)
     if config.tie_word_embeddings:
-        head = tensors.pop(_huggingface_name(UNTIED_HEAD, config), None)
+        head = tensors.pop(_top_level_name(UNTIED_HEAD, config), None)
         # A copy of the embedding is the tied head; a different head is returned too,
         # to be loaded untied, as transformers does: never dropped.
         if head is not None and not np.array_equal(head, arrays[VOCAB_TABLE]):
@@ -249,7 +254,7 @@ def write_checkpoint(
             tensors.update(zip(hf_name, array, strict=True))
         else:
             tensors[hf_name] = array
-    if config.spec.weight_names.fused_qkv:
+    if huggingface_family(config.family).weight_names.fused_qkv:
         _fuse_qkv(tensors, config)
     _transpose_conv1d(tensors, config)
     tensors = {name: np.ascontiguousarray(array) for name, array in tensors.items()}

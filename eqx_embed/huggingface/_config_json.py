@@ -1,14 +1,14 @@
 """Hugging Face `config.json` to and from `TransformerConfig`, for any family: the keys
 every family shares are read and written here, the family's own through its
-[`FamilySpec`][eqx_embed.models.families.FamilySpec]."""
+`HuggingFaceFamily` (in `families/`)."""
 
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from ..models._config import FAMILIES, LAYER_TYPES, TransformerConfig
-from ..models.families import ConfigKeys, family_spec
 from ..nn._contracts import check_positive
+from .families import ConfigKeys, huggingface_family
 
 # Keys that do not change the logits: bookkeeping, special token ids, initialisation,
 # caching, and dropout (this model has none; it changes training, never the logits).
@@ -158,7 +158,7 @@ def config_from_huggingface(
         raise ValueError(
             f"config.json has model_type={model_type!r}; supported: {FAMILIES}."
         )
-    spec = family_spec(model_type)
+    spec = huggingface_family(model_type)
     if spec.normalise_config is not None:
         values = spec.normalise_config(dict(values))
     keys = ConfigKeys(values, spec)
@@ -192,7 +192,7 @@ def config_from_huggingface(
 def config_to_huggingface(config: TransformerConfig) -> dict[str, Any]:
     """The Hugging Face `config.json` (as a dict) of `config`. Raises a `ValueError`
     naming the settings that the family's Hugging Face config cannot express."""
-    spec = config.spec
+    spec = huggingface_family(config.family)
     values: dict[str, Any] = dict(
         architectures=[spec.architecture],
         model_type=spec.name,

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import DTypeLike
 
-from ..models._transformer import TransformerLM, _named_leaves, _random_parts
+from ..models import TransformerLM
+from ..models._transformer_parts import initial_parts, named_leaves
 from ..nn._indices import OutOfRange
 from ._checkpoint import (
     UNTIED_HEAD,
@@ -38,8 +39,8 @@ def load_transformer(
         ),
         out_of_range=out_of_range,
     )
-    skeleton = eqx.filter_eval_shape(_random_parts, config, jax.random.key(0))
-    names = _named_leaves(skeleton)
+    skeleton = eqx.filter_eval_shape(initial_parts, config, jax.random.key(0))
+    names = named_leaves(skeleton)
     arrays = read_weights(path, config, list(names))
     if config.tie_word_embeddings and UNTIED_HEAD in arrays:
         # transformers 5 loads such a checkpoint untied, warning as here.
@@ -50,8 +51,8 @@ def load_transformer(
             stacklevel=3,
         )
         config = dataclasses.replace(config, tie_word_embeddings=False)
-        skeleton = eqx.filter_eval_shape(_random_parts, config, jax.random.key(0))
-        names = _named_leaves(skeleton)
+        skeleton = eqx.filter_eval_shape(initial_parts, config, jax.random.key(0))
+        names = named_leaves(skeleton)
     leaves = []
     for name, want in names.items():
         # Popped, so that each host array goes once it is on the device.
@@ -73,7 +74,7 @@ def load_transformer(
 def save_transformer(model: TransformerLM, path: str | pathlib.Path) -> None:
     """Writes `model` as a Hugging Face checkpoint directory; see
     [`TransformerLM.to_huggingface`][eqx_embed.TransformerLM.to_huggingface]."""
-    arrays = _named_leaves(model.parts())
+    arrays = named_leaves(model.parts())
     # Tables padded for a device mesh (`pad_vocabulary`) are written without their
     # padding rows, read back whole from the devices as the writer would anyway.
     vocab_size = model.config.vocab_size

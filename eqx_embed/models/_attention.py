@@ -144,7 +144,7 @@ class Attention(eqx.Module):
         seq_len = x.shape[0]
         queries = self.query_proj(x).reshape(seq_len, self.num_heads, self.head_dim)
         keys = self.key_proj(x).reshape(seq_len, self.num_kv_heads, self.head_dim)
-        if self.query_norm is not None:
+        if self.query_norm is not None and self.key_norm is not None:
             queries, keys = self.query_norm(queries), self.key_norm(keys)
         if rotation is not None:
             queries, keys = rotation(queries), rotation(keys)

@@ -25,12 +25,20 @@ and are written after it, with one in-place scatter per stack.
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._attention import NO_WINDOW
 from ._config import TransformerConfig
+from ._transformer_forward import (
+    check_tokens,
+    embed,
+    gather_rotations,
+    layer_rotation,
+    scan_layers,
+)
 
 
 def stack_slots(config: TransformerConfig, capacity: int) -> tuple[int, int]:
@@ -135,20 +143,20 @@ def prefill(
     seq_len = prompts.shape[1]
 
     def one(tokens, length):
-        x = model._embed(model._check_tokens(tokens))
-        rotations = model._rotations(seq_len)
+        x = embed(model, check_tokens(model.config, tokens))
+        rotations = gather_rotations(model, seq_len)
         # Empty slots take row 0: decode_step masks them by `held_indices`.
         held = jnp.maximum(held_indices(length, sliding_slots), 0)
 
         def layer(block, x, window, _):
-            rotation = model._layer_rotation(rotations, window)
+            rotation = layer_rotation(rotations, window)
             x, keys_values = block.prefill(x, rotation=rotation, window=window)
             if not full_slots:
                 # Every layer slides: only the window leaves the scan.
                 keys_values = jax.tree.map(lambda kv: kv[held], keys_values)
             return x, keys_values
 
-        x, keys_values = model._scan_layers(x, layer)
+        x, keys_values = scan_layers(model, x, layer)
         last = model.final_norm(x[length - 1])
         if full_slots:
             # Token t < capacity lives in slot t: the prompt, then room to write.
@@ -160,8 +168,30 @@ def prefill(
             window = keys_values
         return model.embedding.decode(last), *full, *window
 
-    logits, *stacks = jax.vmap(one, out_axes=(0, 1, 1, 1, 1))(prompts, lengths)
-    return logits, KVCache(*stacks, lengths, capacity)
+    logits, keys, values, sliding_keys, sliding_values = jax.vmap(
+        one, out_axes=(0, 1, 1, 1, 1)
+    )(prompts, lengths)
+    return logits, KVCache(
+        keys, values, sliding_keys, sliding_values, lengths, capacity
+    )
+
+
+def check_decode_tokens(cache: KVCache, tokens: ArrayLike) -> Int[Array, " batch"]:
+    """`tokens` as an array of one id per row of `cache`, which must have room left
+    (checked when its lengths are concrete)."""
+    tokens = jnp.asarray(tokens)
+    if tokens.shape != cache.lengths.shape:
+        raise ValueError(
+            f"tokens must have shape {cache.lengths.shape}, one per row of the "
+            f"cache, got shape {tokens.shape}."
+        )
+    if not isinstance(cache.lengths, jax.core.Tracer) and bool(
+        jnp.any(cache.lengths >= cache.capacity)
+    ):
+        raise ValueError(
+            f"The cache is full: a row holds capacity={cache.capacity} tokens."
+        )
+    return tokens
 
 
 def decode_step(
@@ -172,9 +202,13 @@ def decode_step(
     mixed = sliding.any() and not sliding.all()
     lengths = cache.lengths
     x = jax.vmap(
-        lambda token, length: model._embed(model._check_tokens(token[None]), length)
+        lambda token, length: embed(
+            model, check_tokens(model.config, token[None]), length
+        )
     )(tokens, lengths[:, None])
-    rotations = jax.vmap(lambda length: model._rotations(1, length))(lengths[:, None])
+    rotations = jax.vmap(lambda length: gather_rotations(model, 1, length))(
+        lengths[:, None]
+    )
     full = cache.keys, cache.values
     window_stacks = cache.sliding_keys, cache.sliding_values
 
@@ -182,7 +216,7 @@ def decode_step(
     # layer-major, so reading one layer's rows copies that layer only.
     def layer(block, x, window, scanned):
         layer_slides, index = scanned
-        rotation = model._layer_rotation(rotations, window)
+        rotation = layer_rotation(rotations, window)
         window = NO_WINDOW if window is None else window
 
         def attend(keys, values):
@@ -209,7 +243,7 @@ def decode_step(
         )
 
     scanned = (jnp.asarray(sliding), jnp.asarray(stack_index, jnp.int32))
-    x, (new_keys, new_values) = model._scan_layers(x, layer, xs=scanned)
+    x, (new_keys, new_values) = scan_layers(model, x, layer, xs=scanned)
     logits = jax.vmap(model.embedding.decode)(model.final_norm(x[:, 0]))
     # One scatter of a row per sequence and layer into each stack: the cache is
     # updated in place.

@@ -1,10 +1,8 @@
-"""The static description of a decoder-only transformer: `TransformerConfig`.
+"""The static description of a decoder-only transformer: `TransformerConfig`, whose
+fields hold resolved values (the family's presets applied, then validated); the
+presets live in `families/`."""
 
-Why this module is longer than the others: `TransformerConfig` documents each of its
-thirty-odd fields in words (the API page shows them), and its validation names every
-field it rejects; the families' presets live in `families/`.
-"""
-
+import copy
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
@@ -14,14 +12,25 @@ import jax.numpy as jnp
 
 from ..nn._contracts import check_positive, checked
 from ..nn._indices import OutOfRange, check_policy
-from .families import FAMILY_SPECS, FamilySpec, Presets, family_spec
-from .families._spec import NormKind, PositionKind
+from ..nn._tables import frozen
+from .families import FamilySpec, NormKind, PositionKind, Presets, family_spec
 
-FAMILIES: tuple[str, ...] = tuple(FAMILY_SPECS)
+Family = Literal[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gpt_neox",
+    "gpt2",
+]
+"""The architectures `TransformerLM` implements, by their Hugging Face `model_type`
+(the keys of `FAMILY_SPECS`, in its order, as a test checks)."""
+
+FAMILIES: tuple[str, ...] = get_args(Family)
 """The families `TransformerConfig` accepts, by their Hugging Face `model_type`."""
-
-Family = Literal[FAMILIES]
-"""The architectures `TransformerLM` implements, by their Hugging Face `model_type`."""
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -68,14 +77,12 @@ MAX_ROPE_TABLE_BYTES = 4 * 2**30
 
 
 class FrozenMapping(Mapping):
-    """A read-only, hashable dict of JSON values (lists are kept as tuples), so that a
-    config holding one can be a static field."""
+    """A read-only, hashable dict of JSON values, so that a config holding one can be
+    a static field. It hashes by `frozen`, the library's one freezing of JSON
+    values."""
 
     def __init__(self, values: Mapping[str, Any]):
-        self._values = {
-            key: tuple(value) if isinstance(value, list) else value
-            for key, value in values.items()
-        }
+        self._values = copy.deepcopy(dict(values))
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
@@ -87,17 +94,14 @@ class FrozenMapping(Mapping):
         return len(self._values)
 
     def __hash__(self) -> int:
-        return hash(tuple(sorted(self._values.items())))
+        return hash(frozen(self._values))
 
     def __repr__(self) -> str:
         return repr(self._values)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-able dict."""
-        return {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in self._values.items()
-        }
+        return copy.deepcopy(self._values)
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -121,7 +125,34 @@ def _floating_dtype(name: str, value: str) -> jnp.dtype:
     return dtype
 
 
-@dataclasses.dataclass(frozen=True)
+def _resolved(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a `TransformerConfig` from its constructor's `arguments`: what
+    was left `None` filled in (the family's presets, the derived sizes) and the
+    containers frozen, so that the stored config is explicit. A `head_dim` that
+    cannot be derived stays `None`, for the validation to name the sizes."""
+    resolved = dict(arguments)
+    presets = family_spec(arguments["family"]).presets
+    for name in _PRESET_FIELDS:
+        if arguments[name] is None:
+            resolved[name] = getattr(presets, name)
+    hidden_size, num_heads = arguments["hidden_size"], arguments["num_heads"]
+    if arguments["num_kv_heads"] is None:
+        resolved["num_kv_heads"] = num_heads
+    if (
+        arguments["head_dim"] is None
+        and _is_positive_int(hidden_size)
+        and _is_positive_int(num_heads)
+        and hidden_size % num_heads == 0
+    ):
+        resolved["head_dim"] = hidden_size // num_heads
+    if isinstance(arguments["rope_scaling"], Mapping):
+        resolved["rope_scaling"] = FrozenMapping(arguments["rope_scaling"])
+    if arguments["layer_types"] is not None:
+        resolved["layer_types"] = tuple(arguments["layer_types"])
+    return resolved
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class TransformerConfig:
     """Everything about a [`TransformerLM`][eqx_embed.TransformerLM] that is not a
     weight: a frozen, hashable dataclass (the model keeps it as a static field), with
@@ -237,64 +268,83 @@ class TransformerConfig:
     intermediate_size: int
     num_layers: int
     num_heads: int
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    max_position_embeddings: int = 2048
-    rope_theta: float | int = 10_000.0
-    rope_scaling: Mapping[str, Any] | None = None
-    partial_rotary_factor: float | int | None = None
-    tie_word_embeddings: bool = True
-    activation_dtype: str = "float32"
-    param_dtype: str = "float32"
-    norm_eps: float | int | None = None
-    hidden_act: str | None = None
-    attention_bias: bool | None = None
-    attention_output_bias: bool | None = None
-    mlp_bias: bool | None = None
-    sliding_window: int | None = None
-    layer_types: Sequence[str] | None = None
-    attention_logit_soft_cap: float | int | None = None
-    final_logit_soft_cap: float | int | None = None
-    query_pre_attn_scalar: float | int | None = None
-    parallel_residual: bool | None = None
-    norm: NormKind | None = None
-    gated_mlp: bool | None = None
-    scale_embeddings: bool | None = None
-    sandwich_norms: bool | None = None
-    qk_norm: bool | None = None
-    position_embedding: PositionKind | None = None
-    rope_local_theta: float | int | None = None
-    out_of_range: OutOfRange = "nan"
-    scan_unroll: int = 1
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rope_theta: float | int
+    rope_scaling: FrozenMapping | None
+    partial_rotary_factor: float | int
+    tie_word_embeddings: bool
+    activation_dtype: str
+    param_dtype: str
+    norm_eps: float | int
+    hidden_act: str
+    attention_bias: bool
+    attention_output_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    layer_types: tuple[str, ...] | None
+    attention_logit_soft_cap: float | int | None
+    final_logit_soft_cap: float | int | None
+    query_pre_attn_scalar: float | int | None
+    parallel_residual: bool
+    norm: NormKind
+    gated_mlp: bool
+    scale_embeddings: bool
+    sandwich_norms: bool
+    qk_norm: bool
+    position_embedding: PositionKind
+    rope_local_theta: float | int | None
+    out_of_range: OutOfRange
+    scan_unroll: int
 
-    def __post_init__(self):
-        self._resolve()
-        self._validate()
-
-    def _resolve(self) -> None:
-        """Fills in what was left `None` (the family's presets, the derived sizes)
-        and freezes the containers, so that the stored config is explicit."""
-        presets = family_spec(self.family).presets
-        resolved = {
-            name: getattr(presets, name)
-            for name in _PRESET_FIELDS
-            if getattr(self, name) is None
-        }
-        if self.num_kv_heads is None:
-            resolved["num_kv_heads"] = self.num_heads
-        if (
-            self.head_dim is None
-            and _is_positive_int(self.hidden_size)
-            and _is_positive_int(self.num_heads)
-            and self.hidden_size % self.num_heads == 0
-        ):
-            resolved["head_dim"] = self.hidden_size // self.num_heads
-        if isinstance(self.rope_scaling, Mapping):
-            resolved["rope_scaling"] = FrozenMapping(self.rope_scaling)
-        if self.layer_types is not None:
-            resolved["layer_types"] = tuple(self.layer_types)
-        for name, value in resolved.items():
+    def __init__(
+        self,
+        family: Family,
+        vocab_size: int,
+        hidden_size: int,
+        intermediate_size: int,
+        num_layers: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        max_position_embeddings: int = 2048,
+        rope_theta: float | int = 10_000.0,
+        rope_scaling: Mapping[str, Any] | None = None,
+        partial_rotary_factor: float | int | None = None,
+        tie_word_embeddings: bool = True,
+        activation_dtype: str = "float32",
+        param_dtype: str = "float32",
+        norm_eps: float | int | None = None,
+        hidden_act: str | None = None,
+        attention_bias: bool | None = None,
+        attention_output_bias: bool | None = None,
+        mlp_bias: bool | None = None,
+        sliding_window: int | None = None,
+        layer_types: Sequence[str] | None = None,
+        attention_logit_soft_cap: float | int | None = None,
+        final_logit_soft_cap: float | int | None = None,
+        query_pre_attn_scalar: float | int | None = None,
+        parallel_residual: bool | None = None,
+        norm: NormKind | None = None,
+        gated_mlp: bool | None = None,
+        scale_embeddings: bool | None = None,
+        sandwich_norms: bool | None = None,
+        qk_norm: bool | None = None,
+        position_embedding: PositionKind | None = None,
+        rope_local_theta: float | int | None = None,
+        out_of_range: OutOfRange = "nan",
+        scan_unroll: int = 1,
+    ):
+        """**Arguments:** the fields, by the same names. Those left `None` whose
+        description above gives a default (the family's presets, `num_kv_heads`,
+        `head_dim`) take it: the config holds resolved values only."""
+        # The arguments, one per field, before anything else is defined here.
+        arguments = dict(locals())
+        del arguments["self"]
+        for name, value in _resolved(arguments).items():
             object.__setattr__(self, name, value)
+        self._validate()
 
     def _validate(self) -> None:
         for name in _SIZE_FIELDS:
@@ -391,9 +441,9 @@ class TransformerConfig:
 
     @property
     def spec(self) -> FamilySpec:
-        """The family's spec: its presets and Hugging Face names (the
-        [Hugging Face guide](../guides/huggingface.md#families-and-adding-one) lists
-        what a spec holds)."""
+        """The family's architecture spec: its presets (the
+        [Hugging Face guide](../guides/huggingface.md#adding-a-family) lists what a
+        spec holds)."""
         return family_spec(self.family)
 
     @property

@@ -12,11 +12,13 @@ they wrote: wrap an eager `jax.vmap(model)` in `eqx.filter_jit` to compile it.
 """
 
 import functools
+import typing
 from collections.abc import Callable
 from typing import TypeVar
 
 import equinox as eqx
 import jax
+import jax.core
 import numpy as np
 
 from ..nn._indices import check_indices
@@ -82,4 +84,4 @@ def compiled_when_eager(method: Method) -> Method:
             )
         return compiled(self, *args, **kwargs)
 
-    return call
+    return typing.cast(Method, call)

@@ -7,11 +7,12 @@ from collections.abc import Sequence
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from ._cache import decode_step, prefill
+from ._cache import KVCache, decode_step, prefill
 
 
 def _is_int(value) -> bool:
@@ -72,6 +73,23 @@ def check_prompts(
             f"({max_positions}); the prompts' width plus max_new_tokens must fit."
         )
     return prompts, lengths, int(capacity)
+
+
+def prefill_prompts(
+    model,
+    prompts: ArrayLike,
+    prompt_lengths: ArrayLike | None,
+    capacity: int,
+) -> tuple[Float[Array, "batch vocab"], KVCache]:
+    """`TransformerLM.prefill`: the prompts checked, then run once into a cache."""
+    prompts, lengths, capacity = check_prompts(
+        prompts,
+        prompt_lengths,
+        capacity,
+        new_tokens=0,
+        max_positions=model.config.max_position_embeddings,
+    )
+    return prefill(model, prompts, lengths, capacity)
 
 
 def _check_sampling(

@@ -7,8 +7,9 @@ a whole model is laid out, and the same model code runs on one device or on many
 """
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -42,17 +43,21 @@ _LEAF_AXES = {
     "down.bias": ("norm",),
 }
 
+T = TypeVar("T")
 
-def on_auto_axes(function, like: jax.Array):
+
+def on_auto_axes(function: Callable[..., T], like: jax.Array) -> Callable[..., T]:
     """`function`, run with the mesh's explicit axes turned to auto ones (GSPMD then
     places its collectives: the gathers of FSDP, the reductions of tensor
     parallelism), its result laid out as `like`. `function` itself without
     explicit mesh axes."""
     sharding = getattr(jax.typeof(like), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or AxisType.Explicit not in mesh.axis_types:
+    if sharding is None or mesh is None or AxisType.Explicit not in mesh.axis_types:
         return function
-    return jax.sharding.auto_axes(function, out_sharding=sharding.spec)
+    return typing.cast(
+        Callable[..., T], jax.sharding.auto_axes(function, out_sharding=sharding.spec)
+    )
 
 
 def sharding_rules(
@@ -109,9 +114,9 @@ def sharding_rules(
     )
 
 
-def _leaf_axes(name: str, ndim: int) -> tuple[str | None, ...]:
+def _leaf_axes(name: str, ndim: int) -> tuple[str, ...]:
     """The logical axes of the leaf at dotted path `name`."""
-    axes: tuple[str | None, ...] = ("norm",) * ndim  # norms, RoPE tables: replicated
+    axes: tuple[str, ...] = ("norm",) * ndim  # norms, RoPE tables: replicated
     for suffix, logical in _LEAF_AXES.items():
         if name == suffix or name.endswith("." + suffix):
             axes = logical
@@ -124,7 +129,7 @@ def _leaf_axes(name: str, ndim: int) -> tuple[str | None, ...]:
 def _spec(
     name: str,
     shape: tuple[int, ...],
-    logical: Sequence[str | None],
+    logical: Sequence[str],
     rules: Rules,
     mesh: Mesh | AbstractMesh,
 ) -> PartitionSpec:

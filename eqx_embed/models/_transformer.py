@@ -10,17 +10,13 @@ tokens ─ embedding ─ (× sqrt(hidden_size), Gemma) ─┬─ block 0 ─ ...
 The blocks are one `DecoderBlock` whose arrays have a leading layer axis; the forward
 pass scans over it, so compiling a deep model costs what compiling one layer does.
 What differs between layers (Gemma 2's alternating sliding window) is scanned data.
-
-Why this module is longer than the others: `TransformerLM` is the class users read,
-and each of its public methods (forward, the two losses, scoring, prefill, a decode
-step, generation, Hugging Face interop) carries its full signature, checks and API
-documentation here, about a third of the lines. The machinery behind them lives in
-modules of its own: `_cache.py`, `_generate.py`, `_eager.py`, `_sharding.py`, and
-`eqx_embed.huggingface`.
+The steps behind the methods live in `_transformer_parts.py` (the weights),
+`_transformer_forward.py`, `_cache.py`, `_generate.py` and `_eager.py`.
 """
 
+import functools
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -38,96 +34,17 @@ from jaxtyping import (
 )
 
 from ..nn._contracts import checked
-from ..nn._indices import IntegerSequence, OutOfRange, check_indices
+from ..nn._indices import IntegerSequence, OutOfRange
 from ..nn._position import PositionEmbedding
 from ..nn._reversible import ReversibleEmbedding
 from ..nn._rope import RotaryPositionalEmbedding
-from ..nn._rope_rotate import RopeRotation
-from ._attention import NO_WINDOW, segment_runs
-from ._blocks import DecoderBlock, Norm, make_norm
-from ._cache import KVCache, decode_step, prefill
+from ._blocks import DecoderBlock, Norm
+from ._cache import KVCache, check_decode_tokens, decode_step
 from ._config import TransformerConfig
 from ._eager import compiled_when_eager
-from ._generate import check_prompts, generate
-from ._sharding import on_auto_axes
-
-
-def _make_rope(
-    config: TransformerConfig, *, local: bool = False
-) -> RotaryPositionalEmbedding | None:
-    """The model's RoPE, or with `local=True` Gemma 3's second one for the sliding
-    layers (its own theta, unscaled); `None` where the config has no such RoPE."""
-    if config.position_embedding != "rope" or (
-        local and config.rope_local_theta is None
-    ):
-        return None
-    return RotaryPositionalEmbedding(
-        config.head_dim,
-        max_seq_len=config.max_position_embeddings,
-        theta=config.rope_local_theta if local else config.rope_theta,
-        rotary_dim=config.rotary_dim,
-        scaling=None if local else config.rope_scaling,
-        out_of_range=config.out_of_range,
-    )
-
-
-def _make_embedding(
-    config: TransformerConfig,
-    *,
-    key: PRNGKeyArray | None,
-    weight: Float[Array, "vocab hidden"] | None = None,
-    reverse_weight: Float[Array, "vocab hidden"] | None = None,
-) -> ReversibleEmbedding:
-    activation_dtype = jnp.dtype(config.activation_dtype)
-    return ReversibleEmbedding(
-        config.vocab_size,
-        config.hidden_size,
-        weight,
-        tie_weights=config.tie_word_embeddings,
-        reverse_weight=reverse_weight,
-        logit_soft_cap=config.final_logit_soft_cap,
-        reverse_dtype=activation_dtype,
-        dtype=activation_dtype,
-        param_dtype=jnp.dtype(config.param_dtype),
-        # Unit-variance logits at initialisation for a tied table.
-        init=jax.nn.initializers.normal(stddev=config.hidden_size**-0.5),
-        out_of_range=config.out_of_range,
-        key=key,
-    )
-
-
-def _random_parts(config: TransformerConfig, key: PRNGKeyArray) -> dict[str, Any]:
-    """Freshly initialised `embedding`, `blocks` (stacked), `final_norm` and
-    `position_embedding` (`None` unless the config's positions are learned)."""
-    embedding_key, blocks_key, position_key = jax.random.split(key, 3)
-    blocks = eqx.filter_vmap(lambda k: DecoderBlock(config, key=k))(
-        jax.random.split(blocks_key, config.num_layers)
-    )
-    position_embedding = None
-    if config.position_embedding == "learned":
-        position_embedding = PositionEmbedding(
-            config.max_position_embeddings,
-            config.hidden_size,
-            key=position_key,
-            dtype=jnp.dtype(config.activation_dtype),
-            param_dtype=jnp.dtype(config.param_dtype),
-            out_of_range=config.out_of_range,
-        )
-    return dict(
-        embedding=_make_embedding(config, key=embedding_key),
-        blocks=blocks,
-        final_norm=make_norm(config),
-        position_embedding=position_embedding,
-    )
-
-
-def _named_leaves(tree: Any) -> dict[str, Any]:
-    """The array leaves of `tree` by dotted path, such as `"blocks.mlp.up.weight"`."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {
-        jax.tree_util.keystr(path, simple=True, separator="."): leaf
-        for path, leaf in leaves
-    }
+from ._generate import generate, prefill_prompts
+from ._transformer_forward import flat_hidden_states, flat_rows, hidden_states
+from ._transformer_parts import check_parts, given_parts, make_rope
 
 
 class TransformerLM(eqx.Module):
@@ -222,67 +139,22 @@ class TransformerLM(eqx.Module):
             [`PositionEmbedding`][eqx_embed.PositionEmbedding] of a model with
             learned positions (GPT-2); `None` otherwise.
         """
-        parts = dict(embedding=embedding, blocks=blocks, final_norm=final_norm)
-        given = [name for name, part in parts.items() if part is not None]
-        if key is not None and given:
-            raise ValueError(
-                f"Pass either `key` or existing modules, not both: {given}."
-            )
-        if key is None:
-            missing = [name for name, part in parts.items() if part is None]
-            if missing:
-                raise ValueError(
-                    "TransformerLM needs either `key` or all of `embedding`, `blocks` "
-                    f"and `final_norm`; missing {missing}."
-                )
-            parts["position_embedding"] = position_embedding
-        else:
-            parts = _random_parts(config, key)
+        parts = given_parts(
+            config,
+            key,
+            dict(embedding=embedding, blocks=blocks, final_norm=final_norm),
+            position_embedding,
+        )
         self.embedding = parts["embedding"]
         self.blocks = parts["blocks"]
         self.final_norm = parts["final_norm"]
         self.position_embedding = parts["position_embedding"]
-        self.rope = _make_rope(config)
-        self.local_rope = _make_rope(config, local=True)
+        self.rope = make_rope(config)
+        self.local_rope = make_rope(config, local=True)
         self.config = config
 
     def __check_init__(self):
-        expected = eqx.filter_eval_shape(_random_parts, self.config, jax.random.key(0))
-        actual = self.parts()
-        expected_leaves, actual_leaves = _named_leaves(expected), _named_leaves(actual)
-        if expected_leaves.keys() != actual_leaves.keys():
-            raise ValueError(
-                "The modules do not have the weights the config implies: missing "
-                f"{sorted(expected_leaves.keys() - actual_leaves.keys())}, unexpected "
-                f"{sorted(actual_leaves.keys() - expected_leaves.keys())}."
-            )
-        for name, want in expected_leaves.items():
-            got = actual_leaves[name]
-            if (got.shape, got.dtype) != (want.shape, want.dtype):
-                raise ValueError(
-                    f"{name} has shape {got.shape} and dtype {got.dtype}, but the "
-                    f"config implies {want.shape} and {want.dtype}."
-                )
-        if jax.tree.structure(expected) != jax.tree.structure(actual):
-            raise ValueError(
-                "The modules' static settings (dtypes, norm epsilons, soft caps, "
-                "activation, residual layout) disagree with the config:\n"
-                f"config implies {jax.tree.structure(expected)}\n"
-                f"got {jax.tree.structure(actual)}"
-            )
-        # The weight-tying trap: one array stored as two leaves, which training would
-        # then update as two independent copies.
-        seen: dict[int, str] = {}
-        for name, leaf in actual_leaves.items():
-            if isinstance(leaf, jax.core.Tracer):
-                continue
-            if id(leaf) in seen:
-                raise ValueError(
-                    f"{seen[id(leaf)]} and {name} are the same array stored twice; "
-                    "training would update them as two copies. To share a table, "
-                    "tie it (tie_word_embeddings=True) instead."
-                )
-            seen[id(leaf)] = name
+        check_parts(self.config, self.parts())
 
     def parts(self) -> dict[str, Any]:
         """The modules that hold the weights, by the names `__init__` takes them
@@ -292,112 +164,6 @@ class TransformerLM(eqx.Module):
             blocks=self.blocks,
             final_norm=self.final_norm,
             position_embedding=self.position_embedding,
-        )
-
-    def _layer_windows(self) -> int | None | Int[Array, " num_layers"]:
-        """The window shared by every layer, static, or one traced per layer."""
-        windows = self.config.layer_windows
-        if len(set(windows)) == 1:
-            return windows[0]
-        return jnp.asarray(
-            [NO_WINDOW if w is None else w for w in windows], dtype=jnp.int32
-        )
-
-    def _scan_layers(
-        self, x: Any, layer: Callable, xs: Any = None, *, blocks: Any = None
-    ):
-        """Scans `layer(block, x, window, xs_slice) -> (x, per_layer_output)` over
-        the stacked blocks (and `xs`, per-layer data with a leading layer axis);
-        returns the final `x` and the stacked outputs."""
-        blocks = self.blocks if blocks is None else blocks
-        parameters, structure = eqx.partition(blocks, eqx.is_array)
-        windows = self._layer_windows()
-        static_window = not isinstance(windows, jax.Array)
-
-        def step(x, scanned):
-            parameters, window, xs_slice = scanned
-            if static_window:
-                window = windows
-            return layer(eqx.combine(parameters, structure), x, window, xs_slice)
-
-        return jax.lax.scan(
-            step,
-            x,
-            (parameters, None if static_window else windows, xs),
-            unroll=self.config.scan_unroll,
-        )
-
-    def _check_tokens(
-        self, tokens: Integer[ArrayLike, " seq"] | IntegerSequence
-    ) -> Int[Array, " seq"]:
-        """Checks a sequence's ids and length."""
-        config = self.config
-        # Checked here, in their own dtype and with the embedding's policy, before the
-        # per-token lookup traces them, so that bad ids known now raise now. They come
-        # back as int32 in [0, vocab_size], which the lookup accepts unchanged.
-        tokens = check_indices(
-            tokens,
-            size=config.vocab_size,
-            out_of_range=config.out_of_range,
-            name="token id",
-            negative_from_end=True,
-        )
-        if tokens.ndim != 1:
-            raise ValueError(
-                f"tokens must be one sequence of ids, shape (seq,), got shape "
-                f"{tokens.shape}; use jax.vmap for a batch."
-            )
-        seq_len = tokens.shape[0]
-        if seq_len > config.max_position_embeddings:
-            raise ValueError(
-                f"tokens has {seq_len} tokens but the model supports at most "
-                f"max_position_embeddings={config.max_position_embeddings}."
-            )
-        return tokens
-
-    def _embed(
-        self,
-        tokens: Int[Array, " seq"],
-        positions: Integer[ArrayLike, " seq"] | None = None,
-    ) -> Float[Array, "seq hidden"]:
-        """The (scaled) embeddings of checked `tokens`, plus the learned embeddings
-        of `positions` (default `0 .. seq-1`) for a model that has them (GPT-2)."""
-        config = self.config
-        x = jax.vmap(self.embedding)(tokens)
-        if config.scale_embeddings:
-            x = x * jnp.asarray(config.hidden_size**0.5, dtype=x.dtype)
-        if self.position_embedding is not None:
-            if positions is None:
-                positions = jnp.arange(tokens.shape[0])
-            x = x + jax.vmap(self.position_embedding)(positions).astype(x.dtype)
-        return x
-
-    def _rotations(
-        self, seq_len: int, positions: Integer[ArrayLike, " seq"] | None = None
-    ) -> tuple[RopeRotation | None, RopeRotation | None]:
-        """The rotations of the global and the local (Gemma 3's sliding layers) RoPE
-        at `positions`, checked and gathered once for every layer; `None` where the
-        model has no such RoPE."""
-        return tuple(
-            None if rope is None else rope.rotation(seq_len, positions=positions)
-            for rope in (self.rope, self.local_rope)
-        )
-
-    @staticmethod
-    def _layer_rotation(
-        rotations: tuple[RopeRotation | None, RopeRotation | None], window: Any
-    ) -> RopeRotation | None:
-        """The rotation of a layer with `window` (static, or traced per layer):
-        the local one for a sliding layer when the model has one."""
-        rotation, local_rotation = rotations
-        if local_rotation is None:
-            return rotation
-        if not isinstance(window, jax.Array):
-            return rotation if window is None else local_rotation
-        return jax.tree.map(
-            lambda local, full: jnp.where(window != NO_WINDOW, local, full),
-            local_rotation,
-            rotation,
         )
 
     @compiled_when_eager
@@ -429,36 +195,7 @@ class TransformerLM(eqx.Module):
 
         Shape `(seq, hidden_size)`, in the activation dtype.
         """
-        tokens = self._check_tokens(tokens)
-        seq_len = tokens.shape[0]
-        runs = None
-        if segment_ids is not None:
-            segment_ids = jnp.asarray(segment_ids)
-            if segment_ids.shape != (seq_len,):
-                raise ValueError(
-                    f"segment_ids must have shape ({seq_len},), one per token, got "
-                    f"shape {segment_ids.shape}."
-                )
-            runs, run_positions = segment_runs(segment_ids)
-            if token_positions is None:
-                token_positions = run_positions
-        rotations = self._rotations(seq_len, token_positions)
-        x = self._embed(tokens, token_positions)
-        parameters, structure = eqx.partition(self.blocks, eqx.is_array)
-
-        def layers(x, parameters, rotations, runs):
-            def layer(block, x, window, _):
-                rotation = self._layer_rotation(rotations, window)
-                out = block(x, rotation=rotation, window=window, segment_ids=runs)
-                return out, None
-
-            blocks = eqx.combine(parameters, structure)
-            return self._scan_layers(x, layer, blocks=blocks)[0]
-
-        # The blocks' FSDP gathers and tensor-parallel reductions are GSPMD's to
-        # place, also under explicit mesh axes.
-        x = on_auto_axes(layers, x)(x, parameters, rotations, runs)
-        return self.final_norm(x)
+        return hidden_states(self, tokens, token_positions, segment_ids)
 
     @compiled_when_eager
     @jax.named_scope("eqx_embed.TransformerLM")
@@ -568,25 +305,10 @@ class TransformerLM(eqx.Module):
         A float32 scalar.
         """
         tokens = jnp.asarray(tokens)
-        batch, seq = tokens.shape
-        # Only the options given are batched: `None` keeps each one's default.
-        rows = {
-            name: jnp.asarray(value)
-            for name, value in (
-                ("token_positions", token_positions),
-                ("segment_ids", segment_ids),
-            )
-            if value is not None
-        }
-        hidden = jax.vmap(lambda t, options: self.hidden_states(t, **options))(
-            tokens, rows
-        )
-
-        def flat(x):
-            return None if x is None else jnp.reshape(jnp.asarray(x), batch * seq)
-
+        hidden = flat_hidden_states(self, tokens, token_positions, segment_ids)
+        flat = functools.partial(flat_rows, size=tokens.size)
         return self.embedding.mean_cross_entropy(
-            hidden.reshape(batch * seq, hidden.shape[-1]),
+            hidden,
             flat(targets),
             where=flat(where),
             weights=flat(weights),
@@ -649,14 +371,7 @@ class TransformerLM(eqx.Module):
         The logits after each prompt's last token, and the
         [`KVCache`][eqx_embed.KVCache] to pass to `decode_step`.
         """
-        prompts, lengths, capacity = check_prompts(
-            prompts,
-            prompt_lengths,
-            capacity,
-            new_tokens=0,
-            max_positions=self.config.max_position_embeddings,
-        )
-        return prefill(self, prompts, lengths, capacity)
+        return prefill_prompts(self, prompts, prompt_lengths, capacity)
 
     def decode_step(
         self, cache: KVCache, tokens: Integer[ArrayLike, " batch"]
@@ -675,19 +390,7 @@ class TransformerLM(eqx.Module):
         The logits after each new token (equal to the full forward's at that
         position) and the advanced cache.
         """
-        tokens = jnp.asarray(tokens)
-        if tokens.shape != cache.lengths.shape:
-            raise ValueError(
-                f"tokens must have shape {cache.lengths.shape}, one per row of the "
-                f"cache, got shape {tokens.shape}."
-            )
-        if not isinstance(cache.lengths, jax.core.Tracer) and bool(
-            jnp.any(cache.lengths >= cache.capacity)
-        ):
-            raise ValueError(
-                f"The cache is full: a row holds capacity={cache.capacity} tokens."
-            )
-        return decode_step(self, cache, tokens)
+        return decode_step(self, cache, check_decode_tokens(cache, tokens))
 
     def generate(
         self,

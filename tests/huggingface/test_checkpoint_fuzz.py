@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from eqx_embed import TransformerConfig, TransformerLM
 from eqx_embed.huggingface._checkpoint import read_config, read_weights
-from eqx_embed.models._transformer import _named_leaves, _random_parts
+from eqx_embed.models._transformer_parts import initial_parts, named_leaves
 
 SHARD = "model-00001-of-00002.safetensors"
 FILES = {
@@ -51,8 +51,8 @@ def pristine(tmp_path_factory):
 @functools.cache
 def shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     """The weight shapes that `config` implies, from an abstract model (no arrays)."""
-    skeleton = eqx.filter_eval_shape(_random_parts, config, jax.random.key(0))
-    return {name: leaf.shape for name, leaf in _named_leaves(skeleton).items()}
+    skeleton = eqx.filter_eval_shape(initial_parts, config, jax.random.key(0))
+    return {name: leaf.shape for name, leaf in named_leaves(skeleton).items()}
 
 
 mutation = st.one_of(

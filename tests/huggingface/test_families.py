@@ -1,7 +1,8 @@
-"""The family registry: every spec agrees with transformers (its architecture, its
-defaults for keys a config.json leaves out, its presets), names every weight of the
-model its presets build, and has a parity case in `test_huggingface.py`. A new family
-file that forgets one of these fails here."""
+"""The family registries: the architectures (`models.families`) and the checkpoint
+formats (`huggingface.families`) list the same families; every format agrees with
+transformers (its architecture, its defaults for keys a config.json leaves out, its
+presets), names every weight of the model its presets build, and has a parity case in
+`test_huggingface.py`. A new family that forgets one of these fails here."""
 
 import dataclasses
 
@@ -12,8 +13,9 @@ import transformers
 
 from eqx_embed import TransformerConfig
 from eqx_embed.huggingface._checkpoint import _huggingface_name
+from eqx_embed.huggingface.families import HUGGINGFACE_FAMILIES
 from eqx_embed.models._config import FAMILIES, Family
-from eqx_embed.models._transformer import _named_leaves, _random_parts
+from eqx_embed.models._transformer_parts import initial_parts, named_leaves
 from eqx_embed.models.families import FAMILY_SPECS
 
 # transformers 5 keeps these elsewhere or drops them, and reads them back all the same.
@@ -42,19 +44,20 @@ def huggingface_config(spec) -> transformers.PretrainedConfig:
 
 def test_the_family_names_come_from_the_registry():
     assert tuple(FAMILY_SPECS) == FAMILIES
+    assert tuple(HUGGINGFACE_FAMILIES) == FAMILIES
     assert Family.__args__ == FAMILIES
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_the_architecture_is_the_family_in_transformers(name):
-    spec = FAMILY_SPECS[name]
+    spec = HUGGINGFACE_FAMILIES[name]
     assert spec.name == name
     assert huggingface_config(spec).model_type == name
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_the_defaults_are_transformers_defaults(name):
-    spec = FAMILY_SPECS[name]
+    spec = HUGGINGFACE_FAMILIES[name]
     defaults = huggingface_config(spec)
     for key, value in spec.huggingface_defaults.items():
         if (name, key) not in MOVED_IN_TRANSFORMERS_5:
@@ -90,9 +93,9 @@ def test_every_weight_has_one_huggingface_name(name):
         num_heads=2,
         tie_word_embeddings=False,
     )
-    parts = eqx.filter_eval_shape(_random_parts, config, jax.random.key(0))
+    parts = eqx.filter_eval_shape(initial_parts, config, jax.random.key(0))
     hf_names = []
-    for weight in _named_leaves(parts):
+    for weight in named_leaves(parts):
         hf_name = _huggingface_name(weight, config)
         hf_names += hf_name if isinstance(hf_name, list) else [hf_name]
     assert len(hf_names) == len(set(hf_names))

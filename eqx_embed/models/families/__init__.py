@@ -1,12 +1,13 @@
-"""One spec per model family: `FamilySpec`s registered by their Hugging Face
-`model_type`. A new family is a new module here defining its spec, plus its entry in
-`FAMILY_SPECS` (the order is the one error messages and the docs list them in)."""
+"""One architecture spec per model family: `FamilySpec`s registered by their
+Hugging Face `model_type`. A new family is a new module here defining its spec, plus
+its entry in `FAMILY_SPECS` (the order is the one error messages and the docs list
+them in), and its checkpoint format in `eqx_embed.huggingface.families`."""
 
 from ._spec import (
-    ConfigKeys as ConfigKeys,
     FamilySpec as FamilySpec,
+    NormKind as NormKind,
+    PositionKind as PositionKind,
     Presets as Presets,
-    WeightNames as WeightNames,
 )
 from .gemma import GEMMA
 from .gemma2 import GEMMA2

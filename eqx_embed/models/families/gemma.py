@@ -1,24 +1,9 @@
 """Gemma (`GemmaForCausalLM`): Llama with RMSNorm scaled by `1 + weight`, GeGLU, and
 the embeddings scaled by `sqrt(hidden_size)`; tied by default."""
 
-from __future__ import annotations
-
 import dataclasses
-from typing import TYPE_CHECKING, Any
 
-from ._spec import (
-    LLAMA_PRESETS,
-    LLAMA_WEIGHT_NAMES,
-    ConfigKeys,
-    FamilySpec,
-    read_activation,
-    read_attention_bias,
-    read_rms_attention,
-    write_rms_attention,
-)
-
-if TYPE_CHECKING:
-    from .._config import TransformerConfig
+from ._spec import LLAMA_PRESETS, FamilySpec
 
 GEMMA_PRESETS = dataclasses.replace(
     LLAMA_PRESETS,
@@ -27,32 +12,7 @@ GEMMA_PRESETS = dataclasses.replace(
     hidden_act="gelu_pytorch_tanh",
 )
 
-
-def read_config(keys: ConfigKeys) -> dict[str, Any]:
-    keys.expect_false("use_bidirectional_attention", "attention is causal")
-    return dict(
-        **read_rms_attention(keys),
-        **read_attention_bias(keys),
-        hidden_act=read_activation(keys, "hidden_act", "hidden_activation"),
-    )
-
-
-def write_config(config: TransformerConfig) -> dict[str, Any]:
-    return dict(
-        **write_rms_attention(config),
-        hidden_act=config.hidden_act,
-        attention_bias=config.attention_bias,
-    )
-
-
 GEMMA = FamilySpec(
     name="gemma",
-    architecture="GemmaForCausalLM",
     presets=GEMMA_PRESETS,
-    weight_names=LLAMA_WEIGHT_NAMES,
-    huggingface_defaults=dict(
-        max_position_embeddings=8192, tie_word_embeddings=True, head_dim=256
-    ),
-    read_config=read_config,
-    write_config=write_config,
 )

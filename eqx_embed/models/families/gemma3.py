@@ -4,74 +4,16 @@ sliding-window layers for every full one, and two RoPEs: the sliding layers rota
 with a local theta (10,000), the full ones with `rope_theta` (1,000,000) and its
 scaling (linear, factor 8, in the released checkpoints)."""
 
-from __future__ import annotations
-
 import dataclasses
-from typing import TYPE_CHECKING, Any
 
 from . import gemma2
-from ._spec import ConfigKeys, FamilySpec, WeightNames
-
-if TYPE_CHECKING:
-    from .._config import TransformerConfig
+from ._spec import FamilySpec
 
 FULL_ATTENTION_EVERY = 6
-
-
-def read_config(keys: ConfigKeys) -> dict[str, Any]:
-    # transformers 4 gave the pattern as a number; 5 lists the layer types.
-    pattern = keys.take("sliding_window_pattern")
-    saved_pattern = keys.take("_sliding_window_pattern")
-    pattern = pattern or saved_pattern or FULL_ATTENTION_EVERY
-    settings = gemma2.read_config(keys)
-    if settings["layer_types"] is None and settings["sliding_window"] is not None:
-        settings["layer_types"] = tuple(
-            "full_attention" if (layer + 1) % pattern == 0 else "sliding_attention"
-            for layer in range(keys.given["num_hidden_layers"])
-        )
-    return settings
-
-
-def write_config(config: TransformerConfig) -> dict[str, Any]:
-    values = gemma2.write_config(config)
-    full = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling is not None:
-        full.update(config.rope_scaling.to_dict())
-    del values["rope_theta"], values["rope_scaling"]
-    values["rope_parameters"] = {
-        "full_attention": full,
-        "sliding_attention": {
-            "rope_type": "default",
-            "rope_theta": config.rope_local_theta or config.rope_theta,
-        },
-    }
-    return values
-
+"""One layer in six attends fully; the others slide."""
 
 GEMMA3 = FamilySpec(
     name="gemma3_text",
-    architecture="Gemma3ForCausalLM",
     presets=dataclasses.replace(gemma2.GEMMA2.presets, qk_norm=True),
-    weight_names=WeightNames(
-        layer_prefix=gemma2.GEMMA2.weight_names.layer_prefix,
-        layer={
-            **gemma2.GEMMA2.weight_names.layer,
-            "attention.query_norm": "self_attn.q_norm",
-            "attention.key_norm": "self_attn.k_norm",
-        },
-        top=gemma2.GEMMA2.weight_names.top,
-    ),
-    huggingface_defaults=dict(
-        max_position_embeddings=131_072,
-        tie_word_embeddings=True,
-        head_dim=256,
-        query_pre_attn_scalar=256,
-        sliding_window=4096,
-        rope_theta=1_000_000.0,
-        rope_local_base_freq=10_000.0,
-    ),
-    read_config=read_config,
-    write_config=write_config,
     full_attention_every=FULL_ATTENTION_EVERY,
-    local_rope=True,
 )

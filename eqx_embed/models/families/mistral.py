@@ -1,53 +1,9 @@
 """Mistral (`MistralForCausalLM`): Llama without biases, every layer attending
 through a sliding window unless `layer_types` says otherwise."""
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-from ._spec import (
-    LLAMA_PRESETS,
-    LLAMA_WEIGHT_NAMES,
-    ConfigKeys,
-    FamilySpec,
-    read_layer_types,
-    read_rms_attention,
-    write_rms_attention,
-)
-
-if TYPE_CHECKING:
-    from .._config import TransformerConfig
-
-
-def read_config(keys: ConfigKeys) -> dict[str, Any]:
-    keys.expect_false("attention_bias", "Mistral has no attention biases")
-    sliding_window = keys.take("sliding_window")
-    return dict(
-        **read_rms_attention(keys),
-        hidden_act=keys.take("hidden_act"),
-        sliding_window=sliding_window,
-        layer_types=read_layer_types(keys, sliding_window),
-    )
-
-
-def write_config(config: TransformerConfig) -> dict[str, Any]:
-    return dict(
-        **write_rms_attention(config),
-        hidden_act=config.hidden_act,
-        # Not layer_types: transformers takes a Mistral config with them for
-        # Ministral.
-        sliding_window=config.sliding_window,
-    )
-
+from ._spec import LLAMA_PRESETS, FamilySpec
 
 MISTRAL = FamilySpec(
     name="mistral",
-    architecture="MistralForCausalLM",
     presets=LLAMA_PRESETS,
-    weight_names=LLAMA_WEIGHT_NAMES,
-    huggingface_defaults=dict(
-        max_position_embeddings=131072, tie_word_embeddings=False, sliding_window=4096
-    ),
-    read_config=read_config,
-    write_config=write_config,
 )

@@ -2,49 +2,11 @@
 biases on all four projections, by `attention_bias`), and an RMSNorm on each query
 and key head before the rotation."""
 
-from __future__ import annotations
-
 import dataclasses
-from typing import TYPE_CHECKING, Any
 
-from . import qwen2
-from ._spec import (
-    LLAMA_PRESETS,
-    LLAMA_WEIGHT_NAMES,
-    ConfigKeys,
-    FamilySpec,
-    WeightNames,
-    read_attention_bias,
-)
-
-if TYPE_CHECKING:
-    from .._config import TransformerConfig
-
-
-def read_config(keys: ConfigKeys) -> dict[str, Any]:
-    return dict(**qwen2.read_config(keys), **read_attention_bias(keys))
-
-
-def write_config(config: TransformerConfig) -> dict[str, Any]:
-    return dict(**qwen2.write_config(config), attention_bias=config.attention_bias)
-
+from ._spec import LLAMA_PRESETS, FamilySpec
 
 QWEN3 = FamilySpec(
     name="qwen3",
-    architecture="Qwen3ForCausalLM",
     presets=dataclasses.replace(LLAMA_PRESETS, qk_norm=True),
-    weight_names=WeightNames(
-        layer_prefix=LLAMA_WEIGHT_NAMES.layer_prefix,
-        layer={
-            **LLAMA_WEIGHT_NAMES.layer,
-            "attention.query_norm": "self_attn.q_norm",
-            "attention.key_norm": "self_attn.k_norm",
-        },
-        top=LLAMA_WEIGHT_NAMES.top,
-    ),
-    huggingface_defaults=dict(
-        **qwen2.QWEN2.huggingface_defaults, head_dim=128, attention_bias=False
-    ),
-    read_config=read_config,
-    write_config=write_config,
 )
