@@ -4,7 +4,7 @@ presets live in `families/`."""
 
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import jax
@@ -76,7 +76,7 @@ _SIZE_FIELDS = (
 MAX_ROPE_TABLE_BYTES = 4 * 2**30
 
 
-class FrozenMapping(Mapping):
+class FrozenMapping(Mapping[str, Any]):
     """A read-only, hashable dict of JSON values, so that a config holding one can be
     a static field. It hashes by `frozen`, the library's one freezing of JSON
     values."""
@@ -87,7 +87,7 @@ class FrozenMapping(Mapping):
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._values)
 
     def __len__(self) -> int:

@@ -153,7 +153,7 @@ class TransformerLM(eqx.Module):
         self.local_rope = make_rope(config, local=True)
         self.config = config
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         check_parts(self.config, self.parts())
 
     def parts(self) -> dict[str, Any]:

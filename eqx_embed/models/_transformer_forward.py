@@ -4,7 +4,7 @@ over the stacked blocks. The full forward (`hidden_states`) and the cached ones
 (`_cache.py`) share these steps."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import equinox as eqx
 import jax
@@ -193,6 +193,10 @@ def flat_hidden_states(
     return hidden.reshape(tokens.size, hidden.shape[-1])
 
 
+@overload
+def flat_rows(values: ArrayLike, size: int) -> Array: ...
+@overload
+def flat_rows(values: None, size: int) -> None: ...
 def flat_rows(values: ArrayLike | None, size: int) -> Array | None:
     """`values` of a `(batch, seq)` batch as one row per token; `None` stays."""
     return None if values is None else jnp.reshape(jnp.asarray(values), size)

@@ -1,27 +1,14 @@
-import functools
-from collections.abc import Callable
 from typing import Unpack
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, DTypeLike, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Integer, PRNGKeyArray
 
 from ._contracts import checked
 from ._decode import EmbeddingDecode
 from ._embedding import Embedding, EmbeddingOptions, TokenId
-
-
-def _on_the_decoder(method: Callable) -> Callable:
-    """`method` of `EmbeddingDecode`, called on a `ReversibleEmbedding`'s `decoder`:
-    same signature and documentation."""
-
-    @functools.wraps(method)
-    def on_the_decoder(self, *args, **kwargs):
-        return getattr(self.decoder, method.__name__)(*args, **kwargs)
-
-    on_the_decoder.__qualname__ = f"ReversibleEmbedding.{method.__name__}"
-    return on_the_decoder
+from ._indices import IntegerSequence
 
 
 class ReversibleEmbedding(eqx.Module):
@@ -190,8 +177,58 @@ class ReversibleEmbedding(eqx.Module):
         """
         return self.decoder(hidden)
 
-    # The fused loss and its normaliser, exactly as the decoder computes them; tied,
-    # their gradients reach the lookup table.
-    cross_entropy = _on_the_decoder(EmbeddingDecode.cross_entropy)
-    log_sum_exp = _on_the_decoder(EmbeddingDecode.log_sum_exp)
-    mean_cross_entropy = _on_the_decoder(EmbeddingDecode.mean_cross_entropy)
+    # The fused loss and its normaliser, exactly as the decoder computes them (its
+    # checks and messages included); tied, their gradients reach the lookup table.
+
+    def cross_entropy(
+        self,
+        hidden: Float[Array, "tokens embedding_size"],
+        targets: Integer[ArrayLike, " tokens"] | IntegerSequence,
+        *,
+        where: Bool[ArrayLike, " tokens"] | None = None,
+        z_loss: float = 0.0,
+        block_size: int | None = None,
+    ) -> Float[Array, " tokens"]:
+        """The per-token fused cross-entropy of the decoded logits: exactly
+        [`EmbeddingDecode.cross_entropy`][eqx_embed.EmbeddingDecode.cross_entropy] on
+        this module's decoder (same arguments, checks and results; tied, the table's
+        gradient adds to the lookup's).
+        """
+        return self.decoder.cross_entropy(
+            hidden, targets, where=where, z_loss=z_loss, block_size=block_size
+        )
+
+    def mean_cross_entropy(
+        self,
+        hidden: Float[Array, "tokens embedding_size"],
+        targets: Integer[ArrayLike, " tokens"] | IntegerSequence,
+        *,
+        where: Bool[ArrayLike, " tokens"] | None = None,
+        weights: Float[ArrayLike, " tokens"] | None = None,
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> Float[Array, ""]:
+        """The mean (or weighted sum) fused cross-entropy, one scalar: exactly
+        [`EmbeddingDecode.mean_cross_entropy`][eqx_embed.EmbeddingDecode.mean_cross_entropy]
+        on this module's decoder.
+        """
+        return self.decoder.mean_cross_entropy(
+            hidden,
+            targets,
+            where=where,
+            weights=weights,
+            z_loss=z_loss,
+            chunk_size=chunk_size,
+        )
+
+    def log_sum_exp(
+        self,
+        hidden: Float[Array, "tokens embedding_size"],
+        *,
+        block_size: int | None = None,
+    ) -> Float[Array, " tokens"]:
+        """The blockwise log-sum-exp of the decoded logits per token: exactly
+        [`EmbeddingDecode.log_sum_exp`][eqx_embed.EmbeddingDecode.log_sum_exp] on this
+        module's decoder.
+        """
+        return self.decoder.log_sum_exp(hidden, block_size=block_size)

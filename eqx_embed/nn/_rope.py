@@ -267,7 +267,9 @@ class RotaryPositionalEmbedding(eqx.Module):
         self.out_of_range = out_of_range
 
     @staticmethod
-    def rotate_half(x: Float[Array, "*shape embedding_size"]):
+    def rotate_half(
+        x: Float[Array, "*shape embedding_size"],
+    ) -> Float[Array, "*shape embedding_size"]:
         """`(a, b) -> (-b, a)` on the two halves of the features: the half-split
         rotation by a quarter turn, as `equinox.nn.RotaryPositionalEmbedding`'s."""
         half = x.shape[-1] // 2

@@ -74,8 +74,8 @@ class ConfigKeys:
     not understood), and a key left out takes transformers' default for the family."""
 
     def __init__(self, values: Mapping[str, Any], family: "HuggingFaceFamily"):
-        self.given = dict(values)  # all of them, for keys that others take
-        self.values = dict(values)  # those not taken yet
+        self.given: dict[str, Any] = dict(values)  # all of them, for others' keys
+        self.values: dict[str, Any] = dict(values)  # those not taken yet
         self.family = family
 
     def take(self, key: str) -> Any:
