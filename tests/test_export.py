@@ -4,7 +4,8 @@ A host callback or a custom call that only the CPU has would fail here.
 
 Each export is checked for its platforms, for the absence of host callbacks, and for
 its serialized program (MLIR bytecode; `Exported.serialize()` wraps it in a
-flatbuffer, which needs the `flatbuffers` package). What cannot be exported is tested as such:
+flatbuffer, which needs the `flatbuffers` package). What cannot be exported is
+tested as such:
 `out_of_range="error"` with traced ids checks them in a host callback
 (`equinox.branched_error_if`), which JAX cannot lower for several platforms at once
 (nor export for another machine); the default `"nan"` policy exports.
@@ -179,7 +180,8 @@ def test_transformer_forward_training_and_generation(family):
 
     capacity = SEQ + NEW
     prefill = exported_with_model(
-        model, lambda m, p, n: m.prefill(p, prompt_lengths=n, capacity=capacity),
+        model,
+        lambda m, p, n: m.prefill(p, prompt_lengths=n, capacity=capacity),
         prompts,
         lengths,
     )
