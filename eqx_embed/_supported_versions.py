@@ -9,8 +9,9 @@ import sys
 # JAX 0.6.2, the last JAX for Python 3.10, lacks the explicit-sharding API used here
 # (`jax.set_mesh`, `jax.P`, `jax.sharding.reshard`).
 LOWEST_PYTHON = (3, 11)
-# The first JAX with `lax.pcast`.
-LOWEST_JAX = (0, 8, 2)
+# The first JAX whose abstract arrays have `.mat` (`.vma` before), which the
+# vocabulary-parallel loss reads.
+LOWEST_JAX = (0, 10, 0)
 
 
 def _dotted(version: tuple[int, ...]) -> str:

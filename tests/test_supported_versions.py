@@ -31,7 +31,7 @@ def test_core_dependencies_name_plain_jax_not_a_platform_extra():
         for requirement in PROJECT["dependencies"]
         if re.match(r"jax\b(?!typing)", requirement)
     ]
-    assert jax_requirements == ["jax>=0.8.2"]
+    assert jax_requirements == ["jax>=0.10.0"]
 
 
 @pytest.mark.parametrize(
@@ -51,18 +51,18 @@ def test_a_supported_python_passes(version):
     _supported_versions.check_python(version)
 
 
-@pytest.mark.parametrize("version", ["0.8.1", "0.7.2", "0.5.3", "0.4.38"])
+@pytest.mark.parametrize("version", ["0.9.2", "0.8.3", "0.7.2", "0.4.38"])
 def test_an_older_jax_is_refused_with_its_version(version):
     with pytest.raises(
         ImportError,
-        match=rf"^eqx_embed supports JAX 0\.8\.2 or later; found jax {version}\. ",
+        match=rf"^eqx_embed supports JAX 0\.10\.0 or later; found jax {version}\. ",
     ):
         _supported_versions.check_jax(version)
 
 
-# Compared as numbers ("0.10.0" sorts before "0.8.2" as text), release part only.
+# Compared as numbers ("0.10.0" sorts before "0.9.2" as text), release part only.
 @pytest.mark.parametrize(
-    "version", ["0.8.2", "0.8.3", "0.9.0.1", "0.10.0", "0.10.3.dev20260101", "1.0"]
+    "version", ["0.10.0", "0.10.2", "0.10.3.dev20260101", "0.11", "1.0"]
 )
 def test_a_supported_jax_passes(version):
     _supported_versions.check_jax(version)
@@ -89,7 +89,7 @@ def test_import_with_an_old_jax_fails_at_once_naming_versions(tmp_path):
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line == (
-        "ImportError: eqx_embed supports JAX 0.8.2 or later; found jax 0.7.2. "
+        "ImportError: eqx_embed supports JAX 0.10.0 or later; found jax 0.7.2. "
         "Upgrade it: pip install -U jax"
     ), result.stderr
     # The version check is the only frame of eqx_embed past the package itself.
