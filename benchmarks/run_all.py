@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"No benchmarks/bench_*.py matches --only {args.only!r}.")
     SMOKE_RUN.rounds = args.rounds
     started, load_at_start = (
-        datetime.datetime.now(datetime.timezone.utc),
+        datetime.datetime.now(datetime.UTC),
         os.getloadavg(),
     )
     commit = git_commit()  # before the page changes the checkout

@@ -7,6 +7,9 @@
 Every public name of `nn` and `models` is also importable from `eqx_embed` itself.
 """
 
+# First, before the subpackages: an unsupported Python or JAX fails here, with one
+# clear ImportError.
+from . import _supported_versions as _supported_versions  # isort: skip
 from . import models as models, nn as nn
 from .models import (
     KVCache as KVCache,

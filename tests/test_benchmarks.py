@@ -45,7 +45,7 @@ def results() -> run_all.Results:
 def conditions(rounds=None) -> run_all.Conditions:
     return run_all.Conditions(
         machine="x86_64, 2 cores",
-        started=datetime.datetime(2026, 11, 21, 16, 5, tzinfo=datetime.timezone.utc),
+        started=datetime.datetime(2026, 11, 21, 16, 5, tzinfo=datetime.UTC),
         load_at_start=(0.25, 0.5, 1.0),
         load_at_end=(2.0, 1.5, 1.25),
         commit="abc1234 + uncommitted changes",

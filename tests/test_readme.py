@@ -61,8 +61,9 @@ def test_readme_commands_refuses_a_quickstart_without_two_commands(tmp_path):
 
 
 def fake_project(tmp_path, test_command):
-    """A copy of `.ci/` next to a README whose test command is `test_command`, and a
-    `ruff` that records its call."""
+    """A copy of `.ci/` next to a README whose test command is `test_command`, a
+    `ruff` that records its call, a `pip` that does nothing, and version jobs that
+    record their call."""
     shutil.copytree(ROOT / ".ci", tmp_path / ".ci")
     (tmp_path / "README.md").write_text(
         "# fake\n\n## Quickstart\n\n```bash\necho main\n```\n\n"
@@ -73,6 +74,11 @@ def fake_project(tmp_path, test_command):
     ruff = bin_dir / "ruff"
     ruff.write_text('#!/usr/bin/env bash\necho "$@" > ruff-called\n')
     ruff.chmod(0o755)
+    # The support-range jobs need the real project: here they only record their call.
+    (tmp_path / ".ci" / "version_jobs").write_text("touch version-jobs-ran\n")
+    pip = bin_dir / "pip"
+    pip.write_text("#!/usr/bin/env bash\n")
+    pip.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
@@ -80,7 +86,7 @@ def fake_project(tmp_path, test_command):
 MAKE_VENV = "mkdir -p .venv/bin && touch .venv/bin/activate"
 
 
-def test_ci_runs_exactly_the_readme_test_command_then_ruff(tmp_path):
+def test_ci_runs_exactly_the_readme_test_command_then_ruff_then_versions(tmp_path):
     command = f"{MAKE_VENV} && echo \"ran 'verbatim'\" > test-command-ran"
     env = fake_project(tmp_path, command)
     result = subprocess.run(
@@ -95,6 +101,7 @@ def test_ci_runs_exactly_the_readme_test_command_then_ruff(tmp_path):
     assert f"+ {command}\n" in result.stdout
     assert (tmp_path / "test-command-ran").read_text() == "ran 'verbatim'\n"
     assert (tmp_path / "ruff-called").read_text() == "check .\n"
+    assert (tmp_path / "version-jobs-ran").exists()
 
 
 def test_ci_fails_when_the_test_command_fails(tmp_path):
@@ -109,6 +116,7 @@ def test_ci_fails_when_the_test_command_fails(tmp_path):
     )
     assert result.returncode != 0
     assert not (tmp_path / "ruff-called").exists()
+    assert not (tmp_path / "version-jobs-ran").exists()
 
 
 def test_readme_python_example_runs():

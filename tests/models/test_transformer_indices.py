@@ -55,11 +55,13 @@ def strict(model) -> TransformerLM:
 )
 def test_every_integer_dtype_and_python_sequences_are_accepted(model, as_input):
     expected = model(jnp.asarray(TOKENS, jnp.int32))
-    # The same program after the lookup, so the same values.
-    np.testing.assert_array_equal(model(as_input(TOKENS)), expected)
-    np.testing.assert_array_equal(
+    # Each id dtype compiles a program of its own: on Python 3.13 with NumPy 2.5 they
+    # round differently (2e-7, the ceiling job of `.ci/version_jobs`).
+    np.testing.assert_allclose(model(as_input(TOKENS)), expected, **CLOSE)
+    np.testing.assert_allclose(
         model.loss(as_input(TOKENS), as_input(TOKENS[1:] + [0])),
         model.loss(jnp.asarray(TOKENS), jnp.asarray(TOKENS[1:] + [0])),
+        **CLOSE,
     )
     if not isinstance(as_input(TOKENS), list | tuple):
         batch = jnp.stack([jnp.asarray(as_input(TOKENS))] * 2)
