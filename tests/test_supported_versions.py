@@ -21,7 +21,7 @@ def test_pyproject_declares_the_floors_that_import_checks():
     lowest_python = ".".join(map(str, _supported_versions.LOWEST_PYTHON))
     assert PROJECT["requires-python"] == f">={lowest_python}"
     lowest_jax = ".".join(map(str, _supported_versions.LOWEST_JAX))
-    assert f"jax>={lowest_jax},<0.11" in PROJECT["dependencies"]
+    assert f"jax>={lowest_jax},<0.12" in PROJECT["dependencies"]
 
 
 def test_core_dependencies_name_plain_jax_not_a_platform_extra():
@@ -31,7 +31,7 @@ def test_core_dependencies_name_plain_jax_not_a_platform_extra():
         for requirement in PROJECT["dependencies"]
         if re.match(r"jax\b(?!typing)", requirement)
     ]
-    assert jax_requirements == ["jax>=0.10.0,<0.11"]
+    assert jax_requirements == ["jax>=0.10.0,<0.12"]
 
 
 @pytest.mark.parametrize(
