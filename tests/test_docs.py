@@ -182,3 +182,46 @@ def test_contracts_page_quotes_the_real_annotation_of_token():
         # jaxtyping makes a new class per subscription: compare what they print.
         assert str(eval(annotation, namespace)) == str(expected), name
     assert str(eval(returns, namespace)) == str(signature.return_annotation)
+
+
+def architecture_module_names(text: str) -> set[str]:
+    """The module files the architecture page names (`_loss.py`, `families/_spec.py`,
+    `nn/_rope.py`...), as paths relative to their package where a package is given."""
+    return set(re.findall(r"`((?:[\w<>]+/)*[\w<>]+\.py)`", text))
+
+
+def test_the_architecture_page_names_every_module_and_only_real_ones():
+    """docs/guides/architecture.md matches the code: every module of the package is
+    on it (by file name), and every path it names exists."""
+    text = (DOCS / "guides" / "architecture.md").read_text()
+    named = architecture_module_names(text)
+    package = ROOT / "eqx_embed"
+    modules = [
+        path
+        for path in package.rglob("*.py")
+        if path.name != "__init__.py"
+        and path.parent.name != "families"
+        or path.name == "_spec.py"
+    ]
+    missing = sorted(
+        str(path.relative_to(package))
+        for path in modules
+        if path.name not in {name.rsplit("/", 1)[-1] for name in named}
+    )
+    assert not missing, f"modules the architecture page does not name: {missing}"
+    for name in named:
+        if "<" in name:  # a pattern, as `families/<family>.py`
+            continue
+        if (ROOT / name).exists():  # from the repository's root: `tests/...`
+            continue
+        matches = package.rglob(name.rsplit("/", 1)[-1])
+        assert any(p.as_posix().endswith("/" + name) for p in matches), name
+
+
+def test_the_architecture_page_checker_sees_names():
+    text = "the `nn/_loss.py` walk, `_mesh.py`, `families/<family>.py`, not `x.md`"
+    assert architecture_module_names(text) == {
+        "nn/_loss.py",
+        "_mesh.py",
+        "families/<family>.py",
+    }

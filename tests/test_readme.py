@@ -74,19 +74,29 @@ def fake_project(tmp_path, test_command):
     ruff = bin_dir / "ruff"
     ruff.write_text('#!/usr/bin/env bash\necho "$@" > ruff-called\n')
     ruff.chmod(0o755)
+    # A pyright that records its calls and reports a full score to --verifytypes.
+    pyright = bin_dir / "pyright"
+    pyright.write_text(
+        '#!/usr/bin/env bash\necho "$@" >> "$CI_ROOT/pyright-called"\n'
+        'if [[ "$*" == *--outputjson* ]]; then\n'
+        '  score="{\\"completenessScore\\": ${SCORE:-1.0}}"\n'
+        '  echo "{\\"typeCompleteness\\": $score}"\nfi\n'
+    )
+    pyright.chmod(0o755)
     # The support-range jobs need the real project: here they only record their call.
     (tmp_path / ".ci" / "version_jobs").write_text("touch version-jobs-ran\n")
     pip = bin_dir / "pip"
     pip.write_text("#!/usr/bin/env bash\n")
     pip.chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "CI_ROOT": str(tmp_path)}
 
 
 # The fake test command makes the virtual environment that .ci/run then activates.
 MAKE_VENV = "mkdir -p .venv/bin && touch .venv/bin/activate"
 
 
-def test_ci_runs_exactly_the_readme_test_command_then_ruff_then_versions(tmp_path):
+def test_ci_runs_the_readme_test_command_then_ruff_pyright_and_versions(tmp_path):
     command = f"{MAKE_VENV} && echo \"ran 'verbatim'\" > test-command-ran"
     env = fake_project(tmp_path, command)
     result = subprocess.run(
@@ -101,7 +111,25 @@ def test_ci_runs_exactly_the_readme_test_command_then_ruff_then_versions(tmp_pat
     assert f"+ {command}\n" in result.stdout
     assert (tmp_path / "test-command-ran").read_text() == "ran 'verbatim'\n"
     assert (tmp_path / "ruff-called").read_text() == "check .\n"
+    assert (tmp_path / "pyright-called").read_text() == (
+        "eqx_embed\n--verifytypes eqx_embed --ignoreexternal --outputjson\n"
+    )
     assert (tmp_path / "version-jobs-ran").exists()
+
+
+def test_ci_fails_below_95_percent_type_completeness(tmp_path):
+    env = fake_project(tmp_path, MAKE_VENV)
+    result = subprocess.run(
+        ["bash", str(tmp_path / ".ci" / "run")],
+        cwd=tmp_path,
+        env={**env, "SCORE": "0.94"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "type completeness: 94.0%" in result.stdout
+    assert not (tmp_path / "version-jobs-ran").exists()
 
 
 def test_ci_fails_when_the_test_command_fails(tmp_path):

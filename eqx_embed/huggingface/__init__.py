@@ -1,7 +1,7 @@
 """Hugging Face checkpoints: `config.json` and `*.safetensors` read and written with
-NumPy alone (no PyTorch), driven by each family's format in `families/`. Everything
-that knows `config.json` keys, weight names and transformers' defaults lives here;
-`eqx_embed.models` knows the architectures only."""
+NumPy and the `safetensors` library (no PyTorch), driven by each family's format in
+`families/`. Everything that knows `config.json` keys, weight names and
+transformers' defaults lives here; `eqx_embed.models` knows the architectures only."""
 
 from ._config_json import (
     config_from_huggingface as config_from_huggingface,

@@ -191,13 +191,11 @@ class EmbeddingDecode(eqx.Module):
         - `z_loss`: the weight of PaLM's auxiliary `logsumexp(logits)**2` term.
             Non-negative.
         - `block_size`: the number of vocabulary rows per block. Positive; one
-            larger than the vocabulary means one block. Defaults to 2048,
-            the fastest (by minimum time; 1024 and 4096 within the noise, 512
-            and 8192 slower) in `benchmarks/bench_fused_loss.py
-            --sweep-block-size` at 2048 x 512 x 32000 float32 on a loaded
-            2-core CPU; the temporaries
-            grow with `tokens * block_size` (144 MiB at 8,192 tokens, width 2,048
-            and a float32 128k vocabulary, where the plain loss needs 8 GiB).
+            larger than the vocabulary means one block. Defaults to 2048. The
+            temporaries grow with `tokens * (block_size + embedding_size)`, never
+            with `tokens * num_embeddings`; the sweep of block sizes and the
+            memory figures are on the performance page
+            (`benchmarks/bench_fused_loss.py`).
 
         **Returns:**
 
@@ -261,14 +259,12 @@ class EmbeddingDecode(eqx.Module):
         - `z_loss`: as for `cross_entropy`.
         - `chunk_size`: tokens per chunk, each against the whole vocabulary.
             Positive. Defaults to about 16M logits per chunk (524 tokens for a
-            32k vocabulary; larger chunks were faster in
-            `benchmarks/bench_fused_loss.py --sweep-block-size`, up to 512).
-            The temporaries are a few `(chunk_size, num_embeddings)`
-            float32 arrays plus a float32 accumulator of the table's shape (for
-            a float32 table, the gradient itself): 1,067 MiB at 8,192 tokens,
-            width 2,048 and a float32 128k vocabulary (2,070 MiB for bfloat16),
-            where `cross_entropy` needs 144 MiB and the plain loss 8 GiB. Use
-            `cross_entropy` where memory matters more than speed.
+            32k vocabulary). The temporaries are a few
+            `(chunk_size, num_embeddings)` float32 arrays plus a float32
+            accumulator of the table's shape (for a float32 table, the gradient
+            itself), so more than `cross_entropy`'s: use `cross_entropy` where
+            memory matters more than speed (the figures of both are on the
+            performance page, `benchmarks/bench_fused_loss.py`).
 
         **Returns:**
 

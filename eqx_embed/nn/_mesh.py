@@ -1,5 +1,5 @@
-"""Tables sharded over a device mesh: reading their layout, and the
-vocabulary-parallel fused loss.
+"""Tables sharded over a device mesh: reading their layout, for the mesh layer of
+the core (the vocabulary-parallel fused loss itself is `_loss_vocab_parallel.py`).
 
 This is a layer on top of the one-device modules: each asks `on_explicit_mesh` once,
 at the top of a call, and only where explicit mesh axes are involved (or a table is
