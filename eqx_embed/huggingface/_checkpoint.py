@@ -1,5 +1,5 @@
 """The safetensors weights of a Hugging Face checkpoint to and from the model's arrays,
-by name, with NumPy alone.
+by name, with NumPy (the files themselves: `_safetensors.py`).
 
 Weights travel as a flat dict keyed by the model's attribute paths
 (`"blocks.attention.query_proj.weight"`), with the layers stacked along a leading axis
