@@ -383,7 +383,7 @@ def page_markdown(
         "`memory_analysis()` of the very compilation that is timed.",
         "",
         f"- Commit: `{commit}`",
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         f"- Machine: {machine_description()}",
         f"- Run time: {seconds / 60:.1f} min",
     ]
