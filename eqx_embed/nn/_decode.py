@@ -116,7 +116,8 @@ class EmbeddingDecode(eqx.Module):
         logits = dot_with_rows(
             self.weight, hidden, dtype=self.dtype, soft_cap=self.logit_soft_cap
         )
-        if self.embedding._is_padded() or on_explicit_mesh(self.weight, hidden):
+        if self.embedding._is_padded():
+            # As `Embedding.attend`: only a padded table has columns to drop.
             return first_columns(logits, self.embedding.num_embeddings)
         return logits
 

@@ -343,7 +343,9 @@ class Embedding(eqx.Module):
             query, self.embedding_size, name="query", owner="table's embedding_size"
         )
         logits = dot_with_rows(self.weight, query, dtype=self.dtype)
-        if self._is_padded() or on_explicit_mesh(self.weight, query):
+        if self._is_padded():
+            # Only a padded table has columns to drop: `first_columns` is a no-op on
+            # any other, on a mesh or not.
             return first_columns(logits, self.num_embeddings)
         return logits
 
