@@ -130,12 +130,23 @@ def total_negative_log_likelihood(
     return total
 
 
+def read_utf8(path: pathlib.Path, option: str) -> str:
+    """The text of the file given as `option`, which must be UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise SystemExit(
+            f"{option} {path}: not UTF-8 text (byte {error.object[error.start]:#04x} "
+            f"at offset {error.start}); convert it, e.g. with iconv."
+        ) from None
+
+
 def read_token_ids(path: pathlib.Path) -> np.ndarray:
     if path.suffix == ".npy":
         ids = np.load(path)
     else:
         try:
-            ids = np.array(path.read_text().split(), dtype=np.int64)
+            ids = np.array(read_utf8(path, "--token-ids").split(), dtype=np.int64)
         except ValueError as error:
             raise SystemExit(
                 f"--token-ids {path}: expected whitespace-separated integers ({error})."
@@ -292,7 +303,8 @@ def score(args: argparse.Namespace) -> dict[str, float]:
     config = model.config
     if args.text is not None:
         tokenizer_file = args.tokenizer or args.checkpoint / TOKENIZER_FILE
-        tokens, predicted_bytes = encode_text(args.text.read_text(), tokenizer_file)
+        text = read_utf8(args.text, "--text")
+        tokens, predicted_bytes = encode_text(text, tokenizer_file)
     else:
         tokens, predicted_bytes = read_token_ids(args.token_ids), None
     check_token_ids(tokens, config.vocab_size)
@@ -384,10 +396,14 @@ def main(argv: list[str] | None = None) -> dict[str, float] | dict[str, str]:
         source = pathlib.Path(__file__)
         write_demo_checkpoint(pathlib.Path(directory), source.read_text())
         args.checkpoint = pathlib.Path(directory)
+        what = (
+            "its perplexity is of the order of its vocabulary size"
+            if args.generate is None
+            else "its continuation is noise"
+        )
         print(
-            "--demo: a tiny Llama with RANDOM, untrained weights. Its perplexity is of "
-            "the order of its vocabulary size and its continuations are noise; they "
-            "say nothing about any real model: give a checkpoint directory for that."
+            f"--demo: a tiny Llama with RANDOM, untrained weights: {what}, which says "
+            "nothing about any real model: give a checkpoint directory for that."
         )
         if args.generate is None:
             args.text = source

@@ -109,6 +109,12 @@ def _rope_settings(keys: ConfigKeys, max_position_embeddings: int) -> dict[str, 
         settings["rope_theta"] = float(theta)
     if partial is not None:
         check_positive("config.json's partial_rotary_factor", partial)
+        if not keys.family.partial_rotary and partial != 1:
+            raise ValueError(
+                f"config.json has partial_rotary_factor={partial!r}, which "
+                f"transformers' {keys.family.name} model stores but does not apply "
+                "(it rotates the whole head): refused rather than read two ways."
+            )
         settings["partial_rotary_factor"] = float(partial)
     return settings
 
@@ -130,6 +136,15 @@ def _local_rope(
             )
         local = dict(parameters.get("sliding_attention") or {})
         parameters = dict(parameters.get("full_attention") or {})
+    elif keys.given.get("rope_parameters"):
+        # transformers reads Gemma 3's rope_parameters per layer type only: a flat
+        # dict's theta and scaling are ignored (both kinds of layer take their
+        # defaults), which no reader of the file would expect.
+        raise ValueError(
+            f"config.json's rope_parameters ({parameters!r}) must be given per layer "
+            f"type ({LAYER_TYPES}) for {keys.family.name}: transformers ignores a "
+            "flat one."
+        )
     rope_type = local.pop("rope_type", local.pop("type", "default"))
     local_theta = local.pop("rope_theta", None)
     if local_theta is None:

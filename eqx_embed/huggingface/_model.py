@@ -11,6 +11,7 @@ import numpy as np
 from jaxtyping import DTypeLike
 
 from ..models import TransformerLM
+from ..models._config import floating_dtype
 from ..models._transformer_parts import initial_parts, named_leaves
 from ..nn._indices import OutOfRange
 from ._checkpoint import (
@@ -20,6 +21,17 @@ from ._checkpoint import (
     read_weights,
     write_checkpoint,
 )
+
+
+def _dtype_name(argument: str, dtype: DTypeLike | None) -> str | None:
+    """The name of the floating `dtype` given as `from_huggingface`'s `argument`."""
+    if dtype is None:
+        return None
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = dtype
+    return floating_dtype(f"from_huggingface's {argument}", name).name
 
 
 def load_transformer(
@@ -33,10 +45,8 @@ def load_transformer(
     [`TransformerLM.from_huggingface`][eqx_embed.TransformerLM.from_huggingface]."""
     config = read_config(
         path,
-        param_dtype=None if param_dtype is None else jnp.dtype(param_dtype).name,
-        activation_dtype=(
-            None if activation_dtype is None else jnp.dtype(activation_dtype).name
-        ),
+        param_dtype=_dtype_name("param_dtype", param_dtype),
+        activation_dtype=_dtype_name("activation_dtype", activation_dtype),
         out_of_range=out_of_range,
     )
     skeleton = eqx.filter_eval_shape(initial_parts, config, jax.random.key(0))

@@ -108,7 +108,9 @@ def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _floating_dtype(name: str, value: str) -> jnp.dtype:
+def floating_dtype(name: str, value: Any) -> jnp.dtype:
+    """The dtype `value` names, which must be a floating one; `name` is the argument
+    the error names."""
     try:
         dtype = jnp.dtype(value)
     except TypeError:
@@ -401,8 +403,8 @@ class TransformerConfig:
                 "rope_scaling must be None or a dict such as Hugging Face's "
                 f"rope_scaling, got {self.rope_scaling!r}."
             )
-        _floating_dtype("activation_dtype", self.activation_dtype)
-        _floating_dtype("param_dtype", self.param_dtype)
+        floating_dtype("activation_dtype", self.activation_dtype)
+        floating_dtype("param_dtype", self.param_dtype)
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"hidden_act must be one of {tuple(ACTIVATIONS)}, got "

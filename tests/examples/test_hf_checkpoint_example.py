@@ -322,8 +322,21 @@ def test_generate_continues_a_prompt_as_transformers_does(
     assert result["generated"] == tokenizer.decode(expected.tolist())
 
 
-def test_demo_generates_without_a_checkpoint():
+@pytest.mark.parametrize("option", ["--text", "--token-ids"])
+def test_a_file_that_is_not_utf8_is_named(option, checkpoint, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("1 2 3 caf\u00e9".encode("latin-1"))
+    args = example.parse_arguments([str(checkpoint), option, str(latin1)])
+    with pytest.raises(SystemExit, match=f"{option} .*not UTF-8 text.*0xe9"):
+        example.score(args)
+
+
+def test_demo_generates_without_a_checkpoint(capsys):
     result = example.main(
         ["--demo", "--generate", "def main(", "--max-new-tokens", "6"]
     )
     assert result["generated"].startswith("def main(")
+    # The banner describes what is printed: a continuation, no perplexity.
+    banner = capsys.readouterr().out.splitlines()[0]
+    assert "RANDOM, untrained weights" in banner
+    assert "continuation" in banner and "perplexity" not in banner

@@ -20,3 +20,4 @@ def test_demo_says_its_weights_are_random_before_the_perplexity(tmp_path):
     output = result.stdout
     assert "RANDOM, untrained weights" in output
     assert output.index("RANDOM") < output.index("perplexity:")
+    assert "continuation" not in output  # it scores; it continues nothing

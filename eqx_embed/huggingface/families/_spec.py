@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ...models import TransformerConfig
+from ...models._config import LAYER_TYPES
 from ...models.families import Presets, family_spec
 from ...nn._contracts import check_positive
 
@@ -144,6 +145,10 @@ class HuggingFaceFamily:
         spells the shared keys its own way (GPT-2's `n_embd`, `n_layer`, ...): the
         dict with the shared names (`hidden_size`, ...), and back. `None`: the
         shared names are the family's.
+    - `partial_rotary`: whether transformers' model of the family rotates a part of
+        each head (`partial_rotary_factor`, GPT-NeoX's `rotary_pct`). The others
+        store the key but rotate the whole head, so a checkpoint that sets it is
+        refused, and a model with a partial rotation is not exported to them.
     - `local_rope`: whether the sliding layers have a RoPE of their own
         (`rope_local_theta`, Gemma 3), which `config.json` gives per layer type in
         `rope_parameters` (or as `rope_local_base_freq`).
@@ -156,6 +161,7 @@ class HuggingFaceFamily:
     read_config: Callable[[ConfigKeys], dict[str, Any]]
     write_config: Callable[[TransformerConfig], dict[str, Any]]
     local_rope: bool = False
+    partial_rotary: bool = False
     normalise_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     denormalise_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
@@ -179,16 +185,13 @@ def read_rms_attention(keys: ConfigKeys) -> dict[str, Any]:
 
 def write_rms_attention(config: TransformerConfig) -> dict[str, Any]:
     """The inverse of `read_rms_attention`, with the RoPE keys."""
-    values = dict(
+    return dict(
         num_key_value_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         rope_theta=config.rope_theta,
         rope_scaling=rope_scaling_dict(config),
         rms_norm_eps=config.norm_eps,
     )
-    if config.partial_rotary_factor != 1.0:
-        values["partial_rotary_factor"] = config.partial_rotary_factor
-    return values
 
 
 def rope_scaling_dict(config: TransformerConfig) -> dict[str, Any] | None:
@@ -219,11 +222,23 @@ def read_activation(keys: ConfigKeys, used: str, ignored: str) -> str | None:
 def read_layer_types(
     keys: ConfigKeys, sliding_window: int | None
 ) -> tuple[str, ...] | None:
-    """`layer_types`, which only matters with a sliding window."""
+    """`layer_types`, which only matters with a sliding window, but which transformers
+    validates in any case: a list of `num_hidden_layers` layer types."""
     given = keys.take("layer_types")
-    if sliding_window is None or given is None:
+    if given is None:
         return None
-    return tuple(given)
+    num_layers = keys.given.get("num_hidden_layers")
+    if (
+        not isinstance(given, list)
+        or not all(isinstance(kind, str) and kind in LAYER_TYPES for kind in given)
+        or (isinstance(num_layers, int) and len(given) != num_layers)
+    ):
+        raise ValueError(
+            f"config.json's layer_types must be a list of {num_layers} "
+            f"(num_hidden_layers) layer types, each one of {LAYER_TYPES}; got "
+            f"{given!r}."
+        )
+    return None if sliding_window is None else tuple(given)
 
 
 def layer_types(config: TransformerConfig) -> list[str]:

@@ -2,6 +2,7 @@
 weight names and transformers' defaults. The architecture is
 `eqx_embed.models.families.gemma3`."""
 
+import warnings
 from typing import Any
 
 from ...models import TransformerConfig
@@ -11,11 +12,20 @@ from ._spec import ConfigKeys, HuggingFaceFamily, WeightNames
 
 
 def read_config(keys: ConfigKeys) -> dict[str, Any]:
-    # transformers 4 gave the pattern as a number; 5 lists the layer types.
-    pattern = keys.take("sliding_window_pattern")
-    saved_pattern = keys.take("_sliding_window_pattern")
-    pattern = pattern or saved_pattern or FULL_ATTENTION_EVERY
+    # transformers 4 gave the pattern as a number; 5 lists the layer types. Without
+    # them, transformers 5 reads `sliding_window_pattern` only: the
+    # `_sliding_window_pattern` it saves beside `layer_types` is ignored, as there.
+    pattern = keys.take("sliding_window_pattern") or FULL_ATTENTION_EVERY
+    keys.take("_sliding_window_pattern")
     settings = gemma2.read_config(keys)
+    cap = settings.pop("attention_logit_soft_cap")
+    if cap is not None:
+        warnings.warn(
+            f"config.json has attn_logit_softcapping={cap!r}, which transformers "
+            "stores but does not apply to Gemma 3's attention: the model follows "
+            "transformers and does not cap it.",
+            stacklevel=2,
+        )
     if settings["layer_types"] is None and settings["sliding_window"] is not None:
         settings["layer_types"] = tuple(
             "full_attention" if (layer + 1) % pattern == 0 else "sliding_attention"
@@ -29,7 +39,9 @@ def write_config(config: TransformerConfig) -> dict[str, Any]:
     full = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling is not None:
         full.update(config.rope_scaling.to_dict())
-    del values["rope_theta"], values["rope_scaling"]
+    # Not written: transformers would not apply it (see read_config), so a model
+    # with the cap is not exported (its config does not read back).
+    del values["rope_theta"], values["rope_scaling"], values["attn_logit_softcapping"]
     values["rope_parameters"] = {
         "full_attention": full,
         "sliding_attention": {

@@ -75,4 +75,5 @@ GPT_NEOX = HuggingFaceFamily(
     ),
     read_config=read_config,
     write_config=write_config,
+    partial_rotary=True,
 )
