@@ -80,7 +80,8 @@ def check_prompts(
     if capacity > config.max_position_embeddings:
         raise ValueError(
             f"capacity ({capacity}) exceeds the model's max_position_embeddings "
-            f"({config.max_position_embeddings}); the prompts' width plus max_new_tokens must fit."
+            f"({config.max_position_embeddings}); the prompts' width plus "
+            "max_new_tokens must fit."
         )
     return prompts, lengths, int(capacity)
 

@@ -327,6 +327,8 @@ def gather_rows(
         fill = jnp.iinfo(table.dtype).min
     # `jnp.asarray`: a NumPy table (equinox's and flax's embeddings take one) has no
     # `.at`.
-    return jnp.asarray(table).at[indices].get(
-        mode="fill", fill_value=fill, out_sharding=out_sharding
+    return (
+        jnp.asarray(table)
+        .at[indices]
+        .get(mode="fill", fill_value=fill, out_sharding=out_sharding)
     )
