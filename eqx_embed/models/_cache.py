@@ -189,8 +189,9 @@ def check_decode_tokens(
             f"tokens must have shape {cache.lengths.shape}, one per row of the "
             f"cache, got shape {tokens.shape}."
         )
+    # NumPy: under `jit`, even a constant cache's `jnp.any` would be traced.
     if not isinstance(cache.lengths, jax.core.Tracer) and bool(
-        jnp.any(cache.lengths >= cache.capacity)
+        np.any(np.asarray(cache.lengths) >= cache.capacity)
     ):
         raise ValueError(
             f"The cache is full: a row holds capacity={cache.capacity} tokens."

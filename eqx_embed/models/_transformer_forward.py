@@ -189,9 +189,14 @@ def flat_hidden_states(
     under `jax.vmap`, as one row per token. Every integer is checked in its own dtype
     first: `jax.vmap` would narrow an int64 one."""
     tokens = checked_token_ids(model.config, tokens)
-    # Only the options given are batched: `None` keeps each one's default.
+    # Only the options given are batched: `None` keeps each one's default. Positions
+    # known now raise now, as in `hidden_states`.
+    bounds = dict(
+        token_positions=dict(low=0, high=model.config.max_position_embeddings),
+        segment_ids={},
+    )
     rows = {
-        name: jnp.asarray(checked_integers(value, name=name))
+        name: jnp.asarray(checked_integers(value, name=name, **bounds[name]))
         for name, value in (
             ("token_positions", token_positions),
             ("segment_ids", segment_ids),
@@ -205,10 +210,10 @@ def flat_hidden_states(
 
 
 @overload
-def flat_rows(values: ArrayLike, size: int) -> Array: ...
+def flat_rows(values: ArrayLike, size: int) -> Array | np.ndarray: ...
 @overload
 def flat_rows(values: None, size: int) -> None: ...
-def flat_rows(values: ArrayLike | None, size: int) -> Array | None:
+def flat_rows(values: ArrayLike | None, size: int) -> Array | np.ndarray | None:
     """`values` of a `(batch, seq)` batch as one row per token; `None` stays. Arrays
     keep their own dtype, so that int64 targets reach their check unnarrowed."""
     if values is None:
