@@ -116,7 +116,7 @@ def sharding_rules(
     )
 
 
-def _check_rules(rules: Rules) -> None:
+def _check_rules(rules: Mapping[str, Any]) -> None:
     """Raises a `ValueError` naming a key of `rules` that is not a logical axis (a
     typo would otherwise leave its axis replicated, silently) or a value that is not
     a sequence of mesh axis names."""
