@@ -307,7 +307,7 @@ def _error_on_every_device(safe, outside, largest_bad, messages: _MessageForValu
 
 
 def gather_rows(
-    table: Shaped[Array, "rows ..."],
+    table: Shaped[ArrayLike, "rows ..."],
     indices: Shaped[ArrayLike, "*shape"],
     *,
     negative_from_end: bool,
