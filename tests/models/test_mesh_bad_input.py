@@ -329,7 +329,7 @@ def test_a_layout_the_modules_cannot_serve_is_named(error_results, case):
     assert axis in result["message"], result
 
 
-def test_a_mesh_axis_that_does_not_exist_is_named_for_models_and_batches():
+def _one_layer_model() -> ee.TransformerLM:
     config = ee.TransformerConfig(
         "llama",
         vocab_size=VOCAB,
@@ -338,7 +338,11 @@ def test_a_mesh_axis_that_does_not_exist_is_named_for_models_and_batches():
         num_layers=1,
         num_heads=2,
     )
-    model = ee.TransformerLM(config, key=jax.random.key(0))
+    return ee.TransformerLM(config, key=jax.random.key(0))
+
+
+def test_a_mesh_axis_that_does_not_exist_is_named_for_models_and_batches():
+    model = _one_layer_model()
     mesh = jax.make_mesh((1, 1), ("data", "vocab"))
     with pytest.raises(
         ValueError,
@@ -376,15 +380,7 @@ def test_batches_meshes_and_rules_are_checked_by_name():
     """A scalar or a list in a batch, an `AbstractMesh` where devices are needed, a
     typo'd rules key and int64 ids past int32: each a `ValueError` naming it, where
     a raw `zip`/`AttributeError` came, or the typo was ignored, or the id wrapped."""
-    config = ee.TransformerConfig(
-        "llama",
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-    )
-    model = ee.TransformerLM(config, key=jax.random.key(0))
+    model = _one_layer_model()
     mesh = jax.make_mesh((1, 1), ("data", "vocab"))
     rules = ee.sharding_rules(data="data", vocab="vocab")
     tokens = np.zeros((2, 4), np.int32)
