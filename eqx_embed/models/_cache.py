@@ -34,6 +34,7 @@ from ._attention import NO_WINDOW
 from ._config import TransformerConfig
 from ._transformer_forward import (
     check_tokens,
+    checked_token_ids,
     embed,
     gather_rotations,
     layer_rotation,
@@ -176,17 +177,21 @@ def prefill(
     )
 
 
-def check_decode_tokens(cache: KVCache, tokens: ArrayLike) -> Int[Array, " batch"]:
-    """`tokens` as an array of one id per row of `cache`, which must have room left
-    (checked when its lengths are concrete)."""
-    tokens = jnp.asarray(tokens)
+def check_decode_tokens(
+    config: TransformerConfig, cache: KVCache, tokens: ArrayLike
+) -> Int[Array, " batch"]:
+    """`tokens` as an array of one id per row of `cache` (checked in their own dtype
+    with the model's policy), which must have room left (checked when its lengths
+    are concrete)."""
+    tokens = checked_token_ids(config, tokens)
     if tokens.shape != cache.lengths.shape:
         raise ValueError(
             f"tokens must have shape {cache.lengths.shape}, one per row of the "
             f"cache, got shape {tokens.shape}."
         )
+    # NumPy: under `jit`, even a constant cache's `jnp.any` would be traced.
     if not isinstance(cache.lengths, jax.core.Tracer) and bool(
-        jnp.any(cache.lengths >= cache.capacity)
+        np.any(np.asarray(cache.lengths) >= cache.capacity)
     ):
         raise ValueError(
             f"The cache is full: a row holds capacity={cache.capacity} tokens."

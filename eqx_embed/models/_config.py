@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args
 import jax
 import jax.numpy as jnp
 
-from ..nn._contracts import check_positive, checked
+from ..nn._contracts import MAX_TABLE_BYTES, check_positive, checked
 from ..nn._indices import OutOfRange, check_policy
 from ..nn._tables import frozen
 from .families import FamilySpec, NormKind, PositionKind, Presets, family_spec
@@ -70,10 +70,6 @@ _SIZE_FIELDS = (
     "max_position_embeddings",
     "scan_unroll",
 )
-# The RoPE tables are built on the host in float64 before the cast to the model's
-# dtype; past this size a typo in max_position_embeddings (10**9) would exhaust the
-# memory rather than fail.
-MAX_ROPE_TABLE_BYTES = 4 * 2**30
 
 
 class FrozenMapping(Mapping[str, Any]):
@@ -150,6 +146,13 @@ def _resolved(arguments: dict[str, Any]) -> dict[str, Any]:
     if isinstance(arguments["rope_scaling"], Mapping):
         resolved["rope_scaling"] = FrozenMapping(arguments["rope_scaling"])
     if arguments["layer_types"] is not None:
+        if isinstance(arguments["layer_types"], str):
+            # `tuple` would list its characters.
+            raise ValueError(
+                "layer_types must be a sequence of layer types, one per layer, got "
+                f"the string {arguments['layer_types']!r}; pass "
+                f"[{arguments['layer_types']!r}] * num_layers for every layer."
+            )
         resolved["layer_types"] = tuple(arguments["layer_types"])
     return resolved
 
@@ -391,12 +394,12 @@ class TransformerConfig:
             )
         # cos and sin, rotary_dim / 2 float64 values each, per position.
         table_bytes = self.max_position_embeddings * self.rotary_dim * 8
-        if self.position_embedding == "rope" and table_bytes > MAX_ROPE_TABLE_BYTES:
+        if self.position_embedding == "rope" and table_bytes > MAX_TABLE_BYTES:
             raise ValueError(
                 f"max_position_embeddings={self.max_position_embeddings} with a "
                 f"rotary width of {self.rotary_dim} needs RoPE tables of "
                 f"{table_bytes / 2**30:.1f} GiB, built in float64; the limit is "
-                f"{MAX_ROPE_TABLE_BYTES // 2**30} GiB."
+                f"{MAX_TABLE_BYTES // 2**30} GiB."
             )
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, Mapping):
             raise ValueError(

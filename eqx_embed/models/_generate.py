@@ -13,6 +13,8 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from ._cache import KVCache, decode_step, prefill
+from ._config import TransformerConfig
+from ._transformer_forward import checked_token_ids
 
 
 def _is_int(value) -> bool:
@@ -23,29 +25,37 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _unnarrowed(values: ArrayLike) -> np.ndarray | jax.Array:
+    """`values` as an array in their own dtype: a NumPy int64 `2**32 + 1` must be
+    checked as itself, not as the 1 that `jnp.asarray` would make of it."""
+    return values if isinstance(values, np.ndarray | jax.Array) else np.asarray(values)
+
+
 def check_prompts(
     prompts: ArrayLike,
     prompt_lengths: ArrayLike | None,
     capacity: int | None,
     *,
     new_tokens: int,
-    max_positions: int,
+    config: TransformerConfig,
 ) -> tuple[Int[Array, "batch seq"], Int[Array, " batch"], int]:
     """Prompts as an int array, their lengths (default: the padded width) and the
-    capacity (default: the padded width plus `new_tokens`), checked."""
-    prompts = jnp.asarray(prompts)
+    capacity (default: the padded width plus `new_tokens`), checked: the integers
+    in their own dtype, before anything narrows them."""
+    prompts = _unnarrowed(prompts)
     if prompts.ndim != 2 or not jnp.issubdtype(prompts.dtype, jnp.integer):
         raise ValueError(
             "prompts must be integer token ids of shape (batch, seq), right-padded, "
             f"got dtype {prompts.dtype} and shape {prompts.shape}."
         )
+    prompts = checked_token_ids(config, prompts)
     batch, width = prompts.shape
     if width == 0 or batch == 0:
         raise ValueError(f"prompts must not be empty, got shape {prompts.shape}.")
     if prompt_lengths is None:
         lengths = jnp.full((batch,), width, jnp.int32)
     else:
-        lengths = jnp.asarray(prompt_lengths)
+        lengths = _unnarrowed(prompt_lengths)
         if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(
                 f"prompt_lengths must be {batch} integers (one per prompt), got "
@@ -58,7 +68,7 @@ def check_prompts(
                     f"prompt_lengths must be in [1, {width}] (the prompts' padded "
                     f"width), got {concrete.tolist()}."
                 )
-        lengths = lengths.astype(jnp.int32)
+        lengths = jnp.asarray(lengths).astype(jnp.int32)
     needed = width + new_tokens
     if capacity is None:
         capacity = needed
@@ -67,10 +77,11 @@ def check_prompts(
             f"capacity must be an integer of at least the prompts' padded width plus "
             f"the new tokens, {width} + {new_tokens} = {needed}; got {capacity!r}."
         )
-    if capacity > max_positions:
+    if capacity > config.max_position_embeddings:
         raise ValueError(
             f"capacity ({capacity}) exceeds the model's max_position_embeddings "
-            f"({max_positions}); the prompts' width plus max_new_tokens must fit."
+            f"({config.max_position_embeddings}); the prompts' width plus "
+            "max_new_tokens must fit."
         )
     return prompts, lengths, int(capacity)
 
@@ -87,7 +98,7 @@ def prefill_prompts(
         prompt_lengths,
         capacity,
         new_tokens=0,
-        max_positions=model.config.max_position_embeddings,
+        config=model.config,
     )
     return prefill(model, prompts, lengths, capacity)
 
@@ -255,7 +266,7 @@ def generate(
         prompt_lengths,
         capacity,
         new_tokens=max_new_tokens,
-        max_positions=config.max_position_embeddings,
+        config=config,
     )
     sampling = temperature > 0
     return _generate(

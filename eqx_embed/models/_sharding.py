@@ -13,9 +13,11 @@ from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
+import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ..nn import pad_vocabulary
+from ..nn._indices import checked_integers
 
 Rules = Mapping[str, tuple[str, ...]]
 """Logical axis name -> the mesh axes that split it (`()`: replicated)."""
@@ -114,6 +116,36 @@ def sharding_rules(
     )
 
 
+def _check_rules(rules: Mapping[str, Any]) -> None:
+    """Raises a `ValueError` naming a key of `rules` that is not a logical axis (a
+    typo would otherwise leave its axis replicated, silently) or a value that is not
+    a sequence of mesh axis names."""
+    for logical, mesh_axes in rules.items():
+        if logical not in LOGICAL_AXES:
+            raise ValueError(
+                f"rules has the key {logical!r}, which is not a logical axis; the "
+                f"logical axes are {LOGICAL_AXES}."
+            )
+        if isinstance(mesh_axes, str) or not all(
+            isinstance(axis, str) for axis in mesh_axes
+        ):
+            raise ValueError(
+                f"rules[{logical!r}] must be a tuple of mesh axis names, got "
+                f"{mesh_axes!r}."
+            )
+
+
+def _check_mesh(mesh: Any, function: str) -> None:
+    """Raises a `ValueError` unless `mesh` is a `jax.sharding.Mesh`, whose devices
+    the arrays are placed on."""
+    if not isinstance(mesh, Mesh):
+        raise ValueError(
+            f"{function} places arrays on devices, so its mesh must be a "
+            f"jax.sharding.Mesh (as from jax.make_mesh), got {type(mesh).__name__}; "
+            "an AbstractMesh has no devices (model_partition_specs takes one)."
+        )
+
+
 def _leaf_axes(name: str, ndim: int) -> tuple[str, ...]:
     """The logical axes of the leaf at dotted path `name`."""
     axes: tuple[str, ...] = ("norm",) * ndim  # norms, RoPE tables: replicated
@@ -194,7 +226,9 @@ def model_partition_specs(model: Any, mesh: Mesh | AbstractMesh, rules: Rules) -
 
     **Raises:**
 
-    - `ValueError`, naming the array and the axis, as said above.
+    - `ValueError`, naming the array and the axis, as said above; naming the key,
+        for a key of `rules` that is not a logical axis (a typo such as
+        `"vocabulary"`) or a value that is not a tuple of mesh axis names.
 
     **Example:**
 
@@ -214,6 +248,8 @@ def model_partition_specs(model: Any, mesh: Mesh | AbstractMesh, rules: Rules) -
     specs = eqx_embed.model_partition_specs(model, mesh, rules)
     ```
     """
+
+    _check_rules(rules)
 
     def spec(path, leaf):
         name = jax.tree_util.keystr(path, simple=True, separator=".")
@@ -251,7 +287,9 @@ def shard_model(model: Any, mesh: Mesh, rules: Rules) -> Any:
 
     **Raises:**
 
-    - `ValueError`: as [`model_partition_specs`][eqx_embed.model_partition_specs].
+    - `ValueError`: as [`model_partition_specs`][eqx_embed.model_partition_specs];
+        a `mesh` that is not a `jax.sharding.Mesh` (an `AbstractMesh` has no
+        devices to place arrays on).
 
     **Example:**
 
@@ -272,6 +310,8 @@ def shard_model(model: Any, mesh: Mesh, rules: Rules) -> Any:
     assert sharded(jnp.array([1, 2, 3])).shape == (3, 64)
     ```
     """
+    _check_mesh(mesh, "shard_model")
+    _check_rules(rules)
     vocab_devices = math.prod(
         mesh.shape[axis] for axis in rules.get("vocab", ()) if axis in mesh.shape
     )
@@ -306,7 +346,11 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
 
     **Raises:**
 
-    - `ValueError`, naming the array, as said above.
+    - `ValueError`, naming the array, as said above; for a leaf that is not an
+        array with a leading axis (a scalar, or a Python list, whose items would be
+        leaves of their own), for integers that JAX would narrow (an int64 id past
+        int32 without `jax_enable_x64`: refused, never wrapped), and as
+        [`shard_model`][eqx_embed.shard_model] for the mesh and the rules.
 
     **Example:**
 
@@ -327,6 +371,8 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
     assert batch.shape == (4, 8)
     ```
     """
+    _check_mesh(mesh, "shard_batch")
+    _check_rules(rules)
     batch_axes = tuple(rules.get("batch", ()))
     model_axes = {
         mesh_axis
@@ -343,6 +389,15 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
                 "model's vocabulary, heads or MLP, whose devices must all see the same "
                 "tokens. Split the batch over data or fsdp axes only."
             )
+        if not isinstance(leaf, np.ndarray | jax.Array) or leaf.ndim == 0:
+            raise ValueError(
+                f"{name} must be an array with a leading batch axis, got "
+                f"{type(leaf).__name__} {leaf!r:.80}; convert a list with "
+                "np.asarray, and keep scalars out of the batch."
+            )
+        if not isinstance(leaf, jax.Array) and np.issubdtype(leaf.dtype, np.integer):
+            # In its own dtype, before `device_put` narrows an int64 id past int32.
+            leaf = checked_integers(leaf, name=name)
         spec = _spec(name, leaf.shape[:1], ("batch",), rules, mesh)
         return jax.device_put(leaf, NamedSharding(mesh, spec))
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 from jaxtyping import (
     Array,
     ArrayLike,
@@ -304,9 +303,8 @@ class TransformerLM(eqx.Module):
 
         A float32 scalar.
         """
-        tokens = jnp.asarray(tokens)
         hidden = flat_hidden_states(self, tokens, token_positions, segment_ids)
-        flat = functools.partial(flat_rows, size=tokens.size)
+        flat = functools.partial(flat_rows, size=hidden.shape[0])
         return self.embedding.mean_cross_entropy(
             hidden,
             flat(targets),
@@ -390,7 +388,7 @@ class TransformerLM(eqx.Module):
         The logits after each new token (equal to the full forward's at that
         position) and the advanced cache.
         """
-        return decode_step(self, cache, check_decode_tokens(cache, tokens))
+        return decode_step(self, cache, check_decode_tokens(self.config, cache, tokens))
 
     def generate(
         self,

@@ -9,9 +9,10 @@ from typing import Any, overload
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, Integer
 
-from ..nn._indices import IntegerSequence, check_indices
+from ..nn._indices import IntegerSequence, check_indices, checked_integers
 from ..nn._rope_rotate import RopeRotation
 from ._attention import NO_WINDOW, segment_runs
 from ._config import TransformerConfig
@@ -20,20 +21,28 @@ from ._sharding import on_auto_axes
 Rotations = tuple[RopeRotation | None, RopeRotation | None]
 
 
-def check_tokens(
-    config: TransformerConfig, tokens: Integer[ArrayLike, " seq"] | IntegerSequence
-) -> Int[Array, " seq"]:
-    """Checks a sequence's ids and length."""
-    # Checked here, in their own dtype and with the embedding's policy, before the
-    # per-token lookup traces them, so that bad ids known now raise now. They come
-    # back as int32 in [0, vocab_size], which the lookup accepts unchanged.
-    tokens = check_indices(
+def checked_token_ids(
+    config: TransformerConfig, tokens: Integer[ArrayLike, "*shape"] | IntegerSequence
+) -> Int[Array, "*shape"]:
+    """Token ids of any shape (a sequence, a batch, a prompt), checked in their own
+    dtype with the embedding's policy before anything narrows or traces them, so that
+    an int64 id past int32 never wraps and bad ids known now raise now. They come back
+    as int32 in [0, vocab_size], which the lookup accepts unchanged (`vocab_size`, a
+    bad id, reads NaNs)."""
+    return check_indices(
         tokens,
         size=config.vocab_size,
         out_of_range=config.out_of_range,
         name="token id",
         negative_from_end=True,
     )
+
+
+def check_tokens(
+    config: TransformerConfig, tokens: Integer[ArrayLike, " seq"] | IntegerSequence
+) -> Int[Array, " seq"]:
+    """Checks a sequence's ids and length."""
+    tokens = checked_token_ids(config, tokens)
     if tokens.ndim != 1:
         raise ValueError(
             f"tokens must be one sequence of ids, shape (seq,), got shape "
@@ -142,7 +151,7 @@ def hidden_states(
     seq_len = tokens.shape[0]
     runs = None
     if segment_ids is not None:
-        segment_ids = jnp.asarray(segment_ids)
+        segment_ids = jnp.asarray(checked_integers(segment_ids, name="segment_ids"))
         if segment_ids.shape != (seq_len,):
             raise ValueError(
                 f"segment_ids must have shape ({seq_len},), one per token, got "
@@ -172,15 +181,22 @@ def hidden_states(
 
 def flat_hidden_states(
     model: Any,
-    tokens: Int[Array, "batch seq"],
+    tokens: Integer[ArrayLike, "batch seq"],
     token_positions: Integer[ArrayLike, "batch seq"] | None,
     segment_ids: Integer[ArrayLike, "batch seq"] | None,
 ) -> Float[Array, "batch*seq hidden_size"]:
     """The hidden states of a batch of sequences, each run by `model.hidden_states`
-    under `jax.vmap`, as one row per token."""
-    # Only the options given are batched: `None` keeps each one's default.
+    under `jax.vmap`, as one row per token. Every integer is checked in its own dtype
+    first: `jax.vmap` would narrow an int64 one."""
+    tokens = checked_token_ids(model.config, tokens)
+    # Only the options given are batched: `None` keeps each one's default. Positions
+    # known now raise now, as in `hidden_states`.
+    bounds = dict(
+        token_positions=dict(low=0, high=model.config.max_position_embeddings),
+        segment_ids={},
+    )
     rows = {
-        name: jnp.asarray(value)
+        name: jnp.asarray(checked_integers(value, name=name, **bounds[name]))
         for name, value in (
             ("token_positions", token_positions),
             ("segment_ids", segment_ids),
@@ -194,9 +210,14 @@ def flat_hidden_states(
 
 
 @overload
-def flat_rows(values: ArrayLike, size: int) -> Array: ...
+def flat_rows(values: ArrayLike, size: int) -> Array | np.ndarray: ...
 @overload
 def flat_rows(values: None, size: int) -> None: ...
-def flat_rows(values: ArrayLike | None, size: int) -> Array | None:
-    """`values` of a `(batch, seq)` batch as one row per token; `None` stays."""
-    return None if values is None else jnp.reshape(jnp.asarray(values), size)
+def flat_rows(values: ArrayLike | None, size: int) -> Array | np.ndarray | None:
+    """`values` of a `(batch, seq)` batch as one row per token; `None` stays. Arrays
+    keep their own dtype, so that int64 targets reach their check unnarrowed."""
+    if values is None:
+        return None
+    if isinstance(values, np.ndarray | jax.Array):
+        return values.reshape(size)
+    return jnp.reshape(values, size)

@@ -16,6 +16,12 @@ from jaxtyping import jaxtyped
 
 checked = jaxtyped(typechecker=beartype)
 
+# The most bytes a table built on the host from a size argument may take (RoPE's
+# tables, built in float64 from `max_position_embeddings`; the rows that
+# `pad_vocabulary` appends): past it, a typo (10**9 positions, a multiple of 10**12)
+# would exhaust the memory rather than fail.
+MAX_TABLE_BYTES = 4 * 2**30
+
 
 def check_feature_size(array, expected: int, *, name: str, owner: str) -> None:
     """Raises a `ValueError` naming `name` unless `array`'s last axis is `expected`.

@@ -181,7 +181,7 @@ class Embedding(eqx.Module):
         self,
         num_embeddings: int | None = None,
         embedding_size: int | None = None,
-        weight: Float[Array, "num_embeddings embedding_size"] | None = None,
+        weight: Float[ArrayLike, "num_embeddings embedding_size"] | None = None,
         *,
         dtype: DTypeLike | None = None,
         param_dtype: DTypeLike | None = None,
@@ -206,7 +206,8 @@ class Embedding(eqx.Module):
 
         Or an existing one:
 
-        - `weight`: the table, of shape `(num_embeddings, embedding_size)`;
+        - `weight`: the table, of shape `(num_embeddings, embedding_size)`, a JAX or
+            NumPy array (stored as a JAX array);
             `num_embeddings` and `embedding_size`, if given, must agree with it.
             `param_dtype`, if given, casts it.
 
@@ -249,6 +250,8 @@ class Embedding(eqx.Module):
             if padding_idx is not None:
                 weight = weight.at[padding_idx].set(0)
         else:
+            # A NumPy table is taken as equinox's and flax's embeddings take it.
+            weight = jnp.asarray(weight)
             if weight.ndim != 2:
                 raise ValueError(
                     "weight must have shape (num_embeddings, embedding_size), got "

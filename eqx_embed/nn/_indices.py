@@ -84,10 +84,10 @@ class _MessageForValue:
         return _out_of_range_message(self.name, value, self.size, self.low) + "."
 
 
-def _host_integers(indices, name: str) -> np.ndarray:
+def _host_integers(indices, plural: str) -> np.ndarray:
     """`indices` (a Python int or sequence, a NumPy array or a concrete JAX array) as
     a NumPy integer array in their own dtype; Python ints past int64 stay exact, as
-    objects."""
+    objects. `plural` names them in the message if they are not integers."""
     try:
         array = np.asarray(indices)
     except OverflowError:
@@ -103,7 +103,7 @@ def _host_integers(indices, name: str) -> np.ndarray:
     ):
         return array
     raise ValueError(
-        f"{name}s must be integers, got {array.dtype} values of shape {array.shape}."
+        f"{plural} must be integers, got {array.dtype} values of shape {array.shape}."
     )
 
 
@@ -167,7 +167,7 @@ def check_indices(
     low, high = valid_range(size, negative_from_end=negative_from_end)
     traced = isinstance(indices, Tracer) or isinstance(where, Tracer)
     if not traced:
-        host = _host_integers(indices, name)
+        host = _host_integers(indices, f"{name}s")
         mask = None if where is None else np.asarray(where, dtype=bool)
         safe, outside = _normalise(host, _outside(host, low, high, np), mask, size, np)
         if out_of_range == "error" and outside.any():
@@ -188,6 +188,56 @@ def check_indices(
             safe, outside, largest_bad, _MessageForValue(name, size, low)
         )
     return safe
+
+
+def checked_integers(
+    values: Integer[ArrayLike, "*shape"] | IntegerSequence,
+    *,
+    name: str,
+    low: int | None = None,
+    high: int | None = None,
+) -> Integer[ArrayLike, "*shape"]:
+    """Integers that are not indices into a table (lengths, segment ids, a batch's
+    ids on their way to a device), checked where they are known now, in their own
+    dtype, as `check_indices` checks indices: never narrowed first.
+
+    **Arguments:**
+
+    - `values`: integers of any dtype, concrete or traced, or a Python int or
+        sequence of ints.
+    - `name`: the argument, for the message.
+    - `low`, `high`: the valid range, `[low, high)`. Each defaults to the bound of
+        the dtype JAX holds the values in (int32 without `jax_enable_x64`), so that
+        none can wrap on its way to a device.
+
+    **Returns:**
+
+    Values known now as a NumPy array in that dtype; traced values as they are.
+
+    **Raises:**
+
+    - `ValueError`, naming `name`, the range and a bad value: a value known now
+        outside the range, or values that are not integers.
+    """
+    if isinstance(values, Tracer):
+        if not jnp.issubdtype(values.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integers, got dtype {values.dtype}.")
+        return values
+    host = _host_integers(values, name)
+    dtype = jax.dtypes.canonicalize_dtype(
+        np.int64 if host.dtype == object else host.dtype
+    )
+    info = np.iinfo(dtype)
+    low = info.min if low is None else low
+    high = info.max + 1 if high is None else high
+    outside = _outside(host, low, high, np)
+    if outside.any():
+        raise ValueError(
+            f"{name} must be in [{low}, {high}) (as {dtype}, the dtype JAX holds "
+            f"them in), got {int(host[outside].flat[0])}; {int(outside.sum())} "
+            "bad value(s) in all."
+        )
+    return host.astype(dtype)
 
 
 def _error_if_any_bad(safe, outside, largest_bad, messages: _MessageForValue):
@@ -257,7 +307,7 @@ def _error_on_every_device(safe, outside, largest_bad, messages: _MessageForValu
 
 
 def gather_rows(
-    table: Shaped[Array, "rows ..."],
+    table: Shaped[ArrayLike, "rows ..."],
     indices: Shaped[ArrayLike, "*shape"],
     *,
     negative_from_end: bool,
@@ -275,6 +325,10 @@ def gather_rows(
         fill = jnp.nan
     else:
         fill = jnp.iinfo(table.dtype).min
-    return table.at[indices].get(
-        mode="fill", fill_value=fill, out_sharding=out_sharding
+    # `jnp.asarray`: a NumPy table (equinox's and flax's embeddings take one) has no
+    # `.at`.
+    return (
+        jnp.asarray(table)
+        .at[indices]
+        .get(mode="fill", fill_value=fill, out_sharding=out_sharding)
     )

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
-from jaxtyping import Array
+from jaxtyping import Array, ArrayLike
 
 AxisNames = tuple[str, ...]
 
@@ -44,7 +44,7 @@ def _axes(entry) -> AxisNames:
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-def on_explicit_mesh(*arrays: Array) -> bool:
+def on_explicit_mesh(*arrays: ArrayLike) -> bool:
     """Whether explicit mesh axes are involved: the mesh set with `jax.set_mesh` has
     some, or one of `arrays` is laid out on a mesh that has.
 

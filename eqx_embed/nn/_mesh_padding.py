@@ -10,15 +10,20 @@ logits, and the fused losses leave the padding rows out of every log-sum-exp, so
 that they never get a gradient.
 """
 
+import math
 from typing import TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec
+from jaxtyping import Array
 
-from ._contracts import check_positive
+from ._contracts import MAX_TABLE_BYTES, check_positive
 from ._embedding import Embedding
+from ._mesh import explicit_sharding, split_axes
 
 Tree = TypeVar("Tree")
 
@@ -28,14 +33,43 @@ def _padded(embedding: Embedding, multiple_of: int) -> Embedding:
     weight = embedding.weight
     if weight.shape[0] == rows:
         return embedding
+    padding_bytes = (
+        (rows - embedding.num_embeddings)
+        * math.prod(weight.shape[1:])
+        * np.dtype(weight.dtype).itemsize
+    )
+    if padding_bytes > MAX_TABLE_BYTES:
+        raise ValueError(
+            f"multiple_of={multiple_of} would pad a table of "
+            f"{embedding.num_embeddings} rows to {rows}, {padding_bytes / 2**30:.1f} "
+            f"GiB of padding; the limit is {MAX_TABLE_BYTES // 2**30} GiB (pass "
+            "the number of devices that split the vocabulary)."
+        )
+    sharding = explicit_sharding(weight)
+    if sharding is not None and split_axes(weight, 0):
+        # JAX pads or slices an axis split over explicit mesh axes only to a size
+        # they divide: the rows are made whole first, and split again after where
+        # the new size allows it (removing the padding leaves them whole).
+        spec = tuple(sharding.spec) + (None,) * (weight.ndim - len(sharding.spec))
+        whole_rows = sharding.update(spec=PartitionSpec(None, *spec[1:]))
+        devices = math.prod(sharding.mesh.shape[axis] for axis in split_axes(weight, 0))
+        padded = _padded_rows(jax.sharding.reshard(weight, whole_rows), rows)
+        if rows % devices == 0:
+            padded = jax.sharding.reshard(padded, sharding)
+        weight = padded
+    else:
+        weight = _padded_rows(weight, rows)
+    return eqx.tree_at(lambda e: e.weight, embedding, weight)
+
+
+def _padded_rows(weight: Array, rows: int) -> Array:
     # Padding rows only ever follow the vocabulary, so a negative pad (a table
     # padded before to another multiple) drops padding rows only.
-    weight = lax.pad(
-        weight,
+    return lax.pad(
+        jnp.asarray(weight),
         jnp.zeros((), weight.dtype),
         ((0, rows - weight.shape[0], 0), (0, 0, 0)),
     )
-    return eqx.tree_at(lambda e: e.weight, embedding, weight)
 
 
 def pad_vocabulary(tree: Tree, multiple_of: int) -> Tree:
@@ -56,6 +90,11 @@ def pad_vocabulary(tree: Tree, multiple_of: int) -> Tree:
     gradients. A tied table stays one leaf. `TransformerLM.to_huggingface` writes the
     unpadded table.
 
+    A table already sharded (by [`shard_model`][eqx_embed.shard_model]) keeps its
+    layout where its devices divide the new number of rows; where they do not (the
+    padding removed, with `1`), its vocabulary comes back whole on every device,
+    the other axes still split.
+
     **Arguments:**
 
     - `tree`: any pytree; the embeddings in it are padded, everything else is left
@@ -71,7 +110,8 @@ def pad_vocabulary(tree: Tree, multiple_of: int) -> Tree:
 
     **Raises:**
 
-    - `ValueError`: a `multiple_of` that is not a positive integer.
+    - `ValueError`: a `multiple_of` that is not a positive integer, or one that
+        would append more than 4 GiB of padding to a table (a typo, not a mesh).
 
     **Example:**
 

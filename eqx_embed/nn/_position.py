@@ -5,7 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, DTypeLike, Float, PRNGKeyArray, UInt
+from jaxtyping import Array, ArrayLike, DTypeLike, Float, PRNGKeyArray, UInt
 
 from ._contracts import check_positive, checked
 from ._embedding import Initializer, TokenId
@@ -85,7 +85,7 @@ class PositionEmbedding(eqx.Module):
         self,
         max_seq_len: int | None = None,
         embedding_size: int | None = None,
-        weight: Float[Array, "rows embedding_size"] | None = None,
+        weight: Float[ArrayLike, "rows embedding_size"] | None = None,
         *,
         key: PRNGKeyArray | None = None,
         init: Initializer = gpt2_position_init,
@@ -144,6 +144,7 @@ class PositionEmbedding(eqx.Module):
                     f"init returned shape {weight.shape}, expected {shape}."
                 )
         else:
+            weight = jnp.asarray(weight)  # a NumPy table, as for `Embedding`
             if weight.ndim != 2 or weight.shape[0] <= offset:
                 raise ValueError(
                     "weight must have shape (offset + max_seq_len, embedding_size) "

@@ -6,6 +6,8 @@ All the multi-device cases run in one subprocess; each call there is timed, sinc
 device left waiting at a collective shows as a 40-second stall and an abort.
 """
 
+import inspect
+
 import jax
 import numpy as np
 import pytest
@@ -327,7 +329,7 @@ def test_a_layout_the_modules_cannot_serve_is_named(error_results, case):
     assert axis in result["message"], result
 
 
-def test_a_mesh_axis_that_does_not_exist_is_named_for_models_and_batches():
+def _one_layer_model() -> ee.TransformerLM:
     config = ee.TransformerConfig(
         "llama",
         vocab_size=VOCAB,
@@ -336,7 +338,11 @@ def test_a_mesh_axis_that_does_not_exist_is_named_for_models_and_batches():
         num_layers=1,
         num_heads=2,
     )
-    model = ee.TransformerLM(config, key=jax.random.key(0))
+    return ee.TransformerLM(config, key=jax.random.key(0))
+
+
+def test_a_mesh_axis_that_does_not_exist_is_named_for_models_and_batches():
+    model = _one_layer_model()
     mesh = jax.make_mesh((1, 1), ("data", "vocab"))
     with pytest.raises(
         ValueError,
@@ -368,3 +374,39 @@ def test_tokens_split_in_one_call_are_served_as_on_one_device(
             name,
             errors,
         )
+
+
+def test_batches_meshes_and_rules_are_checked_by_name():
+    """A scalar or a list in a batch, an `AbstractMesh` where devices are needed, a
+    typo'd rules key and int64 ids past int32: each a `ValueError` naming it, where
+    a raw `zip`/`AttributeError` came, or the typo was ignored, or the id wrapped."""
+    model = _one_layer_model()
+    mesh = jax.make_mesh((1, 1), ("data", "vocab"))
+    rules = ee.sharding_rules(data="data", vocab="vocab")
+    tokens = np.zeros((2, 4), np.int32)
+    with pytest.raises(ValueError, match=r"batch\['step'\] must be an array"):
+        ee.shard_batch(dict(tokens=tokens, step=3), mesh, rules)
+    with pytest.raises(ValueError, match=r"batch\['lengths'\]\[0\] must be an array"):
+        ee.shard_batch(dict(tokens=tokens, lengths=[4, 4]), mesh, rules)
+    wide = np.array([[1, 2**32 + 5]], np.int64)
+    with pytest.raises(ValueError, match=rf"batch must be in .*got {2**32 + 5}"):
+        ee.shard_batch(wide, mesh, rules)
+    # What fits int32 is placed unchanged.
+    fits = ee.shard_batch(np.array([[1, 2**31 - 1]], np.int64), mesh, rules)
+    np.testing.assert_array_equal(fits, np.array([[1, 2**31 - 1]]))
+    abstract = jax.sharding.AbstractMesh((1, 1), ("data", "vocab"))
+    # Unwrapped, as users call them: the suite's jaxtyping hook would refuse the
+    # AbstractMesh first, by its annotation.
+    for function, tree in ((ee.shard_model, model), (ee.shard_batch, tokens)):
+        with pytest.raises(ValueError, match="must be a jax.sharding.Mesh"):
+            inspect.unwrap(function)(tree, abstract, rules)
+    typo = {**rules, "vocabulary": ("vocab",)}
+    for call in (
+        lambda: ee.shard_model(model, mesh, typo),
+        lambda: ee.shard_batch(tokens, mesh, typo),
+        lambda: ee.model_partition_specs(model, mesh, typo),
+    ):
+        with pytest.raises(ValueError, match="'vocabulary', which is not a logical"):
+            call()
+    with pytest.raises(ValueError, match=r"rules\['batch'\] must be a tuple"):
+        inspect.unwrap(ee.shard_model)(model, mesh, {**rules, "batch": "data"})

@@ -180,3 +180,54 @@ def test_a_padded_sharded_model_matches_one_device(run_on_devices):
     assert gpt2["same_tables"] == [True]
     assert llama["same_tables"].count(True) == 2, llama
     assert result["reloaded_logits_equal"], result
+
+
+REPADDED = f"""
+import json
+import jax
+import numpy as np
+from jax.sharding import AxisType
+import eqx_embed as ee
+
+CONFIG = {CONFIG!r}
+tokens = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (2, 8))
+config = ee.TransformerConfig("llama", tie_word_embeddings=False, **CONFIG)
+model = ee.TransformerLM(config, key=jax.random.key(0))
+reference = np.asarray(jax.vmap(model)(tokens))
+rules = ee.sharding_rules(data="data", vocab="vocab")
+results = {{}}
+for kind in (AxisType.Explicit, AxisType.Auto):
+    mesh = jax.make_mesh((2, 4), ("data", "vocab"), axis_types=(kind, kind))
+    with jax.set_mesh(mesh):
+        sharded = ee.shard_model(model, mesh, rules)
+        for multiple in (1, 3, 8):
+            padded = ee.pad_vocabulary(sharded, multiple)
+            logits = np.asarray(jax.vmap(padded)(ee.shard_batch(tokens, mesh, rules)))
+            tables = (padded.embedding.weight, padded.embedding.decoder.weight)
+            results[f"{{kind.name}}-{{multiple}}"] = dict(
+                rows=[int(t.shape[0]) for t in tables],
+                specs=[str(t.sharding.spec) for t in tables],
+                error=float(
+                    np.max(np.abs(logits - reference)) / np.max(np.abs(reference))
+                ),
+            )
+print(json.dumps(results))
+"""
+
+
+def test_pad_vocabulary_pads_and_unpads_a_sharded_model(run_on_devices):
+    """`pad_vocabulary` on a model `shard_model` padded and split (1,003 rows padded
+    to 1,004 over 4 vocabulary devices): `1` removes the padding, another multiple
+    pads anew, on explicit and auto mesh axes alike, where explicit ones raised a raw
+    `ShardingTypeError`. The logits stay those of the unpadded model on one device."""
+    results = run_on_devices(REPADDED)
+    bound = tolerance(np.float32, VOCAB + 2 * (HIDDEN + 64))["rtol"]
+    for kind in ("Explicit", "Auto"):
+        # 1003 and 1005 rows cannot be split over 4 devices: whole; 1008 can.
+        expected = {1: (1003, None), 3: (1005, None), 8: (1008, "vocab")}
+        for multiple, (rows, axis) in expected.items():
+            got = results[f"{kind}-{multiple}"]
+            assert got["rows"] == [rows, rows], got
+            for spec in got["specs"]:
+                assert spec.startswith("P('vocab'") if axis else "vocab" not in spec
+            assert got["error"] <= bound, got

@@ -232,6 +232,8 @@ def test_family_defaults_are_resolved():
         (dict(hidden_act="tanh"), "hidden_act must be one of"),
         (dict(vocab_size=0), "vocab_size must be a positive integer, got 0"),
         (dict(layer_types=["full_attention"]), "layer_types must list 2"),
+        # A string, not its characters.
+        (dict(layer_types="full_attention"), "got the string 'full_attention'"),
         (dict(layer_types=["sliding_attention"] * 2), "sliding_window is None"),
         (dict(partial_rotary_factor=0.1), "rotary width of 0"),
         (dict(norm="batch"), "norm"),

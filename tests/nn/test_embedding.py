@@ -410,3 +410,24 @@ def test_low_precision_attend_accumulates_in_float32(dtype):
     )
     text = jax.jit(jax.vmap(embedding.attend)).lower(queries.astype(dtype)).as_text()
     assert re.search(r"stablehlo\.dot_general.*-> tensor<3x50xf32>", text)
+
+
+def test_numpy_tables_are_taken_as_equinox_and_flax_take_them():
+    """`Embedding(weight=<NumPy array>)`, and any module whose tables became NumPy
+    arrays (`jax.tree.map(np.asarray, ...)`), look up eagerly and under `jax.vmap`
+    as equinox's and flax's embeddings do with the same NumPy table: where
+    `table.at` raised an `AttributeError`."""
+    table = np.asarray(random_table(7, 5))
+    ids = np.array([0, 3, -1, 6])
+    theirs = eqx.nn.Embedding(weight=table)
+    flax_rows = flax.linen.Embed(7, 5).apply({"params": {"embedding": table}}, ids)
+    ours = eqx_embed.Embedding(weight=table)
+    converted = jax.tree.map(np.asarray, eqx_embed.Embedding(weight=jnp.asarray(table)))
+    assert isinstance(converted.weight, np.ndarray)
+    for embedding in (ours, converted):
+        for token in ids:
+            np.testing.assert_array_equal(embedding(token), theirs(token))
+        np.testing.assert_array_equal(jax.vmap(embedding)(ids), flax_rows)
+        assert np.isnan(np.asarray(embedding(7))).all()  # out of range, as ever
+    reversible = eqx_embed.ReversibleEmbedding(weight=table)
+    np.testing.assert_array_equal(jax.vmap(reversible)(ids), flax_rows)

@@ -59,6 +59,15 @@ def test_a_bad_multiple_is_named(layers, multiple_of):
         eqx_embed.pad_vocabulary(layers[True], multiple_of)
 
 
+def test_a_multiple_that_would_exhaust_the_memory_is_refused(layers):
+    """10**12 would append 60,000 GiB of zeros to a table of 61 rows: refused as the
+    RoPE tables' sizes are, before anything is allocated."""
+    with pytest.raises(ValueError, match=r"multiple_of=1000000000000 would pad"):
+        eqx_embed.pad_vocabulary(layers[True], 10**12)
+    # A mesh's multiple is far below the bound.
+    assert eqx_embed.pad_vocabulary(layers[True], 4096).weight.shape[0] == 4096
+
+
 @pytest.mark.parametrize("multiple_of", [2.5, "8"])
 def test_a_multiple_that_is_no_integer_is_refused_by_its_type(layers, multiple_of):
     with pytest.raises(jaxtyping.TypeCheckError, match="multiple_of"):
