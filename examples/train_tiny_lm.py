@@ -25,10 +25,13 @@ tokenizers are in `_tokenizers.py`.
 import argparse
 import dataclasses
 import gzip
+import hashlib
 import lzma
 import math
 import pathlib
+import sys
 import sysconfig
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -38,14 +41,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _checkpointing import (
-    RECORD_FILE,
-    STATE_FILE,
+    CHECKPOINTS_DIR,
+    checkpoint_manager,
     interrupts_deferred,
-    load_state,
-    read_record,
-    save_checkpoint,
+    latest_record,
+    restore_state,
+    save_state,
+    write_atomically,
 )
 from _malloc import keep_freed_memory
+from _processes import check_settings_agree, host_copies, process_share, start_processes
 from _tokenizers import BPETokenizer, ByteTokenizer
 from tqdm import tqdm
 
@@ -79,6 +84,8 @@ RESUMABLE_SETTINGS = (
 READ_LOSSES_EVERY = 50
 # Settings a resumed run takes from the checkpoint unless given again.
 SAMPLING_SETTINGS = ("prompt", "num_samples", "sample_length", "temperature")
+# Where standard error is not a terminal, each progress-bar redraw is a line of a log.
+LOG_REDRAW_SECONDS = 30.0
 DEFAULT_PROMPT = 'def read_config(path):\n    """'
 
 
@@ -342,14 +349,35 @@ def sample_continuations(model, window, filled, keys, *, length, temperature):
 # --- Checkpoints and outputs ----------------------------------------------------------
 
 
-def checkpoint_record(args: argparse.Namespace, model, history: dict) -> dict:
-    """What `checkpoint.json` keeps beside the step and the checksums."""
+def checkpoint_record(
+    args: argparse.Namespace, model, history: dict, side_digests: dict[str, str]
+) -> dict:
+    """What a checkpoint's `record` keeps beside the step: the config, the settings, a
+    copy of the history (the save runs on while training appends to it) and the
+    SHA-256 of the side files."""
     names = RESUMABLE_SETTINGS + SAMPLING_SETTINGS
     return {
         "config": model.config.to_dict(),
         "args": {name: getattr(args, name) for name in names},
-        "history": history,
+        "history": {name: list(values) for name, values in history.items()},
+        "sha256": dict(side_digests),
     }
+
+
+def prepare_output(out: pathlib.Path) -> None:
+    """Creates `--out` if needed and checks that files can be written there, before
+    anything trains: a run must never reach its first save to find it cannot."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out}: expected a directory, found a file.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out) as probe:
+            probe.write(b"ok")
+    except OSError as error:
+        raise SystemExit(
+            f"--out {out}: cannot write there ({error.strerror or error}): give a "
+            "writable directory."
+        ) from None
 
 
 def resume_settings(args: argparse.Namespace, record: dict, path: pathlib.Path):
@@ -466,15 +494,13 @@ def non_empty(text: str) -> str:
     return text
 
 
-# --- More than one process ---------------------------------------------------------
-
-
 def add_process_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "more than one process",
         "run the same command once per process, each with its --process-id: every "
-        "process computes each global batch, feeds its share of the rows, and "
-        "process 0 writes the outputs",
+        "process computes each global batch, feeds its share of the rows and saves "
+        "its shards of the checkpoints to --out (which they all must see); process "
+        "0 writes the other outputs",
     )
     group.add_argument(
         "--num-processes",
@@ -486,64 +512,13 @@ def add_process_options(parser: argparse.ArgumentParser) -> None:
         "--process-id",
         type=integer(0),
         default=0,
-        help="this process's index, from 0; process 0 coordinates and writes",
+        help="this process's index, from 0; process 0 coordinates",
     )
     group.add_argument(
         "--coordinator",
         default="127.0.0.1:12355",
         help="host:port of process 0, which the others connect to",
     )
-
-
-def start_processes(args: argparse.Namespace):
-    """Joins the run's other processes (`jax.distributed`; on CPU, collectives over
-    gloo) and sets a mesh of all their devices with one `"data"` axis, which it
-    returns; `None` for a run of one process."""
-    if args.num_processes == 1:
-        return None
-    if not 0 <= args.process_id < args.num_processes:
-        raise SystemExit(
-            f"--process-id must be in [0, {args.num_processes}), got {args.process_id}."
-        )
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        initialization_timeout=120,
-    )
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    jax.set_mesh(mesh)  # For the rest of the run: explicit sharding needs it.
-    return mesh
-
-
-def process_share(mesh, *arrays: np.ndarray):
-    """Global arrays split over `mesh`'s data axis, from this process's share of the
-    rows of each global array (every process computes the whole batch), or the arrays
-    themselves without a mesh."""
-    if mesh is None:
-        return arrays
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    count, index = jax.process_count(), jax.process_index()
-    shares = []
-    for array in arrays:
-        if len(array) % jax.device_count():
-            raise SystemExit(
-                f"A batch of {len(array)} rows cannot be split over "
-                f"{jax.device_count()} devices: make --batch-size a multiple of it."
-            )
-        rows = len(array) // count
-        local = array[index * rows : (index + 1) * rows]
-        shares.append(jax.make_array_from_process_local_data(sharding, local))
-    return tuple(shares)
-
-
-def host_copies(mesh, *trees):
-    """`trees` with their arrays on the host: in a run of several processes the
-    model and optimiser state are replicated, so every process holds all of them."""
-    if mesh is None:
-        return trees
-    return jax.tree.map(lambda x: np.asarray(x) if eqx.is_array(x) else x, trees)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -599,6 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", default="runs/tiny_lm", help="output directory")
     add("--resume", action="store_true", help="continue the run saved in --out")
     add(
+        "--save-every",
+        type=integer(1),
+        default=500,
+        help="steps between checkpoints (and one at the end)",
+    )
+    add(
         "--stop-after",
         type=integer(1),
         help="stop (and checkpoint) after this many steps in all, keeping the "
@@ -635,23 +616,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# --- Main -----------------------------------------------------------------------------
+# --- The run ----------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    keep_freed_memory()  # Before JAX starts its threads: see _malloc.py.
-    out = pathlib.Path(args.out)
-    if args.resume:
-        record = read_record(out)
-        resume_settings(args, record, out / RECORD_FILE)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    mesh = start_processes(args)
+@dataclasses.dataclass
+class Run:
+    """What training, evaluation and sampling need, prepared from the settings."""
 
+    tokenizer: BPETokenizer | ByteTokenizer
+    train_stream: np.ndarray
+    train_segments: np.ndarray
+    held_out_bytes: bytes
+    windows: tuple[np.ndarray, ...]
+    scored_bytes: int
+    baselines: dict[str, float]
+    side_digests: dict[str, str]
+    model: eqx_embed.TransformerLM
+    sample_key: jax.Array
+    mesh: jax.sharding.Mesh | None
+    title: str
+
+
+def prepare_run(args: argparse.Namespace, out: pathlib.Path, record, mesh) -> Run:
+    """Reads and tokenizes the text, writes the tokenizer (or, resuming, reads it back)
+    and makes the model, laid out over `mesh`."""
     documents = read_documents(args.text)
     train_documents, held_out_documents = split_documents(documents)
     train_bytes = b"\n".join(train_documents)[: args.train_bytes]
+    if not train_bytes or not any(held_out_documents):
+        raise SystemExit(
+            f"--text {args.text}: {sum(map(len, documents))} bytes of text, too "
+            "little to train on some and hold the rest out: give more text."
+        )
     tokenizer = make_tokenizer(args, train_bytes, out)
     _, train_stream, train_segments = pack_documents(
         tokenizer, train_documents, args.train_bytes
@@ -671,48 +667,99 @@ def main(argv: Sequence[str] | None = None) -> dict:
         batch_size=args.batch_size,
     )
     scored_bytes = tokenizer.token_bytes(windows[1][windows[2]])
-    baselines = compressed_bits_per_byte(scored_bytes)
-    byte_lengths = tokenizer.byte_lengths()
     print(
         f"data: {len(documents)} documents; train {len(train_bytes):,} bytes = "
         f"{len(train_stream):,} tokens; held out {len(scored_bytes):,} bytes scored "
         f"({tokenizer.kind} tokenizer, {tokenizer.vocab_size} tokens)"
     )
+    if record is not None:  # The side files the record's checksums vouch for.
+        side_digests = record["sha256"]
+    else:
+        side_files = tokenizer.side_files()
+        side_digests = {
+            name: hashlib.sha256(data).hexdigest() for name, data in side_files.items()
+        }
+        if jax.process_index() == 0:
+            for name, data in side_files.items():
+                write_atomically(out / name, lambda file, data=data: file.write(data))
 
     config = make_config(args, tokenizer.vocab_size)
     model_key, sample_key = jax.random.split(jax.random.key(args.seed))
     model = eqx_embed.TransformerLM(config, key=model_key)
     if mesh is not None:  # Replicated over the processes' devices.
         model = eqx_embed.shard_model(model, mesh, eqx_embed.sharding_rules())
-    optimiser = make_optimiser(args)
-    optimiser_state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
-    history = {"train_loss": [], "train_bits_per_byte": [], "held_out": []}
-    step = 0
-    if args.resume:
-        model, optimiser_state = load_state(out, model, optimiser_state, record)
-        step, history = record["step"], record["history"]
-        print(f"resumed from {out / STATE_FILE} at step {step}")
     num_params = sum(
         leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
     )
     print(f"model: {num_params:,} parameters, {config.num_layers} layers")
+    source = "the Python standard library" if args.text is None else args.text
+    return Run(
+        tokenizer=tokenizer,
+        train_stream=train_stream,
+        train_segments=train_segments,
+        held_out_bytes=held_out_bytes,
+        windows=windows,
+        scored_bytes=len(scored_bytes),
+        baselines=compressed_bits_per_byte(scored_bytes),
+        side_digests=side_digests,
+        model=model,
+        sample_key=sample_key,
+        mesh=mesh,
+        title=f"{num_params:,}-parameter TransformerLM on {source} "
+        f"({tokenizer.kind} tokens)",
+    )
+
+
+def progress_bar(total: int, initial: int, file=None) -> tqdm:
+    """A tqdm bar on `file` (standard error by default). Where that is not a terminal
+    (a log file, a pipe), each redraw is a line of its own, so the bar redraws at
+    most every `LOG_REDRAW_SECONDS` there instead of ten times a second."""
+    file = sys.stderr if file is None else file
+    terminal = hasattr(file, "isatty") and file.isatty()
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        file=file,
+        dynamic_ncols=terminal,
+        mininterval=0.1 if terminal else LOG_REDRAW_SECONDS,
+        maxinterval=10.0 if terminal else LOG_REDRAW_SECONDS,
+    )
+
+
+def train(args: argparse.Namespace, run: Run, manager, record):
+    """Trains from the start or from `record`'s checkpoint to `--stop-after` or
+    `--steps`, evaluating every `--eval-every` steps and saving every `--save-every`
+    and at the end. **Returns:** the model and the history."""
+    model, mesh = run.model, run.mesh
+    optimiser = make_optimiser(args)
+    optimiser_state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
+    history = {"train_loss": [], "train_bits_per_byte": [], "held_out": []}
+    step = 0
+    if record is not None:
+        step, history = record["step"], record["history"]
+        model, optimiser_state = restore_state(manager, step, model, optimiser_state)
+        print(f"resumed from {manager.directory / str(step)} at step {step}")
+    byte_lengths = run.tokenizer.byte_lengths()
 
     def evaluate(step: int) -> None:
         bits = held_out_bits_per_byte(
-            model, windows, len(scored_bytes), args.batch_size, mesh
+            model, run.windows, run.scored_bytes, args.batch_size, mesh
         )
         history["held_out"].append((step, bits))
-        compressors = ", ".join(f"{k} {v:.3f}" for k, v in baselines.items())
+        compressors = ", ".join(f"{k} {v:.3f}" for k, v in run.baselines.items())
         tqdm.write(f"step {step:5d}  held-out {bits:.3f} bits/byte  ({compressors})")
+
+    def save(step: int) -> None:
+        record = checkpoint_record(args, model, history, run.side_digests)
+        save_state(manager, step, model, optimiser_state, record)
 
     train_step = make_train_step(optimiser)
     stop = args.steps if args.stop_after is None else min(args.stop_after, args.steps)
     tokens_per_step = args.batch_size * args.seq_len
-    bar = tqdm(total=args.steps, initial=step, unit="step", dynamic_ncols=True)
+    bar = progress_bar(args.steps, step)
     unread = []  # (step, bytes of its targets, loss still on the device)
-    timed = (
-        None  # (step, time) once the first step of this process, which compiles, ran
-    )
+    timed = None  # (step, time) once this process's first step, which compiles, ran
 
     def read_losses() -> None:
         """Reads the losses of the steps run since the last read into `history`;
@@ -724,8 +771,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if not math.isfinite(loss):
                 raise SystemExit(
                     f"step {step_done}: the training loss is {loss}; stopped without "
-                    f"saving, so {out} keeps its checkpoint, if any. Try a lower "
-                    f"--learning-rate than {args.learning_rate}."
+                    f"saving, so {manager.directory} keeps its checkpoints, if any. "
+                    f"Try a lower --learning-rate than {args.learning_rate}."
                 )
             history["train_loss"].append(loss)
             history["train_bits_per_byte"].append(
@@ -737,7 +784,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 timed = last, now
             elif last > timed[0]:
                 rate = (last - timed[0]) * tokens_per_step / (now - timed[1])
-                bar.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{rate:,.0f}")
+                bits = history["train_bits_per_byte"][-1]
+                bar.set_postfix_str(
+                    f"train {bits:.3f} bits/byte, {rate:,.0f} tokens/s", refresh=False
+                )
         unread.clear()
 
     # Ctrl-C ends the run after the current step, which then checkpoints as usual;
@@ -746,8 +796,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         while step < stop and not interrupted:
             tokens, targets, segment_ids = batch_at(
                 step,
-                train_stream,
-                train_segments,
+                run.train_stream,
+                run.train_segments,
                 seed=args.seed,
                 batch_size=args.batch_size,
                 seq_len=args.seq_len,
@@ -760,44 +810,37 @@ def main(argv: Sequence[str] | None = None) -> dict:
             step += 1
             unread.append((step, int(byte_lengths[targets].sum()), loss))
             evaluating = step % args.eval_every == 0 or step == args.steps
-            if timed is None or evaluating or step % READ_LOSSES_EVERY == 0:
+            saving = step % args.save_every == 0 and step < stop
+            if timed is None or evaluating or saving or step % READ_LOSSES_EVERY == 0:
                 read_losses()
             bar.update()
             if evaluating:
                 evaluate(step)
+            if saving:
+                save(step)
         read_losses()
         bar.close()
         if interrupted:
             print(f"interrupted at step {step}: --resume continues from here")
-        model, optimiser_state = host_copies(mesh, model, optimiser_state)
-        if jax.process_index() == 0:  # One checkpoint, however many processes.
-            save_checkpoint(
-                out,
-                model,
-                optimiser_state,
-                step,
-                checkpoint_record(args, model, history),
-                tokenizer.side_files(),
-            )
-    if jax.process_index() != 0:
-        return history
-    source = "the Python standard library" if args.text is None else args.text
-    title = (
-        f"{num_params:,}-parameter TransformerLM on {source} ({tokenizer.kind} tokens)"
-    )
-    plot_history(history, baselines, out / "loss.png", title)
-    print(
-        f"wrote {out / 'checkpoint.eqx'}, {out / 'checkpoint.json'}, {out / 'loss.png'}"
-    )
+        if manager.latest_step() != step:
+            save(step)
+        manager.wait_until_finished()
+    return model, history
 
-    prompt = tokenizer.encode(prompt_bytes(args, held_out_bytes))[-(args.seq_len - 1) :]
+
+def print_samples(args: argparse.Namespace, run: Run, model) -> None:
+    """Prints `--num-samples` continuations of the prompt."""
+    tokenizer = run.tokenizer
+    prompt = tokenizer.encode(prompt_bytes(args, run.held_out_bytes))
+    prompt = prompt[-(args.seq_len - 1) :]
     window = np.zeros(args.seq_len, dtype=np.int32)
     window[: len(prompt)] = prompt
+    (model,) = host_copies(run.mesh, model)  # Process 0 samples on its own devices.
     samples = sample_continuations(
         model,
         jnp.asarray(window),
         jnp.asarray(len(prompt)),
-        jax.random.split(sample_key, args.num_samples),
+        jax.random.split(run.sample_key, args.num_samples),
         length=args.sample_length,
         temperature=args.temperature,
     )
@@ -805,6 +848,38 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"--- sample {i + 1} ---")
         text = tokenizer.token_bytes(np.concatenate([prompt, sample]))
         print(text.decode("utf-8", errors="replace"))
+
+
+# --- Main -----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    keep_freed_memory()  # Before JAX starts its threads: see _malloc.py.
+    out = pathlib.Path(args.out)
+    prepare_output(out)
+    started = time.perf_counter()
+    mesh = start_processes(args)
+    with checkpoint_manager(out) as manager:
+        record = None
+        if args.resume:
+            record = latest_record(manager, out)
+            resume_settings(args, record, manager.directory / str(record["step"]))
+        elif manager.latest_step() is not None:
+            raise SystemExit(
+                f"--out {out} holds the checkpoints of a run (step "
+                f"{manager.latest_step()}): add --resume to continue it, or give "
+                "another --out."
+            )
+        check_settings_agree(args)
+        run = prepare_run(args, out, record, mesh)
+        model, history = train(args, run, manager, record)
+    if jax.process_index() != 0:
+        return history
+    plot_history(history, run.baselines, out / "loss.png", run.title)
+    written = [out / CHECKPOINTS_DIR, *(out / name for name in run.side_digests)]
+    print(f"wrote {', '.join(map(str, [*written, out / 'loss.png']))}")
+    print_samples(args, run, model)
     print(f"done in {time.perf_counter() - started:.0f} s")
     return history
 
