@@ -126,7 +126,7 @@ def latest_record(manager: ocp.CheckpointManager, out: pathlib.Path) -> dict:
     """
     step = manager.latest_step()
     if step is None:
-        raise SystemExit(f"--resume: no checkpoint in {manager.directory}.")
+        raise SystemExit(f"--resume: no checkpoint at {manager.directory}.")
     restored = manager.restore(
         step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
     )
