@@ -6,8 +6,9 @@ top-level modules, which every Python installation has, in the tokens of a byte-
 BPE trained first on the same text, and is evaluated on held-out modules in bits per
 byte, next to what `gzip -9` and `xz -9` achieve on the same bytes. The files are
 packed one after another into the training windows, with segment ids that keep each
-file's tokens from attending to another's. At the end it writes a checkpoint, a
-loss-curve PNG and a few sampled continuations of a prompt to `--out`.
+file's tokens from attending to another's. It saves a checkpoint every
+`--save-every` steps and at the end, then writes a loss-curve PNG to `--out` and
+prints a few sampled continuations of a prompt.
 
     python examples/train_tiny_lm.py                       # defaults: under 3 minutes
     python examples/train_tiny_lm.py --text my_project/    # your own files
@@ -17,20 +18,19 @@ loss-curve PNG and a few sampled continuations of a prompt to `--out`.
 
 A resumed run ends bit for bit where an uninterrupted one does: the batch of step `s`
 and every random draw are functions of the seed and `s` only, and the checkpoint holds
-the optimiser state as well as the model. The checkpoint files are written so that a
-kill at any moment loses nothing (`_checkpointing.py`, beside this file); the
-tokenizers are in `_tokenizers.py`.
+the optimiser state as well as the model. The checkpoints are orbax's: sharded, each
+process writing its own part, asynchronous, and atomic, so that a kill at any moment
+leaves the last finished one whole (`_checkpointing.py`, beside this file). The text
+is read and packed in `_data.py`, the options are in `_command_line.py`, the runs of
+several processes in `_processes.py` and the tokenizers in `_tokenizers.py`.
 """
 
 import argparse
 import dataclasses
-import gzip
 import hashlib
-import lzma
 import math
 import pathlib
 import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Sequence
@@ -49,6 +49,15 @@ from _checkpointing import (
     save_state,
     write_atomically,
 )
+from _command_line import parse_args as read_command_line
+from _data import (
+    batch_at,
+    compressed_bits_per_byte,
+    held_out_windows,
+    pack_documents,
+    read_documents,
+    split_documents,
+)
 from _malloc import keep_freed_memory
 from _processes import check_settings_agree, host_copies, process_share, start_processes
 from _tokenizers import BPETokenizer, ByteTokenizer
@@ -56,8 +65,6 @@ from tqdm import tqdm
 
 import eqx_embed
 
-# Held-out documents: every HELD_OUT_EVERY-th one, starting half-way into the stride.
-HELD_OUT_EVERY = 16
 # The tokenizer and model settings a resumed run must share with the run it resumes.
 RESUMABLE_SETTINGS = (
     "text",
@@ -89,85 +96,13 @@ LOG_REDRAW_SECONDS = 30.0
 DEFAULT_PROMPT = 'def read_config(path):\n    """'
 
 
-# --- Data -----------------------------------------------------------------------------
+# --- Data and model ------------------------------------------------------------------
 
 
-def read_documents(text: str | None) -> list[bytes]:
-    """The documents to learn from, in a fixed order.
-
-    `None`: the standard library's top-level `.py` modules, sorted by name. Otherwise
-    the file `text`, or every file under the directory `text` (hidden ones and binary
-    ones, which contain a NUL byte, excluded), sorted by path.
-    """
-    if text is None:
-        root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-        paths = sorted(root.glob("*.py"))
-    else:
-        root = pathlib.Path(text)
-        if root.is_file():
-            paths = [root]
-        elif root.is_dir():
-            paths = sorted(
-                path
-                for path in root.rglob("*")
-                if path.is_file()
-                and not any(
-                    part.startswith(".") for part in path.relative_to(root).parts
-                )
-            )
-        else:
-            raise SystemExit(f"--text {text}: no such file or directory.")
-    documents = [path.read_bytes() for path in paths]
-    documents = [
-        document for document in documents if document and b"\0" not in document
-    ]
-    if not documents:
-        raise SystemExit(f"--text {text}: found no non-empty text files.")
-    return documents
-
-
-def split_documents(documents: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-    """Train and held-out documents: whole documents go to one side or the other.
-
-    A single document is cut at 90% instead.
-    """
-    if len(documents) == 1:
-        (document,) = documents
-        cut = len(document) * 9 // 10
-        return [document[:cut]], [document[cut:]]
-    held_out_indices = set(range(HELD_OUT_EVERY // 2, len(documents), HELD_OUT_EVERY))
-    held_out_indices = held_out_indices or {len(documents) - 1}
-    train = [doc for i, doc in enumerate(documents) if i not in held_out_indices]
-    held_out = [doc for i, doc in enumerate(documents) if i in held_out_indices]
-    return train, held_out
-
-
-def pack_documents(
-    tokenizer, documents: list[bytes], limit: int
-) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """The text `b"\\n".join(documents)[:limit]`, its tokens, and the document of each
-    token (the segment ids that keep attention and positions within a document).
-
-    The newline between two documents starts the second one, where it plays the part
-    of a beginning-of-document token: a document's first byte is predicted within
-    its own segment, from that newline, and the one target that crosses a change of
-    segment (from the end of a document to the newline after it) is always that
-    newline. That target is kept, not masked: the held-out bits per byte count every
-    byte of the raw text, newlines between documents included. Each document is
-    tokenized on its own, so that no token straddles two.
-    """
-    pieces, size = [], 0
-    for index, document in enumerate(documents):
-        piece = (b"\n" + document if index else document)[: limit - size]
-        if not piece:
-            break
-        pieces.append(piece)
-        size += len(piece)
-    encoded = [tokenizer.encode(piece) for piece in pieces]
-    segment_ids = np.repeat(
-        np.arange(len(encoded), dtype=np.int32), [len(e) for e in encoded]
-    )
-    return b"".join(pieces), np.concatenate(encoded), segment_ids
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line's settings (`_command_line.py`); `given` is the set of those
+    given explicitly."""
+    return read_command_line(argv, description=__doc__.split("\n\n")[0])
 
 
 def make_tokenizer(args: argparse.Namespace, train_bytes: bytes, out: pathlib.Path):
@@ -176,66 +111,6 @@ def make_tokenizer(args: argparse.Namespace, train_bytes: bytes, out: pathlib.Pa
     if args.resume:
         return BPETokenizer.load(out)
     return BPETokenizer.train(train_bytes, args.vocab_size)
-
-
-def batch_at(
-    step: int,
-    stream: np.ndarray,
-    segment_ids: np.ndarray,
-    *,
-    seed: int,
-    batch_size: int,
-    seq_len: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The training batch of step `step`: random windows of the packed token stream,
-    drawn from a generator seeded by `(seed, step)` alone, so that a resumed run sees
-    the same batches as an uninterrupted one; with the tokens' segment ids."""
-    rng = np.random.default_rng((seed, step))
-    starts = rng.integers(0, len(stream) - seq_len, size=batch_size)
-    indices = starts[:, None] + np.arange(seq_len + 1)
-    windows = stream[indices]
-    return windows[:, :-1], windows[:, 1:], segment_ids[indices[:, :-1]]
-
-
-def held_out_windows(
-    stream: np.ndarray, segment_ids: np.ndarray, *, seq_len: int, batch_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Windows over the packed held-out stream, in whole batches: tokens, targets,
-    which targets each window scores, and the tokens' segment ids.
-
-    A window starts every `seq_len // 2` tokens and scores only the targets the
-    previous one did not (its second half; the first window scores all of its own),
-    so every target but the trailing remainder is scored exactly once, with at least
-    `seq_len // 2` tokens of context from the second window on, as a model reading
-    the text from the start would have. (Windows that do not overlap would score the
-    first tokens of each window almost blind.) Within a window, as in training, a
-    token sees its own document only. The last batch is padded with windows that
-    score nothing.
-    """
-    stride = seq_len // 2
-    if len(stream) < seq_len + 1:
-        raise SystemExit(
-            f"The held-out text has {len(stream)} tokens, fewer than --seq-len "
-            f"{seq_len} + 1: give more text or a shorter --seq-len."
-        )
-    starts = np.arange(0, len(stream) - seq_len, stride)
-    indices = starts[:, None] + np.arange(seq_len)
-    where = np.ones(indices.shape, dtype=bool)
-    where[1:, : seq_len - stride] = False
-    padding = ((0, -len(starts) % batch_size), (0, 0))
-    arrays = stream[indices], stream[indices + 1], where, segment_ids[indices]
-    return tuple(np.pad(array, padding) for array in arrays)
-
-
-def compressed_bits_per_byte(data: bytes) -> dict[str, float]:
-    """What the classic compressors achieve on `data`, in bits per byte."""
-    return {
-        "gzip -9": 8 * len(gzip.compress(data, compresslevel=9)) / len(data),
-        "xz -9": 8 * len(lzma.compress(data, preset=9)) / len(data),
-    }
-
-
-# --- Model and training ---------------------------------------------------------------
 
 
 def make_config(args: argparse.Namespace, vocab_size: int):
@@ -447,174 +322,6 @@ def plot_history(
 
 
 # --- Command line ---------------------------------------------------------------------
-
-
-def integer(minimum: int):
-    """An argparse type: an integer of at least `minimum`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer >= {minimum}, got {text!r}"
-            )
-        return value
-
-    return parse
-
-
-def number(minimum: float, *, inclusive: bool):
-    """An argparse type: a finite float above `minimum` (or equal to it, if
-    `inclusive`)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (
-            math.isfinite(value) and (value > minimum or inclusive and value == minimum)
-        ):
-            bound = ">=" if inclusive else ">"
-            raise argparse.ArgumentTypeError(
-                f"expected a finite number {bound} {minimum}, got {text!r}"
-            )
-        return value
-
-    return parse
-
-
-def non_empty(text: str) -> str:
-    """An argparse type: a non-empty string."""
-    if not text:
-        raise argparse.ArgumentTypeError(f"expected a non-empty string, got {text!r}")
-    return text
-
-
-def add_process_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "more than one process",
-        "run the same command once per process, each with its --process-id: every "
-        "process computes each global batch, feeds its share of the rows and saves "
-        "its shards of the checkpoints to --out (which they all must see); process "
-        "0 writes the other outputs",
-    )
-    group.add_argument(
-        "--num-processes",
-        type=integer(1),
-        default=1,
-        help="how many processes run together (jax.distributed)",
-    )
-    group.add_argument(
-        "--process-id",
-        type=integer(0),
-        default=0,
-        help="this process's index, from 0; process 0 coordinates",
-    )
-    group.add_argument(
-        "--coordinator",
-        default="127.0.0.1:12355",
-        help="host:port of process 0, which the others connect to",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add = parser.add_argument
-    add(
-        "--text",
-        help="a file or directory to learn from; "
-        "None: the Python standard library's top-level modules",
-    )
-    add(
-        "--tokenizer",
-        choices=("byte", "bpe"),
-        default="bpe",
-        help="a byte-level BPE trained on the training text first, or bytes",
-    )
-    add("--vocab-size", type=integer(256), default=2048, help="BPE vocabulary size")
-    add(
-        "--train-bytes",
-        type=integer(1),
-        default=4_000_000,
-        help="at most this much text trains, from the first documents on",
-    )
-    add("--eval-bytes", type=integer(1), default=65_536, help="held-out bytes scored")
-    add("--seed", type=integer(0), default=0, help="seeds model, batches, samples")
-    add("--steps", type=integer(1), default=1500, help="training steps in all")
-    add("--batch-size", type=integer(1), default=32, help="windows per step")
-    add("--seq-len", type=integer(2), default=64, help="tokens per window")
-    add("--hidden-size", type=integer(1), default=96, help="model width")
-    add("--intermediate-size", type=integer(1), default=288, help="MLP width")
-    add("--num-layers", type=integer(1), default=2, help="transformer blocks")
-    add("--num-heads", type=integer(1), default=4, help="query heads")
-    add("--num-kv-heads", type=integer(1), default=2, help="key/value heads")
-    positive = number(0, inclusive=False)
-    add("--learning-rate", type=positive, default=1e-2, help="peak learning rate")
-    add(
-        "--warmup-steps",
-        type=integer(0),
-        default=50,
-        help="linear warmup steps, at most half of --steps",
-    )
-    non_negative = number(0, inclusive=True)
-    add("--weight-decay", type=non_negative, default=0.1, help="AdamW weight decay")
-    add(
-        "--eval-every",
-        type=integer(1),
-        default=750,
-        help="steps between held-out evaluations (and one at the end)",
-    )
-    add("--out", default="runs/tiny_lm", help="output directory")
-    add("--resume", action="store_true", help="continue the run saved in --out")
-    add(
-        "--save-every",
-        type=integer(1),
-        default=500,
-        help="steps between checkpoints (and one at the end)",
-    )
-    add(
-        "--stop-after",
-        type=integer(1),
-        help="stop (and checkpoint) after this many steps in all, keeping the "
-        "schedule of --steps; None: run them all",
-    )
-    add(
-        "--prompt",
-        type=non_empty,
-        help="the text the samples continue; None: a Python function header, or "
-        "with --text the start of the held-out text",
-    )
-    add("--num-samples", type=integer(1), default=3, help="samples printed")
-    add("--sample-length", type=integer(1), default=200, help="new tokens per sample")
-    add(
-        "--temperature",
-        type=non_negative,
-        default=0.7,
-        help="sampling temperature; 0 takes the likeliest token",
-    )
-    add_process_options(parser)
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line's settings; `given` is the set of those given explicitly,
-    even at their default value (which `--resume` must not take for absent)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # argparse fills in a default only where the namespace has no value yet.
-    unset = object()
-    probe = argparse.Namespace(**dict.fromkeys(vars(args), unset))
-    probe = parser.parse_args(argv, probe)
-    args.given = {name for name, value in vars(probe).items() if value is not unset}
-    return args
-
 
 # --- The run ----------------------------------------------------------------------
 

@@ -640,13 +640,13 @@ def test_train_tiny_lm_resume_rejects_a_changed_setting_given_at_its_default(tmp
     record = {"args": saved}
     args = train_tiny_lm.parse_args(["--resume", "--steps", "1500"])
     with pytest.raises(SystemExit, match="with --steps 4; got --steps 1500"):
-        train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoint.json")
+        train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoints" / "4")
     # The sampling settings come back, unless given again.
     args = train_tiny_lm.parse_args(["--resume"])
-    train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoint.json")
+    train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoints" / "4")
     assert (args.steps, args.temperature) == (4, 0.3)
     args = train_tiny_lm.parse_args(["--resume", "--temperature", "0.7"])
-    train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoint.json")
+    train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoints" / "4")
     assert (args.steps, args.temperature) == (4, 0.7)
 
 
