@@ -567,6 +567,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     prepare_output(out)
     started = time.perf_counter()
     mesh = start_processes(args)
+    check_settings_agree(args)  # Before any process reads a checkpoint.
     with checkpoint_manager(out) as manager:
         record = None
         if args.resume:
@@ -578,7 +579,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 f"{manager.latest_step()}): add --resume to continue it, or give "
                 "another --out."
             )
-        check_settings_agree(args)
         run = prepare_run(args, out, record, mesh)
         model, history = train(args, run, manager, record)
     if jax.process_index() != 0:
