@@ -1,19 +1,18 @@
-"""The training example's checkpoints, written so that a kill at any moment leaves a
-checkpoint that resumes exactly or is refused with a clear message, never a silently
-wrong one.
+"""The training example's checkpoints, with orbax: sharded, written by every process
+at once, restored onto any mesh, and atomic, so that a kill at any moment leaves the
+last good checkpoint whole.
 
-A checkpoint in a directory is `checkpoint.eqx` (the model, the optimiser state and the
-step, `eqx.tree_serialise_leaves`), any side files (the BPE's `tokenizer.json`), and
-`checkpoint.json`, the record: the step, the settings, the history, and the SHA-256 of
-every other file. Each file is written to a temporary name in the same directory,
-flushed to disk and renamed over the old one (`os.replace`, atomic), the record last:
-a kill while writing leaves the previous file whole, and a kill between two renames
-leaves a record whose checksums no longer match, which `read_record` refuses.
+A run's `--out` holds `checkpoints/<step>/`, one directory per saved step (the last
+`KEEP_CHECKPOINTS`), each with two orbax items: `state`, the arrays of the model and
+of the optimiser state (`StandardSave`: each process writes the shards it holds), and
+`record`, a JSON of the step, the settings, the history and the SHA-256 of the side
+files (the BPE's `tokenizer.json`, written once beside `checkpoints/`). Orbax writes a
+step to a temporary directory and renames it when every process is done: a save cut
+short leaves no step directory, and the next run removes its temporary one.
 """
 
 import contextlib
 import hashlib
-import json
 import os
 import pathlib
 import signal
@@ -22,12 +21,13 @@ from typing import Any, BinaryIO
 
 import equinox as eqx
 import jax
-import numpy as np
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
 
-STATE_FILE = "checkpoint.eqx"
-RECORD_FILE = "checkpoint.json"
-# A record is a few settings and one loss per step: far below this.
-MAX_RECORD_BYTES = 256 * 2**20
+CHECKPOINTS_DIR = "checkpoints"
+# The newest step and the one before it: a step is deleted only once a newer one is
+# whole, so one is always there; two spare a step that later turns out to be bad.
+KEEP_CHECKPOINTS = 2
 
 
 @contextlib.contextmanager
@@ -61,111 +61,105 @@ def write_atomically(path: pathlib.Path, write: Callable[[BinaryIO], Any]) -> st
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
-    return digest
-
-
-def _fsync_directory(directory: pathlib.Path) -> None:
     # The rename itself reaches the disk only once the directory entry does.
-    descriptor = os.open(directory, os.O_RDONLY)
+    descriptor = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+    return digest
 
 
-def save_checkpoint(
-    out: pathlib.Path, model, optimiser_state, step: int, record: dict, side_files
+def checkpoint_manager(out: pathlib.Path) -> ocp.CheckpointManager:
+    """The orbax manager of `out/checkpoints/`: every process of a run makes one, on a
+    directory they all see. Saves are asynchronous (the arrays are copied to the host,
+    then written while training goes on); the temporary directories of saves that were
+    cut short are removed."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=KEEP_CHECKPOINTS, cleanup_tmp_directories=True
+    )
+    return ocp.CheckpointManager(out.absolute() / CHECKPOINTS_DIR, options=options)
+
+
+@eqx.filter_jit
+def _all_finite(arrays) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
+
+
+def save_state(
+    manager: ocp.CheckpointManager, step: int, model, optimiser_state, record: dict
 ) -> None:
-    """Writes the checkpoint of step `step` to `out`.
+    """Starts saving the checkpoint of step `step` (every process calls it); the save
+    finishes in the background (`manager.wait_until_finished()`).
 
     **Arguments:**
 
-    - `model`, `optimiser_state`: what `load_state` reads back.
+    - `model`, `optimiser_state`: their arrays are saved, each shard by the process
+        that holds it; `restore_state` reads them back onto any layout.
     - `record`: what else to keep (settings, history), JSON-serialisable.
-    - `side_files`: `{file name: bytes}` to write beside it (a tokenizer).
 
     **Raises:** `SystemExit` if a parameter is not finite: a diverged run never
-    replaces the checkpoint it started from.
+    saves over the checkpoints it started from.
     """
-    params = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
-    if not all(np.isfinite(leaf).all() for leaf in params):
+    if not _all_finite(jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))):
         raise SystemExit(
             f"step {step}: the model's parameters are not finite (the training "
-            f"diverged); {out / RECORD_FILE} is left as it was. Try a lower "
+            f"diverged); {manager.directory} is left as it was. Try a lower "
             "--learning-rate."
         )
-    _remove_leftovers(out, [*side_files, STATE_FILE, RECORD_FILE])
-    digests = {
-        name: write_atomically(out / name, lambda file, data=data: file.write(data))
-        for name, data in side_files.items()
-    }
-    digests[STATE_FILE] = write_atomically(
-        out / STATE_FILE,
-        lambda file: eqx.tree_serialise_leaves(file, (model, optimiser_state, step)),
+    arrays = eqx.filter((model, optimiser_state), eqx.is_array)
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays),
+            record=ocp.args.JsonSave({"step": step, **record}),
+        ),
     )
-    record = {"step": step, "sha256": digests, **record}
-    text = json.dumps(record, indent=2) + "\n"
-    write_atomically(out / RECORD_FILE, lambda file: file.write(text.encode()))
 
 
-def _remove_leftovers(out: pathlib.Path, names) -> None:
-    """Removes the temporary files of saves that were killed before their rename."""
-    for name in names:
-        for leftover in out.glob(f".{name}.*.tmp"):
-            leftover.unlink(missing_ok=True)
+def latest_record(manager: ocp.CheckpointManager, out: pathlib.Path) -> dict:
+    """The record of the newest whole checkpoint, once the side files it lists (in
+    `out`) are there with the bytes it was saved with.
 
-
-def read_record(out: pathlib.Path) -> dict:
-    """The record of the checkpoint in `out`, once every file it lists is there with
-    the bytes it was saved with.
-
-    **Raises:** `SystemExit` naming the file, if there is no checkpoint, if a file is
-    missing, or if a file does not match the record (a save cut short between two
-    files, or a file copied from another run).
+    **Raises:** `SystemExit` naming the file, if there is no checkpoint, if a side
+    file is missing, or if one does not match the record (replaced since).
     """
-    path = out / RECORD_FILE
-    if not path.is_file():
-        raise SystemExit(f"--resume: no checkpoint at {path}.")
-    if path.stat().st_size > MAX_RECORD_BYTES:
-        raise SystemExit(f"--resume: {path} is over {MAX_RECORD_BYTES} bytes.")
-    try:
-        record = json.loads(path.read_text())
-        step, digests = record["step"], dict(record["sha256"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise SystemExit(
-            f"--resume: {path} is not a checkpoint record of this example "
-            f"({type(error).__name__}: {error})."
-        ) from None
-    for name, expected in digests.items():
+    step = manager.latest_step()
+    if step is None:
+        raise SystemExit(f"--resume: no checkpoint at {manager.directory}.")
+    restored = manager.restore(
+        step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
+    )
+    record = dict(restored.record)
+    for name, expected in record.get("sha256", {}).items():
         file = out / name
         if pathlib.Path(name).name != name:
-            raise SystemExit(f"--resume: {path} lists {name!r}, not a file in {out}.")
+            raise SystemExit(f"--resume: step {step} lists {name!r}, not a file.")
         if not file.is_file():
             raise SystemExit(
                 f"--resume: {file} is missing; the checkpoint of step {step} in "
-                f"{path} needs it."
+                f"{manager.directory} needs it."
             )
         found = hashlib.sha256(file.read_bytes()).hexdigest()
         if found != expected:
             raise SystemExit(
                 f"--resume: {file} does not belong to the checkpoint of step {step} "
-                f"in {path} (SHA-256 {found[:16]}..., expected {expected[:16]}...): "
-                "a save was cut short between the two files, or one was replaced. "
-                "Restore a matching pair, or start afresh without --resume."
+                f"in {manager.directory} (SHA-256 {found[:16]}..., expected "
+                f"{expected[:16]}...): it was replaced. Restore it, or start afresh "
+                "without --resume."
             )
     return record
 
 
-def load_state(out: pathlib.Path, model, optimiser_state, record: dict):
-    """The model and optimiser state of the checkpoint whose record is `record` (see
-    `read_record`); `model` and `optimiser_state` give the structure to read into."""
-    model, optimiser_state, step = eqx.tree_deserialise_leaves(
-        out / STATE_FILE, (model, optimiser_state, 0)
+def restore_state(manager: ocp.CheckpointManager, step: int, model, optimiser_state):
+    """The model and optimiser state saved at `step`, laid out as `model` and
+    `optimiser_state` are (their shapes, dtypes and shardings: any mesh, any number of
+    devices or processes), with their static parts."""
+    arrays, static = eqx.partition((model, optimiser_state), eqx.is_array)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), arrays
     )
-    if step != record["step"]:
-        raise SystemExit(
-            f"--resume: {out / STATE_FILE} holds step {step}, {out / RECORD_FILE} "
-            f"step {record['step']}."
-        )
-    return model, optimiser_state
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
+    return eqx.combine(restored.state, static)

@@ -1,12 +1,14 @@
 """Learns a bigram model of its own source: a tied ReversibleEmbedding, with optax.
 
 Each byte predicts the next through `decode(lookup(byte))`, the smallest model whose
-lookup and decode share one table. Prints the loss every 50 steps.
+lookup and decode share one table. Prints the loss every 50 steps, in bits per byte
+(as the training example does).
 
     python examples/quickstart.py [--steps 300]
 """
 
 import argparse
+import math
 import pathlib
 
 import equinox as eqx
@@ -41,7 +43,8 @@ def main(steps: int = 300) -> None:
     for i in range(steps):
         model, state, loss = step(model, state)
         if i % 50 == 0 or i == steps - 1:
-            print(f"step {i:4d}  loss {float(loss):.3f} nats/byte")
+            bits = float(loss) / math.log(2)  # The loss is in nats.
+            print(f"step {i:4d}  loss {bits:.3f} bits/byte")
 
 
 if __name__ == "__main__":

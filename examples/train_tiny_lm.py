@@ -6,8 +6,9 @@ top-level modules, which every Python installation has, in the tokens of a byte-
 BPE trained first on the same text, and is evaluated on held-out modules in bits per
 byte, next to what `gzip -9` and `xz -9` achieve on the same bytes. The files are
 packed one after another into the training windows, with segment ids that keep each
-file's tokens from attending to another's. At the end it writes a checkpoint, a
-loss-curve PNG and a few sampled continuations of a prompt to `--out`.
+file's tokens from attending to another's. It saves a checkpoint every
+`--save-every` steps and at the end, then writes a loss-curve PNG to `--out` and
+prints a few sampled continuations of a prompt.
 
     python examples/train_tiny_lm.py                       # defaults: under 3 minutes
     python examples/train_tiny_lm.py --text my_project/    # your own files
@@ -17,18 +18,20 @@ loss-curve PNG and a few sampled continuations of a prompt to `--out`.
 
 A resumed run ends bit for bit where an uninterrupted one does: the batch of step `s`
 and every random draw are functions of the seed and `s` only, and the checkpoint holds
-the optimiser state as well as the model. The checkpoint files are written so that a
-kill at any moment loses nothing (`_checkpointing.py`, beside this file); the
-tokenizers are in `_tokenizers.py`.
+the optimiser state as well as the model. The checkpoints are orbax's: sharded, each
+process writing its own part, asynchronous, and atomic, so that a kill at any moment
+leaves the last finished one whole (`_checkpointing.py`, beside this file). The text
+is read and packed in `_data.py`, the options are in `_command_line.py`, the runs of
+several processes in `_processes.py` and the tokenizers in `_tokenizers.py`.
 """
 
 import argparse
 import dataclasses
-import gzip
-import lzma
+import hashlib
 import math
 import pathlib
-import sysconfig
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -38,21 +41,30 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _checkpointing import (
-    RECORD_FILE,
-    STATE_FILE,
+    CHECKPOINTS_DIR,
+    checkpoint_manager,
     interrupts_deferred,
-    load_state,
-    read_record,
-    save_checkpoint,
+    latest_record,
+    restore_state,
+    save_state,
+    write_atomically,
+)
+from _command_line import parse_args as read_command_line
+from _data import (
+    batch_at,
+    compressed_bits_per_byte,
+    held_out_windows,
+    pack_documents,
+    read_documents,
+    split_documents,
 )
 from _malloc import keep_freed_memory
+from _processes import check_settings_agree, host_copies, process_share, start_processes
 from _tokenizers import BPETokenizer, ByteTokenizer
 from tqdm import tqdm
 
 import eqx_embed
 
-# Held-out documents: every HELD_OUT_EVERY-th one, starting half-way into the stride.
-HELD_OUT_EVERY = 16
 # The tokenizer and model settings a resumed run must share with the run it resumes.
 RESUMABLE_SETTINGS = (
     "text",
@@ -79,88 +91,18 @@ RESUMABLE_SETTINGS = (
 READ_LOSSES_EVERY = 50
 # Settings a resumed run takes from the checkpoint unless given again.
 SAMPLING_SETTINGS = ("prompt", "num_samples", "sample_length", "temperature")
+# Where standard error is not a terminal, each progress-bar redraw is a line of a log.
+LOG_REDRAW_SECONDS = 30.0
 DEFAULT_PROMPT = 'def read_config(path):\n    """'
 
 
-# --- Data -----------------------------------------------------------------------------
+# --- Data and model ------------------------------------------------------------------
 
 
-def read_documents(text: str | None) -> list[bytes]:
-    """The documents to learn from, in a fixed order.
-
-    `None`: the standard library's top-level `.py` modules, sorted by name. Otherwise
-    the file `text`, or every file under the directory `text` (hidden ones and binary
-    ones, which contain a NUL byte, excluded), sorted by path.
-    """
-    if text is None:
-        root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-        paths = sorted(root.glob("*.py"))
-    else:
-        root = pathlib.Path(text)
-        if root.is_file():
-            paths = [root]
-        elif root.is_dir():
-            paths = sorted(
-                path
-                for path in root.rglob("*")
-                if path.is_file()
-                and not any(
-                    part.startswith(".") for part in path.relative_to(root).parts
-                )
-            )
-        else:
-            raise SystemExit(f"--text {text}: no such file or directory.")
-    documents = [path.read_bytes() for path in paths]
-    documents = [
-        document for document in documents if document and b"\0" not in document
-    ]
-    if not documents:
-        raise SystemExit(f"--text {text}: found no non-empty text files.")
-    return documents
-
-
-def split_documents(documents: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-    """Train and held-out documents: whole documents go to one side or the other.
-
-    A single document is cut at 90% instead.
-    """
-    if len(documents) == 1:
-        (document,) = documents
-        cut = len(document) * 9 // 10
-        return [document[:cut]], [document[cut:]]
-    held_out_indices = set(range(HELD_OUT_EVERY // 2, len(documents), HELD_OUT_EVERY))
-    held_out_indices = held_out_indices or {len(documents) - 1}
-    train = [doc for i, doc in enumerate(documents) if i not in held_out_indices]
-    held_out = [doc for i, doc in enumerate(documents) if i in held_out_indices]
-    return train, held_out
-
-
-def pack_documents(
-    tokenizer, documents: list[bytes], limit: int
-) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """The text `b"\\n".join(documents)[:limit]`, its tokens, and the document of each
-    token (the segment ids that keep attention and positions within a document).
-
-    The newline between two documents starts the second one, where it plays the part
-    of a beginning-of-document token: a document's first byte is predicted within
-    its own segment, from that newline, and the one target that crosses a change of
-    segment (from the end of a document to the newline after it) is always that
-    newline. That target is kept, not masked: the held-out bits per byte count every
-    byte of the raw text, newlines between documents included. Each document is
-    tokenized on its own, so that no token straddles two.
-    """
-    pieces, size = [], 0
-    for index, document in enumerate(documents):
-        piece = (b"\n" + document if index else document)[: limit - size]
-        if not piece:
-            break
-        pieces.append(piece)
-        size += len(piece)
-    encoded = [tokenizer.encode(piece) for piece in pieces]
-    segment_ids = np.repeat(
-        np.arange(len(encoded), dtype=np.int32), [len(e) for e in encoded]
-    )
-    return b"".join(pieces), np.concatenate(encoded), segment_ids
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line's settings (`_command_line.py`); `given` is the set of those
+    given explicitly."""
+    return read_command_line(argv, description=__doc__.split("\n\n")[0])
 
 
 def make_tokenizer(args: argparse.Namespace, train_bytes: bytes, out: pathlib.Path):
@@ -169,66 +111,6 @@ def make_tokenizer(args: argparse.Namespace, train_bytes: bytes, out: pathlib.Pa
     if args.resume:
         return BPETokenizer.load(out)
     return BPETokenizer.train(train_bytes, args.vocab_size)
-
-
-def batch_at(
-    step: int,
-    stream: np.ndarray,
-    segment_ids: np.ndarray,
-    *,
-    seed: int,
-    batch_size: int,
-    seq_len: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The training batch of step `step`: random windows of the packed token stream,
-    drawn from a generator seeded by `(seed, step)` alone, so that a resumed run sees
-    the same batches as an uninterrupted one; with the tokens' segment ids."""
-    rng = np.random.default_rng((seed, step))
-    starts = rng.integers(0, len(stream) - seq_len, size=batch_size)
-    indices = starts[:, None] + np.arange(seq_len + 1)
-    windows = stream[indices]
-    return windows[:, :-1], windows[:, 1:], segment_ids[indices[:, :-1]]
-
-
-def held_out_windows(
-    stream: np.ndarray, segment_ids: np.ndarray, *, seq_len: int, batch_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Windows over the packed held-out stream, in whole batches: tokens, targets,
-    which targets each window scores, and the tokens' segment ids.
-
-    A window starts every `seq_len // 2` tokens and scores only the targets the
-    previous one did not (its second half; the first window scores all of its own),
-    so every target but the trailing remainder is scored exactly once, with at least
-    `seq_len // 2` tokens of context from the second window on, as a model reading
-    the text from the start would have. (Windows that do not overlap would score the
-    first tokens of each window almost blind.) Within a window, as in training, a
-    token sees its own document only. The last batch is padded with windows that
-    score nothing.
-    """
-    stride = seq_len // 2
-    if len(stream) < seq_len + 1:
-        raise SystemExit(
-            f"The held-out text has {len(stream)} tokens, fewer than --seq-len "
-            f"{seq_len} + 1: give more text or a shorter --seq-len."
-        )
-    starts = np.arange(0, len(stream) - seq_len, stride)
-    indices = starts[:, None] + np.arange(seq_len)
-    where = np.ones(indices.shape, dtype=bool)
-    where[1:, : seq_len - stride] = False
-    padding = ((0, -len(starts) % batch_size), (0, 0))
-    arrays = stream[indices], stream[indices + 1], where, segment_ids[indices]
-    return tuple(np.pad(array, padding) for array in arrays)
-
-
-def compressed_bits_per_byte(data: bytes) -> dict[str, float]:
-    """What the classic compressors achieve on `data`, in bits per byte."""
-    return {
-        "gzip -9": 8 * len(gzip.compress(data, compresslevel=9)) / len(data),
-        "xz -9": 8 * len(lzma.compress(data, preset=9)) / len(data),
-    }
-
-
-# --- Model and training ---------------------------------------------------------------
 
 
 def make_config(args: argparse.Namespace, vocab_size: int):
@@ -342,14 +224,35 @@ def sample_continuations(model, window, filled, keys, *, length, temperature):
 # --- Checkpoints and outputs ----------------------------------------------------------
 
 
-def checkpoint_record(args: argparse.Namespace, model, history: dict) -> dict:
-    """What `checkpoint.json` keeps beside the step and the checksums."""
+def checkpoint_record(
+    args: argparse.Namespace, model, history: dict, side_digests: dict[str, str]
+) -> dict:
+    """What a checkpoint's `record` keeps beside the step: the config, the settings, a
+    copy of the history (the save runs on while training appends to it) and the
+    SHA-256 of the side files."""
     names = RESUMABLE_SETTINGS + SAMPLING_SETTINGS
     return {
         "config": model.config.to_dict(),
         "args": {name: getattr(args, name) for name in names},
-        "history": history,
+        "history": {name: list(values) for name, values in history.items()},
+        "sha256": dict(side_digests),
     }
+
+
+def prepare_output(out: pathlib.Path) -> None:
+    """Creates `--out` if needed and checks that files can be written there, before
+    anything trains: a run must never reach its first save to find it cannot."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out}: expected a directory, found a file.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out) as probe:
+            probe.write(b"ok")
+    except OSError as error:
+        raise SystemExit(
+            f"--out {out}: cannot write there ({error.strerror or error}): give a "
+            "writable directory."
+        ) from None
 
 
 def resume_settings(args: argparse.Namespace, record: dict, path: pathlib.Path):
@@ -420,238 +323,38 @@ def plot_history(
 
 # --- Command line ---------------------------------------------------------------------
 
-
-def integer(minimum: int):
-    """An argparse type: an integer of at least `minimum`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer >= {minimum}, got {text!r}"
-            )
-        return value
-
-    return parse
+# --- The run ----------------------------------------------------------------------
 
 
-def number(minimum: float, *, inclusive: bool):
-    """An argparse type: a finite float above `minimum` (or equal to it, if
-    `inclusive`)."""
+@dataclasses.dataclass
+class Run:
+    """What training, evaluation and sampling need, prepared from the settings."""
 
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (
-            math.isfinite(value) and (value > minimum or inclusive and value == minimum)
-        ):
-            bound = ">=" if inclusive else ">"
-            raise argparse.ArgumentTypeError(
-                f"expected a finite number {bound} {minimum}, got {text!r}"
-            )
-        return value
-
-    return parse
+    tokenizer: BPETokenizer | ByteTokenizer
+    train_stream: np.ndarray
+    train_segments: np.ndarray
+    held_out_bytes: bytes
+    windows: tuple[np.ndarray, ...]
+    scored_bytes: int
+    baselines: dict[str, float]
+    side_digests: dict[str, str]
+    model: eqx_embed.TransformerLM
+    sample_key: jax.Array
+    mesh: jax.sharding.Mesh | None
+    title: str
 
 
-def non_empty(text: str) -> str:
-    """An argparse type: a non-empty string."""
-    if not text:
-        raise argparse.ArgumentTypeError(f"expected a non-empty string, got {text!r}")
-    return text
-
-
-# --- More than one process ---------------------------------------------------------
-
-
-def add_process_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "more than one process",
-        "run the same command once per process, each with its --process-id: every "
-        "process computes each global batch, feeds its share of the rows, and "
-        "process 0 writes the outputs",
-    )
-    group.add_argument(
-        "--num-processes",
-        type=integer(1),
-        default=1,
-        help="how many processes run together (jax.distributed)",
-    )
-    group.add_argument(
-        "--process-id",
-        type=integer(0),
-        default=0,
-        help="this process's index, from 0; process 0 coordinates and writes",
-    )
-    group.add_argument(
-        "--coordinator",
-        default="127.0.0.1:12355",
-        help="host:port of process 0, which the others connect to",
-    )
-
-
-def start_processes(args: argparse.Namespace):
-    """Joins the run's other processes (`jax.distributed`; on CPU, collectives over
-    gloo) and sets a mesh of all their devices with one `"data"` axis, which it
-    returns; `None` for a run of one process."""
-    if args.num_processes == 1:
-        return None
-    if not 0 <= args.process_id < args.num_processes:
-        raise SystemExit(
-            f"--process-id must be in [0, {args.num_processes}), got {args.process_id}."
-        )
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        initialization_timeout=120,
-    )
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    jax.set_mesh(mesh)  # For the rest of the run: explicit sharding needs it.
-    return mesh
-
-
-def process_share(mesh, *arrays: np.ndarray):
-    """Global arrays split over `mesh`'s data axis, from this process's share of the
-    rows of each global array (every process computes the whole batch), or the arrays
-    themselves without a mesh."""
-    if mesh is None:
-        return arrays
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    count, index = jax.process_count(), jax.process_index()
-    shares = []
-    for array in arrays:
-        if len(array) % jax.device_count():
-            raise SystemExit(
-                f"A batch of {len(array)} rows cannot be split over "
-                f"{jax.device_count()} devices: make --batch-size a multiple of it."
-            )
-        rows = len(array) // count
-        local = array[index * rows : (index + 1) * rows]
-        shares.append(jax.make_array_from_process_local_data(sharding, local))
-    return tuple(shares)
-
-
-def host_copies(mesh, *trees):
-    """`trees` with their arrays on the host: in a run of several processes the
-    model and optimiser state are replicated, so every process holds all of them."""
-    if mesh is None:
-        return trees
-    return jax.tree.map(lambda x: np.asarray(x) if eqx.is_array(x) else x, trees)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add = parser.add_argument
-    add(
-        "--text",
-        help="a file or directory to learn from; "
-        "None: the Python standard library's top-level modules",
-    )
-    add(
-        "--tokenizer",
-        choices=("byte", "bpe"),
-        default="bpe",
-        help="a byte-level BPE trained on the training text first, or bytes",
-    )
-    add("--vocab-size", type=integer(256), default=2048, help="BPE vocabulary size")
-    add(
-        "--train-bytes",
-        type=integer(1),
-        default=4_000_000,
-        help="at most this much text trains, from the first documents on",
-    )
-    add("--eval-bytes", type=integer(1), default=65_536, help="held-out bytes scored")
-    add("--seed", type=integer(0), default=0, help="seeds model, batches, samples")
-    add("--steps", type=integer(1), default=1500, help="training steps in all")
-    add("--batch-size", type=integer(1), default=32, help="windows per step")
-    add("--seq-len", type=integer(2), default=64, help="tokens per window")
-    add("--hidden-size", type=integer(1), default=96, help="model width")
-    add("--intermediate-size", type=integer(1), default=288, help="MLP width")
-    add("--num-layers", type=integer(1), default=2, help="transformer blocks")
-    add("--num-heads", type=integer(1), default=4, help="query heads")
-    add("--num-kv-heads", type=integer(1), default=2, help="key/value heads")
-    positive = number(0, inclusive=False)
-    add("--learning-rate", type=positive, default=1e-2, help="peak learning rate")
-    add(
-        "--warmup-steps",
-        type=integer(0),
-        default=50,
-        help="linear warmup steps, at most half of --steps",
-    )
-    non_negative = number(0, inclusive=True)
-    add("--weight-decay", type=non_negative, default=0.1, help="AdamW weight decay")
-    add(
-        "--eval-every",
-        type=integer(1),
-        default=750,
-        help="steps between held-out evaluations (and one at the end)",
-    )
-    add("--out", default="runs/tiny_lm", help="output directory")
-    add("--resume", action="store_true", help="continue the run saved in --out")
-    add(
-        "--stop-after",
-        type=integer(1),
-        help="stop (and checkpoint) after this many steps in all, keeping the "
-        "schedule of --steps; None: run them all",
-    )
-    add(
-        "--prompt",
-        type=non_empty,
-        help="the text the samples continue; None: a Python function header, or "
-        "with --text the start of the held-out text",
-    )
-    add("--num-samples", type=integer(1), default=3, help="samples printed")
-    add("--sample-length", type=integer(1), default=200, help="new tokens per sample")
-    add(
-        "--temperature",
-        type=non_negative,
-        default=0.7,
-        help="sampling temperature; 0 takes the likeliest token",
-    )
-    add_process_options(parser)
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line's settings; `given` is the set of those given explicitly,
-    even at their default value (which `--resume` must not take for absent)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # argparse fills in a default only where the namespace has no value yet.
-    unset = object()
-    probe = argparse.Namespace(**dict.fromkeys(vars(args), unset))
-    probe = parser.parse_args(argv, probe)
-    args.given = {name for name, value in vars(probe).items() if value is not unset}
-    return args
-
-
-# --- Main -----------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    keep_freed_memory()  # Before JAX starts its threads: see _malloc.py.
-    out = pathlib.Path(args.out)
-    if args.resume:
-        record = read_record(out)
-        resume_settings(args, record, out / RECORD_FILE)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    mesh = start_processes(args)
-
+def prepare_run(args: argparse.Namespace, out: pathlib.Path, record, mesh) -> Run:
+    """Reads and tokenizes the text, writes the tokenizer (or, resuming, reads it back)
+    and makes the model, laid out over `mesh`."""
     documents = read_documents(args.text)
     train_documents, held_out_documents = split_documents(documents)
     train_bytes = b"\n".join(train_documents)[: args.train_bytes]
+    if not train_bytes or not any(held_out_documents):
+        raise SystemExit(
+            f"--text {args.text}: {sum(map(len, documents))} bytes of text, too "
+            "little to train on some and hold the rest out: give more text."
+        )
     tokenizer = make_tokenizer(args, train_bytes, out)
     _, train_stream, train_segments = pack_documents(
         tokenizer, train_documents, args.train_bytes
@@ -671,48 +374,99 @@ def main(argv: Sequence[str] | None = None) -> dict:
         batch_size=args.batch_size,
     )
     scored_bytes = tokenizer.token_bytes(windows[1][windows[2]])
-    baselines = compressed_bits_per_byte(scored_bytes)
-    byte_lengths = tokenizer.byte_lengths()
     print(
         f"data: {len(documents)} documents; train {len(train_bytes):,} bytes = "
         f"{len(train_stream):,} tokens; held out {len(scored_bytes):,} bytes scored "
         f"({tokenizer.kind} tokenizer, {tokenizer.vocab_size} tokens)"
     )
+    if record is not None:  # The side files the record's checksums vouch for.
+        side_digests = record["sha256"]
+    else:
+        side_files = tokenizer.side_files()
+        side_digests = {
+            name: hashlib.sha256(data).hexdigest() for name, data in side_files.items()
+        }
+        if jax.process_index() == 0:
+            for name, data in side_files.items():
+                write_atomically(out / name, lambda file, data=data: file.write(data))
 
     config = make_config(args, tokenizer.vocab_size)
     model_key, sample_key = jax.random.split(jax.random.key(args.seed))
     model = eqx_embed.TransformerLM(config, key=model_key)
     if mesh is not None:  # Replicated over the processes' devices.
         model = eqx_embed.shard_model(model, mesh, eqx_embed.sharding_rules())
-    optimiser = make_optimiser(args)
-    optimiser_state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
-    history = {"train_loss": [], "train_bits_per_byte": [], "held_out": []}
-    step = 0
-    if args.resume:
-        model, optimiser_state = load_state(out, model, optimiser_state, record)
-        step, history = record["step"], record["history"]
-        print(f"resumed from {out / STATE_FILE} at step {step}")
     num_params = sum(
         leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
     )
     print(f"model: {num_params:,} parameters, {config.num_layers} layers")
+    source = "the Python standard library" if args.text is None else args.text
+    return Run(
+        tokenizer=tokenizer,
+        train_stream=train_stream,
+        train_segments=train_segments,
+        held_out_bytes=held_out_bytes,
+        windows=windows,
+        scored_bytes=len(scored_bytes),
+        baselines=compressed_bits_per_byte(scored_bytes),
+        side_digests=side_digests,
+        model=model,
+        sample_key=sample_key,
+        mesh=mesh,
+        title=f"{num_params:,}-parameter TransformerLM on {source} "
+        f"({tokenizer.kind} tokens)",
+    )
+
+
+def progress_bar(total: int, initial: int, file=None) -> tqdm:
+    """A tqdm bar on `file` (standard error by default). Where that is not a terminal
+    (a log file, a pipe), each redraw is a line of its own, so the bar redraws at
+    most every `LOG_REDRAW_SECONDS` there instead of ten times a second."""
+    file = sys.stderr if file is None else file
+    terminal = hasattr(file, "isatty") and file.isatty()
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        file=file,
+        dynamic_ncols=terminal,
+        mininterval=0.1 if terminal else LOG_REDRAW_SECONDS,
+        maxinterval=10.0 if terminal else LOG_REDRAW_SECONDS,
+    )
+
+
+def train(args: argparse.Namespace, run: Run, manager, record):
+    """Trains from the start or from `record`'s checkpoint to `--stop-after` or
+    `--steps`, evaluating every `--eval-every` steps and saving every `--save-every`
+    and at the end. **Returns:** the model and the history."""
+    model, mesh = run.model, run.mesh
+    optimiser = make_optimiser(args)
+    optimiser_state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
+    history = {"train_loss": [], "train_bits_per_byte": [], "held_out": []}
+    step = 0
+    if record is not None:
+        step, history = record["step"], record["history"]
+        model, optimiser_state = restore_state(manager, step, model, optimiser_state)
+        print(f"resumed from {manager.directory / str(step)} at step {step}")
+    byte_lengths = run.tokenizer.byte_lengths()
 
     def evaluate(step: int) -> None:
         bits = held_out_bits_per_byte(
-            model, windows, len(scored_bytes), args.batch_size, mesh
+            model, run.windows, run.scored_bytes, args.batch_size, mesh
         )
         history["held_out"].append((step, bits))
-        compressors = ", ".join(f"{k} {v:.3f}" for k, v in baselines.items())
+        compressors = ", ".join(f"{k} {v:.3f}" for k, v in run.baselines.items())
         tqdm.write(f"step {step:5d}  held-out {bits:.3f} bits/byte  ({compressors})")
+
+    def save(step: int) -> None:
+        record = checkpoint_record(args, model, history, run.side_digests)
+        save_state(manager, step, model, optimiser_state, record)
 
     train_step = make_train_step(optimiser)
     stop = args.steps if args.stop_after is None else min(args.stop_after, args.steps)
     tokens_per_step = args.batch_size * args.seq_len
-    bar = tqdm(total=args.steps, initial=step, unit="step", dynamic_ncols=True)
+    bar = progress_bar(args.steps, step)
     unread = []  # (step, bytes of its targets, loss still on the device)
-    timed = (
-        None  # (step, time) once the first step of this process, which compiles, ran
-    )
+    timed = None  # (step, time) once this process's first step, which compiles, ran
 
     def read_losses() -> None:
         """Reads the losses of the steps run since the last read into `history`;
@@ -724,8 +478,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if not math.isfinite(loss):
                 raise SystemExit(
                     f"step {step_done}: the training loss is {loss}; stopped without "
-                    f"saving, so {out} keeps its checkpoint, if any. Try a lower "
-                    f"--learning-rate than {args.learning_rate}."
+                    f"saving, so {manager.directory} keeps its checkpoints, if any. "
+                    f"Try a lower --learning-rate than {args.learning_rate}."
                 )
             history["train_loss"].append(loss)
             history["train_bits_per_byte"].append(
@@ -737,7 +491,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 timed = last, now
             elif last > timed[0]:
                 rate = (last - timed[0]) * tokens_per_step / (now - timed[1])
-                bar.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{rate:,.0f}")
+                bits = history["train_bits_per_byte"][-1]
+                bar.set_postfix_str(
+                    f"train {bits:.3f} bits/byte, {rate:,.0f} tokens/s", refresh=False
+                )
         unread.clear()
 
     # Ctrl-C ends the run after the current step, which then checkpoints as usual;
@@ -746,8 +503,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         while step < stop and not interrupted:
             tokens, targets, segment_ids = batch_at(
                 step,
-                train_stream,
-                train_segments,
+                run.train_stream,
+                run.train_segments,
                 seed=args.seed,
                 batch_size=args.batch_size,
                 seq_len=args.seq_len,
@@ -760,44 +517,37 @@ def main(argv: Sequence[str] | None = None) -> dict:
             step += 1
             unread.append((step, int(byte_lengths[targets].sum()), loss))
             evaluating = step % args.eval_every == 0 or step == args.steps
-            if timed is None or evaluating or step % READ_LOSSES_EVERY == 0:
+            saving = step % args.save_every == 0 and step < stop
+            if timed is None or evaluating or saving or step % READ_LOSSES_EVERY == 0:
                 read_losses()
             bar.update()
             if evaluating:
                 evaluate(step)
+            if saving:
+                save(step)
         read_losses()
         bar.close()
         if interrupted:
             print(f"interrupted at step {step}: --resume continues from here")
-        model, optimiser_state = host_copies(mesh, model, optimiser_state)
-        if jax.process_index() == 0:  # One checkpoint, however many processes.
-            save_checkpoint(
-                out,
-                model,
-                optimiser_state,
-                step,
-                checkpoint_record(args, model, history),
-                tokenizer.side_files(),
-            )
-    if jax.process_index() != 0:
-        return history
-    source = "the Python standard library" if args.text is None else args.text
-    title = (
-        f"{num_params:,}-parameter TransformerLM on {source} ({tokenizer.kind} tokens)"
-    )
-    plot_history(history, baselines, out / "loss.png", title)
-    print(
-        f"wrote {out / 'checkpoint.eqx'}, {out / 'checkpoint.json'}, {out / 'loss.png'}"
-    )
+        if manager.latest_step() != step:
+            save(step)
+        manager.wait_until_finished()
+    return model, history
 
-    prompt = tokenizer.encode(prompt_bytes(args, held_out_bytes))[-(args.seq_len - 1) :]
+
+def print_samples(args: argparse.Namespace, run: Run, model) -> None:
+    """Prints `--num-samples` continuations of the prompt."""
+    tokenizer = run.tokenizer
+    prompt = tokenizer.encode(prompt_bytes(args, run.held_out_bytes))
+    prompt = prompt[-(args.seq_len - 1) :]
     window = np.zeros(args.seq_len, dtype=np.int32)
     window[: len(prompt)] = prompt
+    (model,) = host_copies(run.mesh, model)  # Process 0 samples on its own devices.
     samples = sample_continuations(
         model,
         jnp.asarray(window),
         jnp.asarray(len(prompt)),
-        jax.random.split(sample_key, args.num_samples),
+        jax.random.split(run.sample_key, args.num_samples),
         length=args.sample_length,
         temperature=args.temperature,
     )
@@ -805,6 +555,38 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"--- sample {i + 1} ---")
         text = tokenizer.token_bytes(np.concatenate([prompt, sample]))
         print(text.decode("utf-8", errors="replace"))
+
+
+# --- Main -----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    keep_freed_memory()  # Before JAX starts its threads: see _malloc.py.
+    out = pathlib.Path(args.out)
+    prepare_output(out)
+    started = time.perf_counter()
+    mesh = start_processes(args)
+    check_settings_agree(args)  # Before any process reads a checkpoint.
+    with checkpoint_manager(out) as manager:
+        record = None
+        if args.resume:
+            record = latest_record(manager, out)
+            resume_settings(args, record, manager.directory / str(record["step"]))
+        elif manager.latest_step() is not None:
+            raise SystemExit(
+                f"--out {out} holds the checkpoints of a run (step "
+                f"{manager.latest_step()}): add --resume to continue it, or give "
+                "another --out."
+            )
+        run = prepare_run(args, out, record, mesh)
+        model, history = train(args, run, manager, record)
+    if jax.process_index() != 0:
+        return history
+    plot_history(history, run.baselines, out / "loss.png", run.title)
+    written = [out / CHECKPOINTS_DIR, *(out / name for name in run.side_digests)]
+    print(f"wrote {', '.join(map(str, [*written, out / 'loss.png']))}")
+    print_samples(args, run, model)
     print(f"done in {time.perf_counter() - started:.0f} s")
     return history
 

@@ -1,20 +1,23 @@
 """Every script in `examples/` runs, in a subprocess, with small settings; the training
-example's outputs, its bits per byte and its resume are checked against references."""
+example's outputs, its bits per byte, its checkpoints and its resume are checked
+against references."""
 
 import gzip
 import hashlib
 import importlib.util
-import json
+import io
 import lzma
 import math
 import pathlib
 import subprocess
 import sys
+import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import eqx_embed
@@ -79,28 +82,58 @@ def test_every_example_has_small_settings():
     assert scripts == set(SMALL_SETTINGS)
 
 
-@pytest.mark.parametrize("name", ["quickstart.py", "hf_checkpoint.py"])
-def test_example_runs(name, tmp_path):
+def test_hf_checkpoint_example_runs(tmp_path):
+    name = "hf_checkpoint.py"
     assert run_example(name, *SMALL_SETTINGS[name], cwd=tmp_path)
+
+
+def test_quickstart_prints_bits_per_byte(tmp_path):
+    """The first loss, of the initial model, against float64 NumPy: in bits per byte,
+    the unit of the training example's log and plot."""
+    stdout = run_example(
+        "quickstart.py", *SMALL_SETTINGS["quickstart.py"], cwd=tmp_path
+    )
+    lines = stdout.splitlines()
+    assert [line.split()[1] for line in lines] == ["0", "2"]
+    assert all(line.endswith(" bits/byte") for line in lines)
+    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+    layer = eqx_embed.ReversibleEmbedding(256, 32, init=init, key=jax.random.key(0))
+    table = np.asarray(layer.embedding.weight, np.float64)
+    data = np.frombuffer((EXAMPLES / "quickstart.py").read_bytes(), np.uint8)
+    logits = table[data[:-1]] @ table.T
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    nats = -log_probs[np.arange(len(data) - 1), data[1:]].mean()
+    assert float(lines[0].split()[3]) == pytest.approx(nats / math.log(2), abs=2e-3)
 
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    """Four steps of the training example, uninterrupted."""
+    """Four steps of the training example, uninterrupted, saving after each."""
     out = tmp_path_factory.mktemp("straight")
-    stdout = run_example("train_tiny_lm.py", *TINY_LM, "--out", str(out), cwd=out)
+    settings = [*TINY_LM, "--save-every", "1", "--out", str(out)]
+    stdout = run_example("train_tiny_lm.py", *settings, cwd=out)
     return out, stdout
 
 
-def load_run(out: pathlib.Path):
-    """The model and the record of a run, read back without the example's code."""
-    record = json.loads((out / "checkpoint.json").read_text())
-    config = eqx_embed.TransformerConfig.from_dict(record["config"])
-    template = eqx_embed.TransformerLM(config, key=jax.random.key(0))
-    # The model's leaves come first in the checkpoint, the optimiser state's after.
-    with open(out / "checkpoint.eqx", "rb") as file:
-        model = eqx.tree_deserialise_leaves(file, template)
-    return model, record
+def load_run(out: pathlib.Path, *, state: bool = False):
+    """The model and the record of a run's newest checkpoint, read back with orbax
+    onto this process's one device (with `state`, the leaves of the model and of the
+    optimiser state instead of the model)."""
+    with ocp.CheckpointManager((out / "checkpoints").absolute()) as manager:
+        step = manager.latest_step()
+        item = ocp.args.Composite(record=ocp.args.JsonRestore())
+        record = manager.restore(step, args=item).record
+        config = eqx_embed.TransformerConfig.from_dict(record["config"])
+        model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
+        optimiser = train_tiny_lm.make_optimiser(train_tiny_lm.parse_args([]))
+        optimiser_state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
+        template = eqx.filter((model, optimiser_state), eqx.is_array)
+        item = ocp.args.Composite(state=ocp.args.StandardRestore(template))
+        arrays = manager.restore(step, args=item).state
+    if state:
+        return jax.tree.leaves(arrays), record
+    return eqx.combine(arrays[0], model), record
 
 
 def packed_text(documents: list[bytes], limit: int, encode):
@@ -146,8 +179,11 @@ def test_train_tiny_lm_writes_its_outputs(straight_run):
     out, stdout = straight_run
     model, record = load_run(out)
     assert record["step"] == 4
-    state = (out / "checkpoint.eqx").read_bytes()
-    assert record["sha256"] == {"checkpoint.eqx": hashlib.sha256(state).hexdigest()}
+    # A checkpoint every step; the newest two kept.
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["3", "4"]
+    assert record["sha256"] == {}  # Bytes need no tokenizer file.
+    assert not (out / "tokenizer.json").exists()
+    assert f"wrote {out / 'checkpoints'}, {out / 'loss.png'}\n" in stdout
     assert record["config"]["tie_word_embeddings"] is True
     assert len(record["history"]["train_loss"]) == 4
     assert [step for step, _ in record["history"]["held_out"]] == [2, 4]
@@ -206,6 +242,13 @@ def test_train_tiny_lm_packs_documents_with_segment_ids():
         np.testing.assert_array_equal(row_segments, segments[start : start + 4])
 
 
+def same_bits(leaves, expected) -> bool:
+    return len(leaves) == len(expected) and all(
+        np.asarray(a).tobytes() == np.asarray(b).tobytes()
+        for a, b in zip(leaves, expected, strict=True)
+    )
+
+
 def test_train_tiny_lm_resume_is_exact(straight_run, tmp_path):
     straight, _ = straight_run
     run_example(
@@ -218,20 +261,19 @@ def test_train_tiny_lm_resume_is_exact(straight_run, tmp_path):
         cwd=tmp_path,
     )
     # Stopped before the first evaluation (step 2): the plot has no held-out curve.
-    halfway = (tmp_path / "checkpoint.eqx").read_bytes()
-    record = json.loads((tmp_path / "checkpoint.json").read_text())
+    halfway, record = load_run(tmp_path, state=True)
     assert record["step"] == 1 and record["history"]["held_out"] == []
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stdout = run_example(
         "train_tiny_lm.py", "--resume", "--out", str(tmp_path), cwd=tmp_path
     )
-    assert "resumed from" in stdout and "at step 1" in stdout
-    resumed = (tmp_path / "checkpoint.eqx").read_bytes()
-    assert resumed != halfway  # the second half trained
+    assert f"resumed from {tmp_path / 'checkpoints' / '1'} at step 1" in stdout
+    resumed, record = load_run(tmp_path, state=True)
+    assert not same_bits(resumed, halfway)  # the second half trained
     # Model and optimiser state, bit for bit, and the same losses.
-    assert resumed == (straight / "checkpoint.eqx").read_bytes()
-    history = json.loads((tmp_path / "checkpoint.json").read_text())["history"]
-    assert history == json.loads((straight / "checkpoint.json").read_text())["history"]
+    expected, straight_record = load_run(straight, state=True)
+    assert same_bits(resumed, expected)
+    assert record["history"] == straight_record["history"]
 
 
 def test_train_tiny_lm_bpe_on_user_text(tmp_path):
@@ -256,6 +298,11 @@ def test_train_tiny_lm_bpe_on_user_text(tmp_path):
     assert f"data: {len(documents)} documents" in stdout
     model, record = load_run(out)
     assert record["config"]["vocab_size"] == 300
+    tokenizer_file = out / "tokenizer.json"
+    digest = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+    assert record["sha256"] == {"tokenizer.json": digest}
+    written = f"{out / 'checkpoints'}, {tokenizer_file}, {out / 'loss.png'}"
+    assert f"wrote {written}\n" in stdout
     tokenizer = train_tiny_lm.BPETokenizer.load(out)
     _, held_out_documents = train_tiny_lm.split_documents(documents)
     held_out, stream, segments = packed_text(held_out_documents, 2048, tokenizer.encode)
@@ -301,132 +348,152 @@ def tiny_state(seed: int):
 
 
 def assert_same_leaves(tree, reference):
-    leaves, expected = jax.tree.leaves(tree), jax.tree.leaves(reference)
-    assert len(leaves) == len(expected)
-    for leaf, want in zip(leaves, expected, strict=True):
-        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want))
+    assert same_bits(jax.tree.leaves(tree), jax.tree.leaves(reference))
 
 
-def save_step(out: pathlib.Path, step: int, side_files=None):
+def save_step(out: pathlib.Path, step: int, side_files=None, args=None):
+    """Saves `tiny_state(step)` as the checkpoint of `step`, with `side_files`
+    (`{name: bytes}`) beside it and `args` as its settings."""
     out.mkdir(exist_ok=True)
+    digests = {}
+    for name, data in (side_files or {}).items():
+        (out / name).write_bytes(data)
+        digests[name] = hashlib.sha256(data).hexdigest()
     model, state = tiny_state(step)
-    record = {"args": {}, "history": {"step": step}}
-    _checkpointing.save_checkpoint(out, model, state, step, record, side_files or {})
+    record = {"args": args or {}, "history": {"step": step}, "sha256": digests}
+    with _checkpointing.checkpoint_manager(out) as manager:
+        _checkpointing.save_state(manager, step, model, state, record)
     return model, state
 
 
-def test_checkpoint_survives_a_serialiser_that_fails_half_way(tmp_path, monkeypatch):
-    model, state = save_step(tmp_path, 3, {"tokenizer.json": b"{}"})
-    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
-
-    def write_half_then_fail(file, tree):
-        file.write(b"\x93NUMPY half a leaf")
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(eqx, "tree_serialise_leaves", write_half_then_fail)
-    with pytest.raises(OSError, match="No space left"):
-        save_step(tmp_path, 6, {"tokenizer.json": b"{}"})
-    monkeypatch.undo()
-    # The previous checkpoint, byte for byte, and no temporary file left behind.
-    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
-    record = _checkpointing.read_record(tmp_path)
-    assert record["step"] == 3 and record["history"] == {"step": 3}
-    template = tiny_state(0)
-    assert_same_leaves(
-        _checkpointing.load_state(tmp_path, *template, record), (model, state)
-    )
+def read_back(out: pathlib.Path):
+    """The newest record in `out`, and the state it holds, through the example's
+    functions."""
+    with _checkpointing.checkpoint_manager(out) as manager:
+        record = _checkpointing.latest_record(manager, out)
+        state = _checkpointing.restore_state(manager, record["step"], *tiny_state(0))
+    return record, state
 
 
 KILL_DURING_SAVE = """
 import os, pathlib, signal, sys
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.path import atomicity
 sys.path.insert(0, {examples!r})
-import _checkpointing
 sys.path.insert(0, {tests!r})
 from test_examples import save_step
 
 out = pathlib.Path({out!r})
 save_step(out, 3)
-kill_at = {kill_at!r}
-renames = []
-real_replace = os.replace
 
-def replace(source, target):
-    renames.append(target)
-    if kill_at == "between the files" and len(renames) == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-    real_replace(source, target)
-
-def write_half_then_die(file, tree):
-    file.write(b"half")
-    file.flush()
+def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
-_checkpointing.os.replace = replace
-if kill_at == "while writing":
-    _checkpointing.eqx.tree_serialise_leaves = write_half_then_die
+if {kill_at!r} == "while writing the arrays":
+    handler = ocp.StandardCheckpointHandler
+    async_save = handler.async_save
+
+    async def writing_then_killed(self, *args, **kwargs):
+        futures = await async_save(self, *args, **kwargs)  # Writes under way.
+        die()
+    handler.async_save = writing_then_killed
+else:  # Every file written, the step directory not yet renamed.
+    atomicity.AtomicRenameTemporaryPath.finalize = die
 save_step(out, 6)
 """
 
 
-def kill_during_save(out: pathlib.Path, kill_at: str):
-    """Saves step 3, then SIGKILLs the process saving step 6 at `kill_at`."""
+@pytest.mark.parametrize("kill_at", ["while writing the arrays", "before the rename"])
+def test_checkpoint_survives_a_kill_during_a_save(tmp_path, kill_at):
+    """Saves step 3, then SIGKILLs the process saving step 6 at `kill_at`: step 3
+    resumes as it was, and the next save removes the killed one's leftovers."""
     script = KILL_DURING_SAVE.format(
         examples=str(EXAMPLES),
         tests=str(pathlib.Path(__file__).parent),
-        out=str(out),
+        out=str(tmp_path),
         kill_at=kill_at,
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == -9, result.stderr[-3000:]
-
-
-def test_checkpoint_survives_a_kill_while_writing(tmp_path):
-    kill_during_save(tmp_path, "while writing")
-    record = _checkpointing.read_record(tmp_path)
-    assert record["step"] == 3
-    template = tiny_state(0)
-    loaded = _checkpointing.load_state(tmp_path, *template, record)
-    assert_same_leaves(loaded, tiny_state(3))
-    # The killed save's temporary file stays until the next save removes it.
-    (leftover,) = tmp_path.glob(".checkpoint.eqx.*.tmp")
-    assert leftover.read_bytes() == b"half"
+    checkpoints = tmp_path / "checkpoints"
+    (leftover,) = [path for path in checkpoints.iterdir() if path.name != "3"]
+    assert leftover.name.startswith("6.orbax-checkpoint-tmp")
+    record, state = read_back(tmp_path)
+    assert record["step"] == 3 and record["history"] == {"step": 3}
+    assert_same_leaves(state, tiny_state(3))
     save_step(tmp_path, 6)
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
-        "checkpoint.eqx",
-        "checkpoint.json",
-    ]
-    assert _checkpointing.read_record(tmp_path)["step"] == 6
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["3", "6"]
+    record, state = read_back(tmp_path)
+    assert record["step"] == 6
+    assert_same_leaves(state, tiny_state(6))
 
 
-def test_checkpoint_pair_cut_by_a_kill_is_refused(tmp_path):
-    """Killed between the two renames: step 6's weights, step 3's record."""
-    kill_during_save(tmp_path, "between the files")
-    record = json.loads((tmp_path / "checkpoint.json").read_text())
-    assert record["step"] == 3
+RESTORE_ON_DEVICES = """
+import json, pathlib, sys
+import jax, numpy as np
+sys.path.insert(0, {examples!r})
+sys.path.insert(0, {tests!r})
+import _checkpointing
+import eqx_embed
+from test_examples import tiny_state
+
+# The vocabulary and the width split over every device of this process.
+mesh = jax.make_mesh((jax.device_count(),), ("vocab",))
+jax.set_mesh(mesh)
+rules = eqx_embed.sharding_rules(vocab="vocab")
+model, state = tiny_state(0)
+model = eqx_embed.shard_model(model, mesh, rules)
+with _checkpointing.checkpoint_manager(pathlib.Path({load!r})) as manager:
+    model, state = _checkpointing.restore_state(manager, 1, model, state)
+table = model.embedding.embedding.weight
+assert len(table.sharding.device_set) == jax.device_count()
+leaves = [np.asarray(leaf) for leaf in jax.tree.leaves((model, state))]
+np.savez({dump!r}, *leaves)
+if {save!r}:
+    with _checkpointing.checkpoint_manager(pathlib.Path({save!r})) as manager:
+        _checkpointing.save_state(manager, 1, model, state, {{}})
+"""
+
+
+def test_checkpoint_restores_onto_other_device_counts(tmp_path, run_on_devices):
+    """Saved from 8 devices (the table split 8 ways), restored onto 4, saved from
+    there and restored onto 1: every leaf, bit for bit, each time."""
+    save_step(tmp_path / "one", 1)  # Written from this process's one device.
+    loads = ["one", "eight", "four"]
+    for load, save, devices in zip(
+        loads, ["eight", "four", ""], (8, 4, 1), strict=True
+    ):
+        dump = tmp_path / f"{devices}.npz"
+        script = RESTORE_ON_DEVICES.format(
+            examples=str(EXAMPLES),
+            tests=str(pathlib.Path(__file__).parent),
+            load=str(tmp_path / load),
+            save=str(tmp_path / save) if save else "",
+            dump=str(dump),
+        )
+        run_on_devices(script + "print('{}')", devices=devices)
+        with np.load(dump) as arrays:
+            leaves = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+        assert same_bits(leaves, jax.tree.leaves(tiny_state(1)))
+
+
+def test_replaced_tokenizer_is_refused(tmp_path):
+    save_step(tmp_path / "a", 3, {"tokenizer.json": b'{"a": 1}'})
+    save_step(tmp_path / "b", 6, {"tokenizer.json": b'{"b": 2}'})
+    (tmp_path / "b" / "tokenizer.json").replace(tmp_path / "a" / "tokenizer.json")
     with pytest.raises(SystemExit) as refused:
-        train_tiny_lm.main(["--resume", "--out", str(tmp_path)])
+        read_back(tmp_path / "a")
     message = str(refused.value)
-    assert str(tmp_path / "checkpoint.eqx") in message
+    assert str(tmp_path / "a" / "tokenizer.json") in message
     assert "does not belong to the checkpoint of step 3" in message
 
 
-def test_checkpoint_of_another_step_is_refused(tmp_path):
-    save_step(tmp_path / "a", 3)
-    save_step(tmp_path / "b", 6)
-    (tmp_path / "b" / "checkpoint.eqx").replace(tmp_path / "a" / "checkpoint.eqx")
-    with pytest.raises(SystemExit, match="does not belong to the checkpoint of step 3"):
-        _checkpointing.read_record(tmp_path / "a")
-    # A record edited to the wrong step is caught by the step the state holds.
-    save_step(tmp_path / "c", 6)
-    record = _checkpointing.read_record(tmp_path / "c")
-    with pytest.raises(SystemExit, match="holds step 6, .* step 5"):
-        _checkpointing.load_state(tmp_path / "c", *tiny_state(0), {**record, "step": 5})
-
-
 def test_bpe_resume_without_its_tokenizer_names_the_file(tmp_path):
-    save_step(tmp_path, 3, {"tokenizer.json": b"{}"})
+    args = vars(train_tiny_lm.parse_args(["--steps", "4"]))
+    del args["given"]
+    save_step(tmp_path, 3, {"tokenizer.json": b"{}"}, args=args)
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(SystemExit) as refused:
         train_tiny_lm.main(["--resume", "--out", str(tmp_path)])
@@ -435,16 +502,21 @@ def test_bpe_resume_without_its_tokenizer_names_the_file(tmp_path):
 
 def test_diverged_model_never_replaces_the_checkpoint(tmp_path):
     save_step(tmp_path, 3)
-    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
     model, state = tiny_state(6)
     # One NaN in the last parameter.
     params, static = eqx.partition(model, eqx.is_inexact_array)
     leaves, treedef = jax.tree.flatten(params)
     leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(jnp.nan)
     diverged = eqx.combine(jax.tree.unflatten(treedef, leaves), static)
-    with pytest.raises(SystemExit, match="not finite"):
-        _checkpointing.save_checkpoint(tmp_path, diverged, state, 6, {}, {})
-    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    with (
+        _checkpointing.checkpoint_manager(tmp_path) as manager,
+        pytest.raises(SystemExit, match="not finite"),
+    ):
+        _checkpointing.save_state(manager, 6, diverged, state, {})
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == ["3"]
+    record, restored = read_back(tmp_path)
+    assert record["step"] == 3
+    assert_same_leaves(restored, tiny_state(3))
 
 
 def test_train_tiny_lm_stops_on_a_non_finite_loss(tmp_path):
@@ -452,8 +524,7 @@ def test_train_tiny_lm_stops_on_a_non_finite_loss(tmp_path):
     settings = [*TINY_LM, "--learning-rate", "1e30", "--warmup-steps", "0"]
     with pytest.raises(SystemExit, match="the training loss is (nan|inf)"):
         train_tiny_lm.main([*settings, "--out", str(tmp_path)])
-    assert not (tmp_path / "checkpoint.json").exists()
-    assert not (tmp_path / "checkpoint.eqx").exists()
+    assert not any((tmp_path / "checkpoints").iterdir())
 
 
 def test_loss_plot_without_an_evaluation_has_a_title(tmp_path, monkeypatch):
@@ -475,24 +546,22 @@ def test_loss_plot_without_an_evaluation_has_a_title(tmp_path, monkeypatch):
 
 
 def test_train_tiny_lm_finishes_a_save_that_ctrl_c_interrupts(tmp_path, monkeypatch):
-    """Ctrl-C in the middle of writing `checkpoint.eqx` waits for the save."""
+    """Ctrl-C in the middle of saving the last checkpoint waits for the save."""
     import signal
 
-    serialise = eqx.tree_serialise_leaves
+    handler = ocp.StandardCheckpointHandler
+    async_save = handler.async_save
 
-    def interrupted_half_way(file, tree):
-        file.write(b"\x93NUMPY")
+    async def interrupted_half_way(self, *args, **kwargs):
         signal.raise_signal(signal.SIGINT)
-        file.seek(0)
-        serialise(file, tree)
+        return await async_save(self, *args, **kwargs)
 
-    monkeypatch.setattr(eqx, "tree_serialise_leaves", interrupted_half_way)
+    monkeypatch.setattr(handler, "async_save", interrupted_half_way)
     settings = [*TINY_LM, "--steps", "2", "--num-samples", "1", "--out", str(tmp_path)]
     train_tiny_lm.main(settings)
     monkeypatch.undo()
-    record = _checkpointing.read_record(tmp_path)
+    model, record = load_run(tmp_path)
     assert record["step"] == 2
-    model, _ = load_run(tmp_path)
     assert model.config.vocab_size == 256
 
 
@@ -571,13 +640,13 @@ def test_train_tiny_lm_resume_rejects_a_changed_setting_given_at_its_default(tmp
     record = {"args": saved}
     args = train_tiny_lm.parse_args(["--resume", "--steps", "1500"])
     with pytest.raises(SystemExit, match="with --steps 4; got --steps 1500"):
-        train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoint.json")
+        train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoints" / "4")
     # The sampling settings come back, unless given again.
     args = train_tiny_lm.parse_args(["--resume"])
-    train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoint.json")
+    train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoints" / "4")
     assert (args.steps, args.temperature) == (4, 0.3)
     args = train_tiny_lm.parse_args(["--resume", "--temperature", "0.7"])
-    train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoint.json")
+    train_tiny_lm.resume_settings(args, record, tmp_path / "checkpoints" / "4")
     assert (args.steps, args.temperature) == (4, 0.7)
 
 
@@ -589,16 +658,100 @@ def test_train_tiny_lm_rejects_bad_arguments(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint at"):
         train_tiny_lm.main(["--resume", "--out", str(tmp_path)])
     saved = vars(train_tiny_lm.parse_args(["--learning-rate", "0.003"]))
-    save_step(tmp_path, 3)
-    record = json.loads((tmp_path / "checkpoint.json").read_text())
-    record["args"] = {k: v for k, v in saved.items() if k != "given"}
-    (tmp_path / "checkpoint.json").write_text(json.dumps(record))
+    save_step(tmp_path, 3, args={k: v for k, v in saved.items() if k != "given"})
     with pytest.raises(
         SystemExit, match="with --learning-rate 0.003; got --learning-rate 0.5"
     ):
         train_tiny_lm.main(
             ["--resume", "--learning-rate", "0.5", "--out", str(tmp_path)]
         )
+    # A new run never writes over a run's checkpoints.
+    with pytest.raises(SystemExit) as refused:
+        train_tiny_lm.main([*TINY_LM, "--out", str(tmp_path)])
+    assert str(refused.value) == (
+        f"--out {tmp_path} holds the checkpoints of a run (step 3): add --resume to "
+        "continue it, or give another --out."
+    )
+
+
+def never_trains(*args):
+    raise AssertionError("trained although the run could not finish")
+
+
+def test_train_tiny_lm_names_a_one_byte_text(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_tiny_lm, "make_train_step", never_trains)
+    text = tmp_path / "one.txt"
+    text.write_bytes(b"x")
+    with pytest.raises(SystemExit) as refused:
+        train_tiny_lm.main(["--text", str(text), "--out", str(tmp_path / "out")])
+    assert str(refused.value) == (
+        f"--text {text}: 1 bytes of text, too little to train on some and hold the "
+        "rest out: give more text."
+    )
+
+
+def test_train_tiny_lm_names_an_out_that_is_a_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_tiny_lm, "make_train_step", never_trains)
+    out = tmp_path / "a_file"
+    out.write_text("not a directory")
+    with pytest.raises(SystemExit) as refused:
+        train_tiny_lm.main([*TINY_LM, "--out", str(out)])
+    assert str(refused.value) == f"--out {out}: expected a directory, found a file."
+
+
+def test_train_tiny_lm_checks_out_is_writable_before_training(tmp_path, monkeypatch):
+    """A read-only `--out` stops the run before its first step, not at its save.
+    (Permissions do not bind root, who runs some CI: the probe file's creation is
+    refused here as a read-only directory refuses it.)"""
+    import errno
+    import os
+    import tempfile
+
+    monkeypatch.setattr(train_tiny_lm, "make_train_step", never_trains)
+    out = tmp_path / "read_only"
+    out.mkdir()
+    out.chmod(0o555)
+    create = tempfile.TemporaryFile
+
+    def refused_in_out(*args, dir=None, **kwargs):
+        if pathlib.Path(dir) == out:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out))
+        return create(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(train_tiny_lm.tempfile, "TemporaryFile", refused_in_out)
+    try:
+        with pytest.raises(SystemExit) as refused:
+            train_tiny_lm.main([*TINY_LM, "--out", str(out)])
+    finally:
+        out.chmod(0o755)
+    assert str(refused.value) == (
+        f"--out {out}: cannot write there (Permission denied): give a writable "
+        "directory."
+    )
+    assert list(out.iterdir()) == []
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("file", [io.StringIO, Terminal])
+def test_progress_bar_redraws_rarely_off_a_terminal(file):
+    """Off a terminal every redraw stays in the log: 300 fast steps there redraw at
+    the start and at the end only; on a terminal, as often as tqdm likes."""
+    stream = file()
+    bar = train_tiny_lm.progress_bar(300, 0, file=stream)
+    for _ in range(300):
+        time.sleep(0.0005)
+        bar.update()
+    bar.close()
+    redraws = stream.getvalue().count("\r")
+    if file is Terminal:
+        assert redraws > 2
+    else:
+        assert redraws <= 3
+        assert "300/300" in stream.getvalue()
 
 
 def test_sampling_at_temperature_zero_is_greedy():
