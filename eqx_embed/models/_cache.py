@@ -24,6 +24,7 @@ and are written after it, with one in-place scatter per stack.
 """
 
 import dataclasses
+import functools
 
 import equinox as eqx
 import jax
@@ -34,6 +35,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._attention import NO_WINDOW
 from ._config import TransformerConfig
+from ._sharding import model_on_auto_axes
 from ._transformer_forward import (
     check_tokens,
     embed,
@@ -174,7 +176,14 @@ def prefill(
     capacity: int,
 ) -> tuple[Float[Array, "batch vocab"], KVCache]:
     """Runs right-padded prompts (row `b`'s tokens are `prompts[b, :lengths[b]]`)
-    and fills a cache with them; the logits after each prompt's last token."""
+    and fills a cache with them; the logits after each prompt's last token. On a
+    sharded model, the blocks' collectives are GSPMD's and the results replicated."""
+    return model_on_auto_axes(functools.partial(_prefill, capacity=capacity))(
+        model, prompts, lengths
+    )
+
+
+def _prefill(model, prompts, lengths, *, capacity: int):
     full_slots, sliding_slots = stack_slots(model.config, capacity)
     sliding = layer_stacks(model.config)[0]
     seq_len = prompts.shape[1]
@@ -243,8 +252,13 @@ def check_decode_tokens(cache: KVCache, tokens: ArrayLike) -> Int[Array, " batch
 def decode_step(
     model, cache: KVCache, tokens: Int[Array, " batch"]
 ) -> tuple[Float[Array, "batch vocab"], KVCache]:
-    """Appends one token per sequence; the logits after it."""
+    """Appends one token per sequence; the logits after it (on a sharded model, as
+    `prefill`)."""
     check_cache(model.config, cache)
+    return model_on_auto_axes(_decode_step)(model, cache, tokens)
+
+
+def _decode_step(model, cache: KVCache, tokens):
     sliding, stack_index = layer_stacks(model.config)
     mixed = sliding.any() and not sliding.all()
     lengths = cache.lengths
