@@ -20,9 +20,8 @@ lengths = np.array([5, 2, 3, 4], np.int32)
 
 
 def run(model):
-    logits, _ = model.prefill(prompts, prompt_lengths=lengths, capacity=11)
     tokens = model.generate(prompts, prompt_lengths=lengths, max_new_tokens=6)
-    return dict(logits=np.asarray(logits).tolist(), tokens=np.asarray(tokens).tolist())
+    return np.asarray(tokens).tolist()
 
 
 results = dict(one_device=run(model))
@@ -39,7 +38,6 @@ LAYOUTS = {
     "vocab": dict(vocab="vocab"),
     "tensor": dict(tensor="tensor"),
     "fsdp": dict(fsdp="fsdp"),
-    "data, tensor, vocab": dict(data="data", tensor="tensor", vocab="vocab"),
     "fsdp, tensor, vocab": dict(fsdp="fsdp", tensor="tensor", vocab="vocab"),
 }
 
@@ -51,13 +49,5 @@ def results(run_on_devices):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_generation_on_a_mesh_follows_one_device(layout, results):
-    import numpy as np
-    from _tolerances import tolerance
-
-    reference = results["one_device"]
-    # Tensor parallelism sums each projection's partial products in another order:
-    # the hidden width and the attended tokens, through both layers.
-    logits = np.asarray(reference["logits"])
-    close = tolerance(np.float32, 4 * (32 + 64 + 5) * 2, scale=np.abs(logits).max())
-    np.testing.assert_allclose(results[layout]["logits"], logits, **close)
-    assert results[layout]["tokens"] == reference["tokens"]
+    # Greedy tokens: the prefill, every decode step and the loop, on the mesh.
+    assert results[layout] == results["one_device"]
