@@ -261,3 +261,28 @@ def test_checkpoint_memory_benchmark_runs_small():
     peak = rows["peak above imports"]
     assert peak.ratio == pytest.approx(peak.median_ms / rows["weights"].median_ms)
     assert goal.measured == peak.ratio and goal.limit == 1.2
+
+
+def test_remat_benchmark_runs_small():
+    """The rematerialisation benchmark end to end on a tiny model: a memory row and a
+    timed row per policy, and its goal is the measured ratio of `layer` to `none`."""
+    import bench_remat
+
+    size = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=2,
+        num_heads=2,
+        batch=2,
+        seq=16,
+    )
+    returned = bench_remat.main(size, rounds=2)
+    (goal,) = [goal for goal in returned if isinstance(goal, Goal)]
+    rows = [row for row in returned if isinstance(row, Row)]
+    memory = {row.case: row for row in rows if row.benchmark.endswith("_mib")}
+    timed = {row.case: row for row in rows if not row.benchmark.endswith("_mib")}
+    assert list(memory) == list(timed) == ["none", "layer", "matmuls"]
+    assert all(row.min_ms <= row.median_ms <= row.max_ms for row in timed.values())
+    assert memory["layer"].ratio == memory["layer"].median_ms / memory["none"].median_ms
+    assert goal.measured == memory["layer"].ratio and goal.limit == 0.35

@@ -14,6 +14,9 @@ JAX_APIS = frozenset(
     {
         "jax.Array",
         "jax.__version__",
+        "jax.checkpoint",
+        "jax.checkpoint_policies.dots_with_no_batch_dims_saveable",
+        "jax.checkpoint_policies.nothing_saveable",
         "jax.config.read",
         "jax.core.Tracer",
         "jax.custom_batching.custom_vmap",
@@ -75,6 +78,7 @@ JAX_APIS = frozenset(
         "jax.numpy.integer",
         "jax.numpy.isfinite",
         "jax.numpy.isin",
+        "jax.numpy.isnan",
         "jax.numpy.issubdtype",
         "jax.numpy.log",
         "jax.numpy.logaddexp",

@@ -23,6 +23,9 @@ attention runs. The scan only reads the stacks; the new keys and values come out
 and are written after it, with one in-place scatter per stack.
 """
 
+import dataclasses
+import functools
+
 import equinox as eqx
 import jax
 import jax.core
@@ -32,6 +35,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._attention import NO_WINDOW
 from ._config import TransformerConfig
+from ._sharding import model_on_auto_axes
 from ._transformer_forward import (
     check_tokens,
     checked_token_ids,
@@ -82,6 +86,10 @@ class KVCache(eqx.Module):
         `sliding_slots = min(capacity, sliding_window)` (`0` when no layer slides).
     - `lengths`: shape `(batch,)`, the tokens each sequence has written.
     - `capacity`: the most tokens a sequence may write.
+    - `layer_windows`, `num_kv_heads`, `head_dim`, `dtype`: what the cache was built
+        for (the model's config: each layer's window, `None` for full attention, and
+        its activation dtype). `decode_step` refuses a cache built for another
+        config with a `ValueError` naming the field.
 
     All four arrays are ring buffers along their slots (see the module's docstring),
     in the activation dtype, so the cache's bytes are
@@ -119,6 +127,10 @@ class KVCache(eqx.Module):
     sliding_values: Float[Array, "sliding_layers batch sliding_slots kv_heads head_dim"]
     lengths: Int[Array, " batch"]
     capacity: int = eqx.field(static=True)
+    layer_windows: tuple[int | None, ...] = eqx.field(static=True)
+    num_kv_heads: int = eqx.field(static=True)
+    head_dim: int = eqx.field(static=True)
+    dtype: str = eqx.field(static=True)
 
     @property
     def slots(self) -> int:
@@ -131,6 +143,33 @@ class KVCache(eqx.Module):
         return self.sliding_keys.shape[2]
 
 
+def built_for(config: TransformerConfig) -> dict:
+    """The metadata of a cache built for `config`: `KVCache`'s fields by name."""
+    return dict(
+        layer_windows=config.layer_windows,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        dtype=config.activation_dtype,
+    )
+
+
+def check_cache(config: TransformerConfig, cache: KVCache) -> None:
+    """Raises a `ValueError` naming the first field in which `cache` was built for
+    another config than `config`."""
+    for name, expected in built_for(config).items():
+        if getattr(cache, name) != expected:
+            raise ValueError(
+                f"The cache was built for another model: its {name} is "
+                f"{getattr(cache, name)!r}, this model's is {expected!r}. Use a "
+                "cache from this model's prefill."
+            )
+    if cache.capacity > config.max_position_embeddings:
+        raise ValueError(
+            f"The cache's capacity ({cache.capacity}) exceeds this model's "
+            f"max_position_embeddings ({config.max_position_embeddings})."
+        )
+
+
 def prefill(
     model,
     prompts: Int[Array, "batch seq"],
@@ -138,12 +177,22 @@ def prefill(
     capacity: int,
 ) -> tuple[Float[Array, "batch vocab"], KVCache]:
     """Runs right-padded prompts (row `b`'s tokens are `prompts[b, :lengths[b]]`)
-    and fills a cache with them; the logits after each prompt's last token."""
+    and fills a cache with them; the logits after each prompt's last token. On a
+    sharded model, the blocks' collectives are GSPMD's and the results replicated."""
+    return model_on_auto_axes(functools.partial(_prefill, capacity=capacity))(
+        model, prompts, lengths
+    )
+
+
+def _prefill(model, prompts, lengths, *, capacity: int):
     full_slots, sliding_slots = stack_slots(model.config, capacity)
     sliding = layer_stacks(model.config)[0]
     seq_len = prompts.shape[1]
 
     def one(tokens, length):
+        # The padding never reaches a result: a bad id there would read NaN keys and
+        # values, which the masks of later steps cannot remove (0 x NaN).
+        tokens = jnp.where(jnp.arange(seq_len) < length, tokens, 0)
         x = embed(model, check_tokens(model.config, tokens))
         rotations = gather_rotations(model, seq_len)
         # Empty slots take row 0: decode_step masks them by `held_indices`.
@@ -173,7 +222,13 @@ def prefill(
         one, out_axes=(0, 1, 1, 1, 1)
     )(prompts, lengths)
     return logits, KVCache(
-        keys, values, sliding_keys, sliding_values, lengths, capacity
+        keys,
+        values,
+        sliding_keys,
+        sliding_values,
+        lengths,
+        capacity,
+        **built_for(model.config),
     )
 
 
@@ -202,7 +257,13 @@ def check_decode_tokens(
 def decode_step(
     model, cache: KVCache, tokens: Int[Array, " batch"]
 ) -> tuple[Float[Array, "batch vocab"], KVCache]:
-    """Appends one token per sequence; the logits after it."""
+    """Appends one token per sequence; the logits after it (on a sharded model, as
+    `prefill`)."""
+    check_cache(model.config, cache)
+    return model_on_auto_axes(_decode_step)(model, cache, tokens)
+
+
+def _decode_step(model, cache: KVCache, tokens):
     sliding, stack_index = layer_stacks(model.config)
     mixed = sliding.any() and not sliding.all()
     lengths = cache.lengths
@@ -261,12 +322,12 @@ def decode_step(
             new = new[layers]
         return stack.at[:, rows, lengths % stack.shape[2]].set(new[:, :, 0])
 
-    cache = KVCache(
-        written(cache.keys, new_keys, ~sliding),
-        written(cache.values, new_values, ~sliding),
-        written(cache.sliding_keys, new_keys, sliding),
-        written(cache.sliding_values, new_values, sliding),
-        lengths + 1,
-        cache.capacity,
+    cache = dataclasses.replace(
+        cache,
+        keys=written(cache.keys, new_keys, ~sliding),
+        values=written(cache.values, new_values, ~sliding),
+        sliding_keys=written(cache.sliding_keys, new_keys, sliding),
+        sliding_values=written(cache.sliding_values, new_values, sliding),
+        lengths=lengths + 1,
     )
     return logits, cache

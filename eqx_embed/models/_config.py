@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from ..nn._contracts import MAX_TABLE_BYTES, check_positive, checked
 from ..nn._indices import OutOfRange, check_policy
 from ..nn._tables import frozen
+from ._remat import RematPolicy, check_remat_policy
 from .families import FamilySpec, NormKind, PositionKind, Presets, family_spec
 
 Family = Literal[
@@ -233,6 +234,8 @@ class TransformerConfig:
         shallow model saves the loop's per-layer copies on CPU (about 8% of a
         training step of the 2-layer model in `examples/train_tiny_lm.py`).
         It does not change the results.
+    - `remat_policy`: what a training step recomputes in its backward pass rather
+        than keep: `"none"`, `"layer"` or `"matmuls"` (see the scaling-out guide).
 
     The `None` defaults of `norm`, `gated_mlp`, `scale_embeddings`,
     `sandwich_norms`, `qk_norm`, `position_embedding`, `parallel_residual`,
@@ -302,6 +305,7 @@ class TransformerConfig:
     rope_local_theta: float | int | None
     out_of_range: OutOfRange
     scan_unroll: int
+    remat_policy: RematPolicy
 
     def __init__(
         self,
@@ -340,6 +344,7 @@ class TransformerConfig:
         rope_local_theta: float | int | None = None,
         out_of_range: OutOfRange = "nan",
         scan_unroll: int = 1,
+        remat_policy: RematPolicy = "none",
     ):
         """**Arguments:** the fields, by the same names. Those left `None` whose
         description above gives a default (the family's presets, `num_kv_heads`,
@@ -443,6 +448,7 @@ class TransformerConfig:
                     "None."
                 )
         check_policy(self.out_of_range)
+        check_remat_policy(self.remat_policy)
 
     @property
     def spec(self) -> FamilySpec:

@@ -12,9 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from ..nn._indices import error_if_outside
 from ._cache import KVCache, decode_step, prefill
 from ._config import TransformerConfig
 from ._transformer_forward import checked_token_ids
+
+NAN_TOKEN = -1
+"""What `generate` returns for a row whose logits hold a NaN (a bad id in its prompt
+under `out_of_range="nan"`, or NaN weights): at that step and every later one, never a
+valid-looking token."""
 
 
 def _is_int(value) -> bool:
@@ -61,13 +67,17 @@ def check_prompts(
                 f"prompt_lengths must be {batch} integers (one per prompt), got "
                 f"dtype {lengths.dtype} and shape {lengths.shape}."
             )
-        if not isinstance(lengths, jax.core.Tracer):
+        bounds = f"prompt_lengths must be in [1, {width}] (the prompts' padded width)"
+        if isinstance(lengths, jax.core.Tracer):
+            # Traced: checked when the program runs, as a traced id under
+            # `out_of_range="error"`.
+            lengths = error_if_outside(
+                lengths, low=1, high=width, message=bounds + ", got {value}."
+            )
+        else:
             concrete = np.asarray(lengths)
             if concrete.min() < 1 or concrete.max() > width:
-                raise ValueError(
-                    f"prompt_lengths must be in [1, {width}] (the prompts' padded "
-                    f"width), got {concrete.tolist()}."
-                )
+                raise ValueError(f"{bounds}, got {concrete.tolist()}.")
         lengths = jnp.asarray(lengths).astype(jnp.int32)
     needed = width + new_tokens
     if capacity is None:
@@ -142,6 +152,8 @@ def _check_sampling(
             f"Sampling (temperature={temperature}) needs a `key`, a "
             "jax.random.PRNGKey; got key=None."
         )
+    if temperature > 0:
+        _check_key(key)
     if eos_token_id is None:
         eos = ()
     elif _is_int(eos_token_id):
@@ -163,6 +175,20 @@ def _check_sampling(
                 f"{name} must be a token id in [0, {vocab_size}), got {token!r}."
             )
     return eos, int(pad_token_id)
+
+
+def _check_key(key) -> None:
+    """Raises a `ValueError` naming `key` unless it is one PRNG key, typed
+    (`jax.random.key`) or raw (`jax.random.PRNGKey`)."""
+    try:
+        jax.eval_shape(lambda key: jax.random.fold_in(key, 0), key)
+    except (TypeError, ValueError) as error:
+        described = getattr(key, "dtype", type(key).__name__)
+        raise ValueError(
+            "key must be one PRNG key, jax.random.key(seed) or "
+            f"jax.random.PRNGKey(seed); got {described} of shape "
+            f"{np.shape(key)}."
+        ) from error
 
 
 def _choose(
@@ -219,9 +245,11 @@ def _generate(
         step_key = None if key is None else jax.random.fold_in(key, step)
         token = _choose(logits, step_key, temperature, top_k, top_p)
         token = jnp.where(done, pad, token)
-        tokens = tokens.at[:, step].set(token)
+        poisoned = jnp.isnan(logits).any(axis=-1)
+        tokens = tokens.at[:, step].set(jnp.where(poisoned, NAN_TOKEN, token))
         if eos:
             done = done | jnp.isin(token, jnp.asarray(eos))
+        done = done | poisoned
         logits, cache = decode_step(model, cache, token)
         return step + 1, logits, cache, tokens, done
 
@@ -232,7 +260,8 @@ def _generate(
         jnp.full((batch, max_new_tokens), pad, jnp.int32),
         jnp.zeros((batch,), bool),
     )
-    return jax.lax.while_loop(unfinished, advance, state)[3]
+    tokens = jax.lax.while_loop(unfinished, advance, state)[3]
+    return jnp.where(jnp.cumsum(tokens == NAN_TOKEN, axis=1) > 0, NAN_TOKEN, tokens)
 
 
 def generate(

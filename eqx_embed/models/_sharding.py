@@ -48,18 +48,43 @@ _LEAF_AXES = {
 T = TypeVar("T")
 
 
+def _on_explicit_axes(array: Any) -> bool:
+    """Whether `array` lives on a mesh with explicit axes."""
+    sharding = getattr(jax.typeof(array), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    return mesh is not None and AxisType.Explicit in mesh.axis_types
+
+
 def on_auto_axes(function: Callable[..., T], like: jax.Array) -> Callable[..., T]:
     """`function`, run with the mesh's explicit axes turned to auto ones (GSPMD then
     places its collectives: the gathers of FSDP, the reductions of tensor
     parallelism), its result laid out as `like`. `function` itself without
     explicit mesh axes."""
-    sharding = getattr(jax.typeof(like), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if sharding is None or mesh is None or AxisType.Explicit not in mesh.axis_types:
+    if not _on_explicit_axes(like):
         return function
+    spec = jax.typeof(like).sharding.spec
     return typing.cast(
-        Callable[..., T], jax.sharding.auto_axes(function, out_sharding=sharding.spec)
+        Callable[..., T], jax.sharding.auto_axes(function, out_sharding=spec)
     )
+
+
+def model_on_auto_axes(function: Callable[..., T]) -> Callable[..., T]:
+    """`function(model, *arrays)`, run as `on_auto_axes` does when the model's arrays
+    live on explicit mesh axes, its results replicated: the cached forward passes,
+    whose caches and logits every device then holds whole."""
+
+    def run(model: Any, *arrays: Any) -> T:
+        parameters, structure = eqx.partition(model, eqx.is_array)
+        if not any(map(_on_explicit_axes, jax.tree.leaves(parameters))):
+            return function(model, *arrays)
+
+        def on_parameters(parameters, *arrays):
+            return function(eqx.combine(parameters, structure), *arrays)
+
+        replicated = jax.sharding.auto_axes(on_parameters, out_sharding=PartitionSpec())
+        return replicated(parameters, *arrays)
+
+    return run
 
 
 def sharding_rules(

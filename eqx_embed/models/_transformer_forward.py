@@ -16,6 +16,7 @@ from ..nn._indices import IntegerSequence, check_indices, checked_integers
 from ..nn._rope_rotate import RopeRotation
 from ._attention import NO_WINDOW, segment_runs
 from ._config import TransformerConfig
+from ._remat import rematerialised
 from ._sharding import on_auto_axes
 
 Rotations = tuple[RopeRotation | None, RopeRotation | None]
@@ -133,7 +134,7 @@ def scan_layers(
         return layer(eqx.combine(parameters, structure), x, window, xs_slice)
 
     return jax.lax.scan(
-        step,
+        rematerialised(step, model.config.remat_policy),
         x,
         (parameters, None if static_window else windows, xs),
         unroll=model.config.scan_unroll,

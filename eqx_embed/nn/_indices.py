@@ -84,6 +84,33 @@ class _MessageForValue:
         return _out_of_range_message(self.name, value, self.size, self.low) + "."
 
 
+@dataclasses.dataclass(frozen=True)
+class _BoundsMessage:
+    """The messages of `error_if_outside`, as `_MessageForValue`'s: `template` with
+    the bad value for `{value}`. `size`: what a bad value becomes where Equinox lets
+    it through (`EQX_ON_ERROR=nan`)."""
+
+    template: str
+    size: int
+
+    def __getitem__(self, value: int) -> str:
+        return self.template.format(value=value)
+
+
+def error_if_outside(
+    values: Int[Array, "*shape"], *, low: int, high: int, message: str
+) -> Int[Array, "*shape"]:
+    """Traced integer `values`, checked to lie in `[low, high]` when the computation
+    runs, by the `"error"` policy's mechanism (see the module's docstring for the
+    exception): `message`, its `{value}` the largest bad value, where one is not."""
+    outside = (values < low) | (values > high)
+    smallest = jnp.iinfo(values.dtype).min
+    largest_bad = jnp.max(jnp.where(outside, values, smallest), initial=smallest)
+    return _error_if_any_bad(
+        values, outside, largest_bad, _BoundsMessage(message, high + 1)
+    )
+
+
 def _host_integers(indices, plural: str) -> np.ndarray:
     """`indices` (a Python int or sequence, a NumPy array or a concrete JAX array) as
     a NumPy integer array in their own dtype; Python ints past int64 stay exact, as
@@ -240,7 +267,9 @@ def checked_integers(
     return host.astype(dtype)
 
 
-def _error_if_any_bad(safe, outside, largest_bad, messages: _MessageForValue):
+def _error_if_any_bad(
+    safe, outside, largest_bad, messages: _MessageForValue | _BoundsMessage
+):
     """`equinox.branched_error_if(safe, outside.any(), largest_bad, messages)`: as
     Equinox does it on one device, and on every device of the mesh set with
     `jax.set_mesh` (`_error_on_every_device`)."""
@@ -254,7 +283,9 @@ def _error_if_any_bad(safe, outside, largest_bad, messages: _MessageForValue):
     return _error_on_every_device(safe, outside, largest_bad, messages)
 
 
-def _error_on_every_device(safe, outside, largest_bad, messages: _MessageForValue):
+def _error_on_every_device(
+    safe, outside, largest_bad, messages: _MessageForValue | _BoundsMessage
+):
     """The `"error"` policy on a mesh.
 
     Equinox's error branch runs its callback on one device and broadcasts the result:
