@@ -1,0 +1,43 @@
+"""`GenerationConfig`: a model's defaults for `TransformerLM.generate`."""
+
+import dataclasses
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """A model's defaults for
+    [`TransformerLM.generate`][eqx_embed.TransformerLM.generate], as a checkpoint's
+    `generation_config.json` holds them: each argument of `generate` left `None` takes
+    the value here, and each field left `None` here takes `generate`'s own default.
+    Held by the model as static metadata (not a leaf).
+
+    **Fields** (transformers' keys of the same names, apart from `temperature`):
+
+    - `max_new_tokens`: how many tokens to generate.
+    - `temperature`: `0` for greedy decoding, or the temperature of sampling
+        (transformers' `do_sample` with its `temperature`).
+    - `top_k`, `top_p`: the sampling filters; they apply only when sampling.
+    - `repetition_penalty`: CTRL's penalty (`1` for none).
+    - `eos_token_id`: the ids that end a row (one id or several).
+    - `pad_token_id`: what fills a row after its end.
+
+    Values are checked against the model when `generate` uses them (and when a
+    checkpoint's file is read).
+    """
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        # A list of EOS ids becomes a tuple, so that the config stays hashable (it is
+        # static metadata of the model).
+        if isinstance(self.eos_token_id, Sequence) and not isinstance(
+            self.eos_token_id, str
+        ):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
