@@ -13,6 +13,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._cache import KVCache, decode_step, prefill
+from ._generation_config import GenerationConfig
 from ._sampling import (
     LogitsProcessor,
     LogitsSettings,
@@ -347,6 +348,38 @@ def _generate(
 
 def _or_default(value, default):
     return default if value is None else value
+
+
+def check_generation_config(defaults: GenerationConfig, vocab_size: int) -> None:
+    """Raises the `ValueError` that `generate` would raise on the first bad field of
+    `defaults` (a checkpoint's file), naming it."""
+    temperature = _or_default(defaults.temperature, 0.0)
+    sampling = _is_number(temperature) and temperature > 0
+    eos, _ = _check_sampling(
+        vocab_size=vocab_size,
+        max_new_tokens=_or_default(defaults.max_new_tokens, 1),
+        temperature=temperature,
+        top_k=defaults.top_k if sampling else None,
+        top_p=defaults.top_p if sampling else None,
+        min_p=None,
+        # A key is the caller's to give when sampling, never a default.
+        key=...,
+        eos_token_id=defaults.eos_token_id,
+        pad_token_id=defaults.pad_token_id,
+    )
+    logits_settings(
+        temperature=temperature,
+        top_k=None,
+        top_p=None,
+        min_p=None,
+        repetition_penalty=defaults.repetition_penalty,
+        presence_penalty=None,
+        frequency_penalty=None,
+        min_new_tokens=None,
+        max_new_tokens=1,
+        eos=eos,
+        logits_processor=None,
+    )
 
 
 def generate(

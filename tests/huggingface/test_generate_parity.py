@@ -4,6 +4,7 @@ token for token, for every family loaded from a tiny random checkpoint."""
 import numpy as np
 import pytest
 import torch
+import transformers
 from test_huggingface import CASES, VOCAB, build
 
 from eqx_embed import TransformerLM
@@ -75,3 +76,79 @@ def test_greedy_generation_equals_transformers(case, tmp_path):
     )
     np.testing.assert_array_equal(stopped[0, : len(expected)], expected)
     assert (stopped[0, len(expected) :] == 0).all()
+
+
+class EndsWithOneOf(transformers.StoppingCriteria):
+    """Stops a row whose tokens (prompt included) end with one of `sequences`: stop
+    sequences of token ids, as transformers' own criteria see the whole row."""
+
+    def __init__(self, sequences: list[list[int]]):
+        self.sequences = [torch.tensor(sequence) for sequence in sequences]
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        ended = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        for sequence in self.sequences:
+            if input_ids.shape[1] >= len(sequence):
+                tail = input_ids[:, -len(sequence) :]
+                ended |= (tail == sequence).all(dim=1)
+        return ended
+
+
+def loaded_pair(case: str, path) -> tuple[torch.nn.Module, TransformerLM]:
+    hf_model = build(case)
+    livelier(hf_model, case)
+    hf_model.generation_config.eos_token_id = None
+    hf_model.generation_config.pad_token_id = 0
+    hf_model.save_pretrained(path)
+    return hf_model, TransformerLM.from_huggingface(path)
+
+
+def assert_rows_equal(got: np.ndarray, hf_model, **settings) -> None:
+    """Each row of `got` equals transformers' continuation of its prompt alone, then
+    padding (0) where transformers stopped."""
+    for row, length in enumerate(LENGTHS):
+        expected = hf_greedy(hf_model, PROMPTS[row, :length], **settings)
+        np.testing.assert_array_equal(
+            got[row, : len(expected)], expected, err_msg=f"row {row}"
+        )
+        assert (got[row, len(expected) :] == 0).all(), f"row {row}"
+
+
+# Sliding windows (Mistral's and Gemma 2's, 5 and 4) are passed 8 times over.
+@pytest.mark.parametrize("case", ["llama", "mistral", "gemma2", "gpt2"])
+def test_greedy_controls_equal_transformers(case, tmp_path):
+    hf_model, ours = loaded_pair(case, tmp_path)
+    shared = dict(prompt_lengths=LENGTHS, max_new_tokens=NEW_TOKENS)
+    # repetition_penalty, over prompt and output.
+    got = np.asarray(ours.generate(PROMPTS, repetition_penalty=1.5, **shared))
+    assert_rows_equal(got, hf_model, repetition_penalty=1.5)
+    plain = [
+        hf_greedy(hf_model, PROMPTS[row, :length]) for row, length in enumerate(LENGTHS)
+    ]
+    assert any(not np.array_equal(got[row], plain[row]) for row in range(3))
+    # min_new_tokens with an EOS that row 0 emits before it; stop sequences of
+    # lengths 2 and 3 from rows 1 and 2, and one that never occurs.
+    min_new = 8
+    eos = int(plain[0][2])
+    stops = [plain[1][10:12].tolist(), plain[2][15:18].tolist(), [5, 5, 5, 5]]
+    got = np.asarray(
+        ours.generate(
+            PROMPTS,
+            min_new_tokens=min_new,
+            eos_token_id=eos,
+            pad_token_id=0,
+            stop_sequences=stops,
+            **shared,
+        )
+    )
+    assert_rows_equal(
+        got,
+        hf_model,
+        min_new_tokens=min_new,
+        eos_token_id=eos,
+        pad_token_id=0,
+        stopping_criteria=transformers.StoppingCriteriaList([EndsWithOneOf(stops)]),
+    )
+    assert eos not in got[0, :min_new]  # the EOS was suppressed
+    ended = [np.flatnonzero(row == 0) for row in got]
+    assert any(len(e) and e[0] < NEW_TOKENS - 1 for e in ended[1:]), "no row stopped"
