@@ -41,8 +41,8 @@ def read_generation_config(
     path: str | pathlib.Path, vocab_size: int
 ) -> GenerationConfig:
     """The defaults in the checkpoint directory's `generation_config.json` (none
-    without one), checked as `generate` checks its arguments. Keys that would change
-    transformers' output but are not read are named in a warning."""
+    without one). A value that `generate` would refuse, and a key that would change
+    transformers' output but is not read, are named in a warning and left unset."""
     file = pathlib.Path(path) / GENERATION_CONFIG_NAME
     if not os.path.lexists(file):
         return GenerationConfig()
@@ -69,20 +69,45 @@ def read_generation_config(
         }
         # transformers: top_k 0 is off, and a top_k past the vocabulary keeps it all.
         top_k = sampled["top_k"]
-        sampled["top_k"] = min(top_k, vocab_size) if top_k else None
+        if isinstance(top_k, int) and top_k > vocab_size:
+            sampled["top_k"] = vocab_size
+        elif top_k == 0:
+            sampled["top_k"] = None
     eos = values.get("eos_token_id")
-    defaults = GenerationConfig(
+    fields = dict(
         max_new_tokens=values.get("max_new_tokens"),
         repetition_penalty=values.get("repetition_penalty"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=values.get("pad_token_id"),
         **sampled,
     )
-    try:
-        check_generation_config(defaults, vocab_size)
-    except ValueError as error:
-        raise ValueError(f"{file}: {error}") from error
-    return defaults
+    return GenerationConfig(**_valid(fields, vocab_size, file))
+
+
+def _valid(
+    fields: dict[str, Any], vocab_size: int, file: pathlib.Path
+) -> dict[str, Any]:
+    """The fields that `generate` accepts, each checked alone (the filters with the
+    temperature); the others are named in a warning and left unset, as transformers
+    warns of them and runs on."""
+    valid = {}
+    for name, value in fields.items():
+        if value is None:
+            continue
+        alone = {name: value}
+        if name in ("top_k", "top_p"):
+            alone["temperature"] = fields["temperature"]
+        try:
+            check_generation_config(GenerationConfig(**alone), vocab_size)
+        except (TypeError, ValueError) as error:
+            warnings.warn(
+                f"{file}: {name}={value!r} is not used as a default of generate: "
+                f"{error}",
+                stacklevel=5,
+            )
+            continue
+        valid[name] = value
+    return valid
 
 
 def write_generation_config(

@@ -27,11 +27,11 @@ class GenerationConfig:
     """
 
     max_new_tokens: int | None = None
-    temperature: float | None = None
+    temperature: float | int | None = None
     top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-    eos_token_id: int | tuple[int, ...] | None = None
+    top_p: float | int | None = None
+    repetition_penalty: float | int | None = None
+    eos_token_id: int | Sequence[int] | None = None
     pad_token_id: int | None = None
 
     def __post_init__(self):

@@ -1,13 +1,15 @@
 """Greedy `TransformerLM.generate` against `transformers`' `generate(do_sample=False)`,
 token for token, for every family loaded from a tiny random checkpoint."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import transformers
 from test_huggingface import CASES, VOCAB, build
 
-from eqx_embed import TransformerLM
+from eqx_embed import GenerationConfig, TransformerLM
 
 NEW_TOKENS = 40
 LENGTHS = np.array([7, 3, 5])
@@ -152,3 +154,96 @@ def test_greedy_controls_equal_transformers(case, tmp_path):
     assert eos not in got[0, :min_new]  # the EOS was suppressed
     ended = [np.flatnonzero(row == 0) for row in got]
     assert any(len(e) and e[0] < NEW_TOKENS - 1 for e in ended[1:]), "no row stopped"
+
+
+def test_generation_config_json_sets_the_defaults(tmp_path):
+    hf_model = build("llama")
+    livelier(hf_model, "llama")
+    plain = hf_greedy(hf_model, PROMPTS[0, : LENGTHS[0]], eos_token_id=None)
+    settings = dict(
+        do_sample=False,
+        repetition_penalty=1.4,
+        max_new_tokens=12,
+        eos_token_id=[int(plain[6]), int(plain[9])],
+        pad_token_id=0,
+    )
+    for name, value in settings.items():
+        setattr(hf_model.generation_config, name, value)
+    hf_model.save_pretrained(tmp_path / "greedy")
+    ours = TransformerLM.from_huggingface(tmp_path / "greedy")
+    assert ours.generation_config == GenerationConfig(
+        max_new_tokens=12,
+        repetition_penalty=1.4,
+        eos_token_id=(int(plain[6]), int(plain[9])),
+        pad_token_id=0,
+    )
+
+    def transformers_rows(**overrides) -> list[np.ndarray]:
+        rows = []
+        for row, length in enumerate(LENGTHS):
+            with torch.no_grad():
+                out = hf_model.generate(
+                    torch.tensor(PROMPTS[None, row, :length]),
+                    attention_mask=torch.ones((1, length), dtype=torch.long),
+                    **overrides,
+                )
+            rows.append(out[0, length:].numpy())
+        return rows
+
+    # No argument: the file's defaults, as transformers applies them.
+    got = np.asarray(ours.generate(PROMPTS, prompt_lengths=LENGTHS))
+    assert got.shape == (3, 12)
+    for row, expected in enumerate(transformers_rows()):
+        np.testing.assert_array_equal(got[row, : len(expected)], expected)
+        assert (got[row, len(expected) :] == 0).all()
+    # An explicit argument overrides its default.
+    got = np.asarray(
+        ours.generate(PROMPTS, prompt_lengths=LENGTHS, repetition_penalty=1.0)
+    )
+    for row, expected in enumerate(transformers_rows(repetition_penalty=1.0)):
+        np.testing.assert_array_equal(got[row, : len(expected)], expected)
+    # Written back, transformers reads the same settings.
+    ours.to_huggingface(tmp_path / "written")
+    written = transformers.GenerationConfig.from_pretrained(tmp_path / "written")
+    assert not written.do_sample  # unset: greedy
+    for name, value in settings.items():
+        if name != "do_sample":
+            assert getattr(written, name) == value, name
+    assert TransformerLM.from_huggingface(tmp_path / "written").generation_config == (
+        ours.generation_config
+    )
+
+
+def test_generation_config_json_for_sampling_and_bad_files(tmp_path):
+    hf_model = build("gpt2")
+    hf_model.generation_config = transformers.GenerationConfig(
+        do_sample=True, temperature=0.7, top_p=0.9, eos_token_id=3
+    )
+    hf_model.save_pretrained(tmp_path)
+    ours = TransformerLM.from_huggingface(tmp_path)
+    # transformers' top_k of 50 applies when the file names none.
+    assert ours.generation_config == GenerationConfig(
+        temperature=0.7, top_k=50, top_p=0.9, eos_token_id=3
+    )
+    with pytest.raises(ValueError, match=r"Sampling \(temperature=0.7\) needs a `key`"):
+        ours.generate(PROMPTS, max_new_tokens=2)
+    ours.to_huggingface(tmp_path / "written")
+    written = transformers.GenerationConfig.from_pretrained(tmp_path / "written")
+    assert (written.do_sample, written.temperature) == (True, 0.7)
+    assert (written.top_k, written.top_p, written.eos_token_id) == (50, 0.9, 3)
+    # Values that generate refuses are left unset, with a warning (transformers
+    # warns of them and runs on); so are keys it does not read.
+    file = tmp_path / "generation_config.json"
+    for values, message in [
+        ({"eos_token_id": [3, VOCAB]}, r"eos_token_id=\(3, 128\) is not used"),
+        ({"repetition_penalty": 0}, "repetition_penalty must be None or a positive"),
+        ({"do_sample": True, "temperature": 1e-39}, "temperature must be a number"),
+        ({"num_beams": 4}, r"does not take \['num_beams'\]"),
+    ]:
+        file.write_text(json.dumps({"max_new_tokens": 5, **values}))
+        with pytest.warns(UserWarning, match=message):
+            loaded = TransformerLM.from_huggingface(tmp_path)
+        assert loaded.generation_config == GenerationConfig(max_new_tokens=5)
+    file.write_text(json.dumps({"do_sample": "yes"}))
+    with pytest.raises(ValueError, match="do_sample must be true or false"):
+        TransformerLM.from_huggingface(tmp_path)
