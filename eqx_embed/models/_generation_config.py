@@ -22,8 +22,35 @@ class GenerationConfig:
     - `eos_token_id`: the ids that end a row (one id or several).
     - `pad_token_id`: what fills a row after its end.
 
-    Values are checked against the model when `generate` uses them (and when a
-    checkpoint's file is read).
+    **Raises:**
+
+    Nothing when built: the values are checked against the model when `generate`
+    uses them, a `ValueError` naming the argument (and when a checkpoint's file is
+    read, a warning naming the key, which is then left unset).
+
+    **Example:**
+
+    ```python
+    import jax
+    import numpy as np
+
+    import eqx_embed
+
+    config = eqx_embed.TransformerConfig(
+        "llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+        num_heads=2, max_position_embeddings=32,
+    )
+    model = eqx_embed.TransformerLM(
+        config,
+        key=jax.random.key(0),
+        generation_config=eqx_embed.GenerationConfig(
+            max_new_tokens=5, repetition_penalty=1.2, eos_token_id=[0, 1]
+        ),
+    )
+    prompts = np.array([[5, 9, 2]])
+    assert model.generate(prompts).shape == (1, 5)  # the defaults
+    assert model.generate(prompts, max_new_tokens=3).shape == (1, 3)  # overridden
+    ```
     """
 
     max_new_tokens: int | None = None
