@@ -152,8 +152,24 @@ def test_greedy_controls_equal_transformers(case, tmp_path):
         stopping_criteria=transformers.StoppingCriteriaList([EndsWithOneOf(stops)]),
     )
     assert eos not in got[0, :min_new]  # the EOS was suppressed
-    ended = [np.flatnonzero(row == 0) for row in got]
-    assert any(len(e) and e[0] < NEW_TOKENS - 1 for e in ended[1:]), "no row stopped"
+    # Some row ended early on a stop sequence, padded after it.
+    ends = [
+        first_stop(PROMPTS[row, :length], got[row], stops)
+        for row, length in enumerate(LENGTHS)
+    ]
+    assert any(
+        end is not None and end < NEW_TOKENS - 1 and (got[row, end + 1 :] == 0).all()
+        for row, end in enumerate(ends)
+    )
+
+
+def first_stop(prompt, generated, stops) -> int | None:
+    """The index of the first generated token that completes a stop sequence."""
+    for end in range(len(generated)):
+        sequence = [*prompt, *generated[: end + 1]]
+        if any(sequence[-len(stop) :] == stop for stop in stops):
+            return end
+    return None
 
 
 def test_generation_config_json_sets_the_defaults(tmp_path):
