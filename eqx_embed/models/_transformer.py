@@ -460,8 +460,8 @@ class TransformerLM(eqx.Module):
 
         **Arguments:**
 
-        - `path`: a directory with `config.json` and `model.safetensors`, or sharded
-            `*.safetensors` files listed in `model.safetensors.index.json`.
+        - `path`: a directory with `config.json`, `model.safetensors` (or shards in
+            `model.safetensors.index.json`) and any `generation_config.json`.
         - `param_dtype`: the dtype of the weights. Defaults to the checkpoint's
             `dtype` / `torch_dtype`, or float32.
         - `activation_dtype`: defaults to `param_dtype`.
@@ -484,9 +484,9 @@ class TransformerLM(eqx.Module):
 
     @checked
     def to_huggingface(self, path: str | pathlib.Path) -> None:
-        """Writes a Hugging Face checkpoint directory (`config.json` and
-        `model.safetensors`) that `transformers.AutoModelForCausalLM.from_pretrained`
-        loads, giving the same logits.
+        """Writes a Hugging Face checkpoint directory (`config.json`, the weights,
+        and `generation_config.json` if `generation_config` sets any default) that
+        `transformers.AutoModelForCausalLM.from_pretrained` loads with the same logits.
 
         **Arguments:**
 
