@@ -12,6 +12,7 @@ Every public name of `nn` and `models` is also importable from `eqx_embed` itsel
 from . import _supported_versions as _supported_versions  # isort: skip
 from . import models as models, nn as nn
 from .models import (
+    GenerationConfig as GenerationConfig,
     KVCache as KVCache,
     TransformerConfig as TransformerConfig,
     TransformerLM as TransformerLM,

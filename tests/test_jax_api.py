@@ -13,6 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "eqx_embed"
 JAX_APIS = frozenset(
     {
         "jax.Array",
+        "jax.ShapeDtypeStruct",
         "jax.__version__",
         "jax.checkpoint",
         "jax.checkpoint_policies.dots_with_no_batch_dims_saveable",

@@ -21,6 +21,7 @@ from ._checkpoint import (
     read_weights,
     write_checkpoint,
 )
+from ._generation_json import read_generation_config, write_generation_config
 
 
 def _dtype_name(argument: str, dtype: DTypeLike | None) -> str | None:
@@ -49,6 +50,7 @@ def load_transformer(
         activation_dtype=_dtype_name("activation_dtype", activation_dtype),
         out_of_range=out_of_range,
     )
+    generation_config = read_generation_config(path, config.vocab_size)
     skeleton = eqx.filter_eval_shape(initial_parts, config, jax.random.key(0))
     names = named_leaves(skeleton)
     arrays = read_weights(path, config, list(names))
@@ -78,7 +80,7 @@ def load_transformer(
         else:
             leaves.append(jnp.asarray(array, dtype=want.dtype))
     parts = jax.tree.unflatten(jax.tree.structure(skeleton), leaves)
-    return TransformerLM(config, **parts)
+    return TransformerLM(config, **parts, generation_config=generation_config)
 
 
 def save_transformer(model: TransformerLM, path: str | pathlib.Path) -> None:
@@ -92,3 +94,4 @@ def save_transformer(model: TransformerLM, path: str | pathlib.Path) -> None:
         if name in arrays and arrays[name].shape[0] != vocab_size:
             arrays[name] = np.asarray(arrays[name])[:vocab_size]
     write_checkpoint(path, model.config, arrays)
+    write_generation_config(path, model.generation_config)

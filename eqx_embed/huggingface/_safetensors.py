@@ -392,3 +392,15 @@ def write_checkpoint_files(
             path.unlink(missing_ok=True)
     if os.name == "posix":
         _sync(directory)
+
+
+def write_json(file: pathlib.Path, values: Mapping[str, Any]) -> None:
+    """Writes `values` to `file` through a temporary name, as the checkpoint's
+    files are written."""
+    temporary = _temporary_file(file.parent, file.name)
+    try:
+        temporary.write_text(json.dumps(values, indent=2) + "\n")
+        _sync(temporary)
+        os.replace(temporary, file)
+    finally:
+        temporary.unlink(missing_ok=True)

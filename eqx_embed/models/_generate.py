@@ -10,17 +10,28 @@ import jax
 import jax.core
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from ..nn._indices import error_if_outside
 from ._cache import KVCache, decode_step, prefill
 from ._config import TransformerConfig
+from ._generation_config import GenerationConfig
+from ._sampling import (
+    LogitsProcessor,
+    LogitsSettings,
+    TokensSoFar,
+    choose_token,
+    process_logits,
+)
 from ._transformer_forward import checked_token_ids
 
 NAN_TOKEN = -1
 """What `generate` returns for a row whose logits hold a NaN (a bad id in its prompt
 under `out_of_range="nan"`, or NaN weights): at that step and every later one, never a
 valid-looking token."""
+
+# OpenAI's documented range for `presence_penalty` and `frequency_penalty`.
+OPENAI_PENALTY_BOUND = 2
 
 
 def _is_int(value) -> bool:
@@ -120,6 +131,7 @@ def _check_sampling(
     temperature,
     top_k,
     top_p,
+    min_p,
     key,
     eos_token_id,
     pad_token_id,
@@ -130,9 +142,15 @@ def _check_sampling(
         raise ValueError(
             f"max_new_tokens must be a positive integer, got {max_new_tokens!r}."
         )
-    if not _is_number(temperature) or not temperature >= 0:
+    # A positive temperature below float32's smallest normal number is zero to the
+    # device (flushed), one past its largest is inf: neither is honoured.
+    float32 = np.finfo(np.float32)
+    if not _is_number(temperature) or not (
+        temperature == 0 or float32.tiny <= temperature <= float32.max
+    ):
         raise ValueError(
-            "temperature must be a number >= 0 (0 for greedy decoding), got "
+            "temperature must be a number >= 0: 0 for greedy decoding, or to sample, "
+            f"one in [{float32.tiny}, {float32.max}] (float32's normal range); got "
             f"{temperature!r}."
         )
     if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= vocab_size):
@@ -142,18 +160,19 @@ def _check_sampling(
         )
     if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}.")
-    if temperature == 0 and (top_k is not None or top_p is not None):
+    if min_p is not None and (not _is_number(min_p) or not 0 <= min_p <= 1):
+        raise ValueError(f"min_p must be None or in [0, 1], got {min_p!r}.")
+    if temperature == 0 and (top_k, top_p, min_p) != (None, None, None):
         raise ValueError(
-            "top_k and top_p apply only when sampling (temperature > 0); greedy "
-            f"decoding (temperature=0) got top_k={top_k!r}, top_p={top_p!r}."
+            "top_k, top_p and min_p apply only when sampling (temperature > 0); "
+            f"greedy decoding (temperature=0) got top_k={top_k!r}, top_p={top_p!r}, "
+            f"min_p={min_p!r}."
         )
     if temperature > 0 and key is None:
         raise ValueError(
             f"Sampling (temperature={temperature}) needs a `key`, a "
             "jax.random.PRNGKey; got key=None."
         )
-    if temperature > 0:
-        _check_key(key)
     if eos_token_id is None:
         eos = ()
     elif _is_int(eos_token_id):
@@ -191,31 +210,130 @@ def _check_key(key) -> None:
         ) from error
 
 
-def _choose(
-    logits: Float[Array, "batch vocab"],
-    key: PRNGKeyArray | None,
-    temperature: Float[Array, ""],
+def check_stop_sequences(
+    stop_sequences, vocab_size: int
+) -> tuple[tuple[int, ...], ...]:
+    """`stop_sequences` as a tuple of non-empty tuples of token ids."""
+    expected = (
+        "stop_sequences must be None or a non-empty list of non-empty sequences of "
+        f"token ids in [0, {vocab_size}), such as [[13, 198], [2]]"
+    )
+    if stop_sequences is None:
+        return ()
+    if (
+        not isinstance(stop_sequences, Sequence | np.ndarray)
+        or isinstance(stop_sequences, str)
+        or len(stop_sequences) == 0
+    ):
+        raise ValueError(f"{expected}; got {stop_sequences!r}.")
+    checked = []
+    for sequence in stop_sequences:
+        if (
+            not isinstance(sequence, Sequence | np.ndarray)
+            or isinstance(sequence, str)
+            or len(sequence) == 0
+            or not all(_is_int(token) and 0 <= token < vocab_size for token in sequence)
+        ):
+            raise ValueError(f"{expected}; got {sequence!r} in {stop_sequences!r}.")
+        checked.append(tuple(int(token) for token in sequence))
+    return tuple(checked)
+
+
+def _traced(value, *, neutral, dtype=jnp.float32) -> Array | None:
+    """`value` as a traced scalar, or `None` (the control off) at its neutral value."""
+    return None if value is None or value == neutral else jnp.asarray(value, dtype)
+
+
+def logits_settings(
+    *,
+    temperature,
     top_k: int | None,
-    top_p: Float[Array, ""] | None,
-) -> Int[Array, " batch"]:
-    """The next token: the argmax when `key` is None, otherwise a sample at
-    `temperature` among the `top_k` most likely tokens and the smallest set whose
-    probability reaches `top_p` (in that order, as Hugging Face)."""
-    if key is None:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        descending = -jnp.sort(-logits, axis=-1)
-        probabilities = jax.nn.softmax(descending, axis=-1)
-        before = jnp.cumsum(probabilities, axis=-1) - probabilities
-        # The most likely token is always kept; then each while the mass before it
-        # is still short of top_p.
-        kept = jnp.where(before < top_p, descending, jnp.inf)
-        logits = jnp.where(logits < kept.min(axis=-1, keepdims=True), -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    top_p,
+    min_p,
+    repetition_penalty,
+    presence_penalty,
+    frequency_penalty,
+    min_new_tokens,
+    max_new_tokens: int,
+    eos: tuple[int, ...],
+    logits_processor: LogitsProcessor | None,
+) -> LogitsSettings:
+    """The settings of the controls, each checked (a `ValueError` naming it); those
+    at their neutral value are off. `temperature` (0: greedy), `top_k`, `top_p` and
+    `min_p` come checked by `_check_sampling`."""
+    if repetition_penalty is not None and (
+        not _is_number(repetition_penalty) or not 0 < repetition_penalty < float("inf")
+    ):
+        raise ValueError(
+            "repetition_penalty must be None or a positive finite number (1 for none), "
+            f"got {repetition_penalty!r}."
+        )
+    for name, penalty in [
+        ("presence_penalty", presence_penalty),
+        ("frequency_penalty", frequency_penalty),
+    ]:
+        if penalty is not None and (
+            not _is_number(penalty)
+            or not -OPENAI_PENALTY_BOUND <= penalty <= OPENAI_PENALTY_BOUND
+        ):
+            raise ValueError(
+                f"{name} must be None or a number in [-2, 2] (OpenAI's range, 0 for "
+                f"none), got {penalty!r}."
+            )
+    if min_new_tokens is not None and (
+        not _is_int(min_new_tokens) or not 0 <= min_new_tokens <= max_new_tokens
+    ):
+        raise ValueError(
+            f"min_new_tokens must be None or an integer in [0, max_new_tokens] = "
+            f"[0, {max_new_tokens}], got {min_new_tokens!r}."
+        )
+    if logits_processor is not None and not callable(logits_processor):
+        raise ValueError(
+            "logits_processor must be None or a function (logits, tokens, step) -> "
+            f"logits, got {logits_processor!r}."
+        )
+    return LogitsSettings(
+        repetition_penalty=_traced(repetition_penalty, neutral=1),
+        presence_penalty=_traced(presence_penalty, neutral=0),
+        frequency_penalty=_traced(frequency_penalty, neutral=0),
+        min_new_tokens=_traced(min_new_tokens, neutral=0, dtype=jnp.int32),
+        eos=eos,
+        logits_processor=logits_processor,
+        temperature=_traced(temperature, neutral=0),
+        top_k=top_k,
+        top_p=_traced(top_p, neutral=1),
+        min_p=_traced(min_p, neutral=0),
+    )
+
+
+def check_logits_processor(
+    settings: LogitsSettings, batch: int, vocab_size: int, max_new_tokens: int
+) -> None:
+    """Traces the hook once on abstract arguments (nothing runs or compiles): a
+    result of another shape or dtype than its logits raises a `ValueError`."""
+    if settings.logits_processor is None:
+        return
+    logits = jax.ShapeDtypeStruct((batch, vocab_size), jnp.float32)
+    result = jax.eval_shape(
+        settings.logits_processor,
+        logits,
+        jax.ShapeDtypeStruct((batch, max_new_tokens), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
+    if (
+        not isinstance(result, jax.ShapeDtypeStruct)
+        or result.shape != logits.shape
+        or result.dtype != logits.dtype
+    ):
+        got = (
+            f"shape {result.shape} and dtype {result.dtype}"
+            if isinstance(result, jax.ShapeDtypeStruct)
+            else repr(result)
+        )
+        raise ValueError(
+            "logits_processor must return logits of the shape and dtype it is given, "
+            f"{logits.shape} float32; got {got}."
+        )
 
 
 @eqx.filter_jit
@@ -224,44 +342,86 @@ def _generate(
     prompts,
     lengths,
     key,
-    temperature,
-    top_p,
+    settings: LogitsSettings,
     *,
     max_new_tokens: int,
     capacity: int,
-    top_k: int | None,
-    eos: tuple[int, ...],
+    stop_sequences: tuple[tuple[int, ...], ...],
     pad: int,
 ):
     logits, cache = prefill(model, prompts, lengths, capacity)
     batch = prompts.shape[0]
 
     def unfinished(state):
-        step, _, _, _, done = state
+        step, _, _, _, done, _ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def advance(state):
-        step, logits, cache, tokens, done = state
+        step, logits, cache, so_far, done, first_poisoned = state
         step_key = None if key is None else jax.random.fold_in(key, step)
-        token = _choose(logits, step_key, temperature, top_k, top_p)
-        token = jnp.where(done, pad, token)
-        poisoned = jnp.isnan(logits).any(axis=-1)
-        tokens = tokens.at[:, step].set(jnp.where(poisoned, NAN_TOKEN, token))
-        if eos:
-            done = done | jnp.isin(token, jnp.asarray(eos))
-        done = done | poisoned
+        # A NaN in a row's logits (a bad id in its prompt, NaN weights) is never
+        # sampled as a token: the row is finished, its tokens NAN_TOKEN from here.
+        poisoned = jnp.isnan(logits).any(axis=-1) & ~done
+        first_poisoned = jnp.where(poisoned, step, first_poisoned)
+        logits = process_logits(logits, so_far, step, settings)
+        token = jnp.where(done | poisoned, pad, choose_token(logits, step_key))
+        so_far = so_far.append(step, token)
+        if settings.eos:
+            done = done | jnp.isin(token, jnp.asarray(settings.eos))
+        done = done | so_far.stopped(stop_sequences) | poisoned
         logits, cache = decode_step(model, cache, token)
-        return step + 1, logits, cache, tokens, done
+        return step + 1, logits, cache, so_far, done, first_poisoned
 
-    state = (
-        jnp.int32(0),
-        logits,
-        cache,
-        jnp.full((batch, max_new_tokens), pad, jnp.int32),
-        jnp.zeros((batch,), bool),
+    so_far = TokensSoFar.start(
+        prompts,
+        lengths,
+        max_new_tokens=max_new_tokens,
+        pad=pad,
+        vocab_size=model.config.vocab_size,
+        settings=settings,
+        stop_sequences=stop_sequences,
     )
-    tokens = jax.lax.while_loop(unfinished, advance, state)[3]
-    return jnp.where(jnp.cumsum(tokens == NAN_TOKEN, axis=1) > 0, NAN_TOKEN, tokens)
+    never = jnp.full((batch,), max_new_tokens, jnp.int32)
+    state = (jnp.int32(0), logits, cache, so_far, jnp.zeros((batch,), bool), never)
+    _, _, _, so_far, _, first_poisoned = jax.lax.while_loop(unfinished, advance, state)
+    steps = jnp.arange(max_new_tokens)
+    return jnp.where(steps >= first_poisoned[:, None], NAN_TOKEN, so_far.tokens)
+
+
+def _or_default(value, default):
+    return default if value is None else value
+
+
+def check_generation_config(defaults: GenerationConfig, vocab_size: int) -> None:
+    """Raises the `ValueError` that `generate` would raise on the first bad field of
+    `defaults` (a checkpoint's file), naming it."""
+    temperature = _or_default(defaults.temperature, 0.0)
+    sampling = _is_number(temperature) and temperature > 0
+    eos, _ = _check_sampling(
+        vocab_size=vocab_size,
+        max_new_tokens=_or_default(defaults.max_new_tokens, 1),
+        temperature=temperature,
+        top_k=defaults.top_k if sampling else None,
+        top_p=defaults.top_p if sampling else None,
+        min_p=None,
+        # A key is the caller's to give when sampling, never a default.
+        key=...,
+        eos_token_id=defaults.eos_token_id,
+        pad_token_id=defaults.pad_token_id,
+    )
+    logits_settings(
+        temperature=temperature,
+        top_k=None,
+        top_p=None,
+        min_p=None,
+        repetition_penalty=defaults.repetition_penalty,
+        presence_penalty=None,
+        frequency_penalty=None,
+        min_new_tokens=None,
+        max_new_tokens=1,
+        eos=eos,
+        logits_processor=None,
+    )
 
 
 def generate(
@@ -273,23 +433,55 @@ def generate(
     temperature,
     top_k,
     top_p,
+    min_p,
+    repetition_penalty,
+    presence_penalty,
+    frequency_penalty,
+    min_new_tokens,
+    stop_sequences,
+    logits_processor,
     key,
     eos_token_id,
     pad_token_id,
     capacity,
 ) -> Int[Array, "batch max_new_tokens"]:
-    """See `TransformerLM.generate`: every argument is checked before compiling."""
+    """See `TransformerLM.generate`: the arguments left `None` take the model's
+    `generation_config`, then every argument is checked before compiling."""
     config = model.config
+    defaults = model.generation_config
+    max_new_tokens = _or_default(max_new_tokens, defaults.max_new_tokens)
+    temperature = _or_default(temperature, _or_default(defaults.temperature, 0.0))
+    if _is_number(temperature) and temperature > 0:
+        # The stored filters are for sampling; greedy decoding leaves them.
+        top_k = _or_default(top_k, defaults.top_k)
+        top_p = _or_default(top_p, defaults.top_p)
     eos, pad = _check_sampling(
         vocab_size=config.vocab_size,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        min_p=min_p,
         key=key,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
+        eos_token_id=_or_default(eos_token_id, defaults.eos_token_id),
+        pad_token_id=_or_default(pad_token_id, defaults.pad_token_id),
     )
+    if temperature > 0:
+        _check_key(key)
+    settings = logits_settings(
+        temperature=temperature,
+        top_k=None if top_k is None else int(top_k),
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=_or_default(repetition_penalty, defaults.repetition_penalty),
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        min_new_tokens=min_new_tokens,
+        max_new_tokens=max_new_tokens,
+        eos=eos,
+        logits_processor=logits_processor,
+    )
+    stop_sequences = check_stop_sequences(stop_sequences, config.vocab_size)
     prompts, lengths, capacity = check_prompts(
         prompts,
         prompt_lengths,
@@ -297,17 +489,17 @@ def generate(
         new_tokens=max_new_tokens,
         config=config,
     )
-    sampling = temperature > 0
+    check_logits_processor(
+        settings, prompts.shape[0], config.vocab_size, max_new_tokens
+    )
     return _generate(
         model,
         prompts,
         lengths,
-        key if sampling else None,
-        jnp.float32(temperature),
-        None if top_p is None else jnp.float32(top_p),
+        key if temperature > 0 else None,
+        settings,
         max_new_tokens=int(max_new_tokens),
         capacity=capacity,
-        top_k=None if top_k is None else int(top_k),
-        eos=eos,
+        stop_sequences=stop_sequences,
         pad=pad,
     )

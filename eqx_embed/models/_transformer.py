@@ -16,7 +16,7 @@ The steps behind the methods live in `_transformer_parts.py` (the weights),
 
 import functools
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -42,6 +42,7 @@ from ._cache import KVCache, check_decode_tokens, decode_step
 from ._config import TransformerConfig
 from ._eager import compiled_when_eager
 from ._generate import generate, prefill_prompts
+from ._generation_config import GenerationConfig
 from ._transformer_forward import flat_hidden_states, flat_rows, hidden_states
 from ._transformer_parts import check_parts, given_parts, make_rope
 
@@ -106,6 +107,7 @@ class TransformerLM(eqx.Module):
     rope: RotaryPositionalEmbedding | None
     local_rope: RotaryPositionalEmbedding | None
     config: TransformerConfig = eqx.field(static=True)
+    generation_config: GenerationConfig = eqx.field(static=True)
 
     def __init__(
         self,
@@ -118,6 +120,7 @@ class TransformerLM(eqx.Module):
         blocks: eqx.Module | None = None,
         final_norm: eqx.Module | None = None,
         position_embedding: PositionEmbedding | None = None,
+        generation_config: GenerationConfig | None = None,
     ):
         """**Arguments:**
 
@@ -137,6 +140,7 @@ class TransformerLM(eqx.Module):
         - `position_embedding`: the
             [`PositionEmbedding`][eqx_embed.PositionEmbedding] of a model with
             learned positions (GPT-2); `None` otherwise.
+        - `generation_config`: the defaults of `generate` (none by default).
         """
         parts = given_parts(
             config,
@@ -151,6 +155,7 @@ class TransformerLM(eqx.Module):
         self.rope = make_rope(config)
         self.local_rope = make_rope(config, local=True)
         self.config = config
+        self.generation_config = generation_config or GenerationConfig()
 
     def __check_init__(self) -> None:
         check_parts(self.config, self.parts())
@@ -395,52 +400,48 @@ class TransformerLM(eqx.Module):
         prompts: Integer[ArrayLike, "batch seq"],
         *,
         prompt_lengths: Integer[ArrayLike, " batch"] | None = None,
-        max_new_tokens: int,
-        temperature: float | int = 0.0,
+        max_new_tokens: int | None = None,
+        temperature: float | int | None = None,
         top_k: int | None = None,
         top_p: float | int | None = None,
+        min_p: float | int | None = None,
+        repetition_penalty: float | int | None = None,
+        presence_penalty: float | int | None = None,
+        frequency_penalty: float | int | None = None,
+        min_new_tokens: int | None = None,
+        stop_sequences: Sequence[Sequence[int]] | None = None,
+        logits_processor: Callable | None = None,
         key: PRNGKeyArray | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         capacity: int | None = None,
     ) -> Int[Array, "batch max_new_tokens"]:
         """Continues a batch of prompts with a KV cache, in one compiled loop per
-        shape that stops as soon as every row has produced an EOS.
+        shape that stops as soon as every row has ended (an EOS, a stop sequence).
 
-        **Arguments:**
+        **Arguments** (those left `None` take the model's `generation_config`):
 
         - `prompts`, `prompt_lengths`: as for `prefill` (right-padded).
         - `max_new_tokens`: how many tokens to generate per row.
-        - `temperature`: `0` for greedy decoding (the argmax), otherwise the
-            softmax temperature of sampling.
-        - `top_k`, `top_p`: when sampling, keep only the `top_k` most likely tokens
-            and then the smallest set whose probability reaches `top_p` in `(0, 1]`.
+        - `temperature`: `0` (the default) for greedy decoding, else of sampling.
+        - `top_k`, `top_p`, `min_p`, `repetition_penalty`, `presence_penalty`,
+            `frequency_penalty`, `min_new_tokens`: transformers' and OpenAI's
+            controls (the [generation guide](../guides/generation.md) defines each).
+        - `stop_sequences`: token-id sequences; a row ends once it ends with one.
+        - `logits_processor`: a pure `(logits, tokens, step) -> logits`, compiled
+            into the loop; `tokens` are those generated, `pad_token_id` from `step`.
         - `key`: a `jax.random.PRNGKey`, required when sampling.
-        - `eos_token_id`: a token id (or several) that ends a row.
-        - `pad_token_id`: what fills a row after its EOS. Defaults to the (first)
-            `eos_token_id`, or 0.
-        - `capacity`: the cache's length (of its full-attention layers; a
-            sliding-window layer keeps only its window); defaults to
-            `seq + max_new_tokens`.
+        - `eos_token_id`: the id (or several) that ends a row.
+        - `pad_token_id`: what follows a row's end (default: the first EOS id, or 0).
+        - `capacity`: as for `prefill`; defaults to `seq + max_new_tokens`.
 
         **Returns:**
 
         The new tokens, shape `(batch, max_new_tokens)`. Every argument is checked
         (a `ValueError` naming it) before anything is compiled.
         """
-        return generate(
-            self,
-            prompts,
-            prompt_lengths=prompt_lengths,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            key=key,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            capacity=capacity,
-        )
+        arguments = dict(locals())  # every argument, forwarded by name
+        return generate(arguments.pop("self"), **arguments)
 
     @classmethod
     @checked
@@ -457,8 +458,8 @@ class TransformerLM(eqx.Module):
 
         **Arguments:**
 
-        - `path`: a directory with `config.json` and `model.safetensors`, or sharded
-            `*.safetensors` files listed in `model.safetensors.index.json`.
+        - `path`: a directory with `config.json`, `model.safetensors` (or shards in
+            `model.safetensors.index.json`) and any `generation_config.json`.
         - `param_dtype`: the dtype of the weights. Defaults to the checkpoint's
             `dtype` / `torch_dtype`, or float32.
         - `activation_dtype`: defaults to `param_dtype`.
@@ -481,9 +482,9 @@ class TransformerLM(eqx.Module):
 
     @checked
     def to_huggingface(self, path: str | pathlib.Path) -> None:
-        """Writes a Hugging Face checkpoint directory (`config.json` and
-        `model.safetensors`) that `transformers.AutoModelForCausalLM.from_pretrained`
-        loads, giving the same logits.
+        """Writes a Hugging Face checkpoint directory (`config.json`, the weights,
+        and `generation_config.json` if `generation_config` sets any default) that
+        `transformers.AutoModelForCausalLM.from_pretrained` loads with the same logits.
 
         **Arguments:**
 

@@ -251,6 +251,31 @@ def test_sampling(models):
         (dict(top_k=5), "apply only when sampling"),
         (dict(eos_token_id=VOCAB), r"eos_token_id must be a token id in \[0, 48\)"),
         (dict(prompt_lengths=np.array([9, 0, 6])), r"prompt_lengths must be in"),
+        (dict(max_new_tokens=None), "max_new_tokens must be a positive integer"),
+        # float32's smallest normal is 1.18e-38; inf would sample uniformly.
+        (dict(temperature=1e-38), "temperature must be a number >= 0: 0 for greedy"),
+        (dict(temperature=float("inf")), "temperature must be a number >= 0"),
+        (dict(temperature=float("nan")), "temperature must be a number >= 0"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be None or a positive"),
+        (dict(repetition_penalty=-1.2), "repetition_penalty must be None or a pos"),
+        (dict(presence_penalty=2.5), r"presence_penalty must be None or .* \[-2, 2\]"),
+        (dict(frequency_penalty=float("nan")), "frequency_penalty must be None or"),
+        (dict(temperature=1.0, min_p=1.5), r"min_p must be None or in \[0, 1\]"),
+        (dict(temperature=1.0, min_p=-0.1), r"min_p must be None or in \[0, 1\]"),
+        (dict(min_p=0.1), "apply only when sampling"),
+        (dict(min_new_tokens=5), r"min_new_tokens must be None or an integer in"),
+        (dict(stop_sequences=[]), "stop_sequences must be None or a non-empty list"),
+        (dict(stop_sequences=[[1, 2], []]), "stop_sequences must be None or a"),
+        (dict(stop_sequences=[[1, VOCAB]]), r"token ids in \[0, 48\)"),
+        (dict(stop_sequences=[[1, -1]]), r"token ids in \[0, 48\)"),
+        (
+            dict(logits_processor=lambda logits, tokens, step: logits[:, :-1]),
+            r"logits_processor must return .* got shape \(3, 47\)",
+        ),
+        (
+            dict(logits_processor=lambda logits, tokens, step: logits.astype(int)),
+            "logits_processor must return .* dtype int32",
+        ),
     ],
 )
 def test_bad_arguments_raise_before_compiling(changes, message, models, monkeypatch):
@@ -275,6 +300,11 @@ def test_shapes_are_checked(models):
         model.generate(PROMPTS, prompt_lengths=LENGTHS[:2], max_new_tokens=2)
     with pytest.raises((TypeCheckError, ValueError), match="prompts"):
         model.generate(PROMPTS[0], max_new_tokens=2)
+    # Not sequences of sequences, not a function: the annotations, or the checks.
+    with pytest.raises((TypeCheckError, ValueError), match="stop_sequences"):
+        model.generate(PROMPTS, max_new_tokens=2, stop_sequences=[1, 2])
+    with pytest.raises((TypeCheckError, ValueError), match="logits_processor"):
+        model.generate(PROMPTS, max_new_tokens=2, logits_processor="no")
     with pytest.raises(ValueError, match="prompt_lengths must be 3 integers"):
         _generate.check_prompts(
             PROMPTS, LENGTHS[:2], None, new_tokens=2, max_positions=64
@@ -342,3 +372,169 @@ def test_segments_with_explicit_positions_and_bad_shapes(models):
     np.testing.assert_allclose(shifted[5:], second, rtol=0, atol=1e-5)
     with pytest.raises((TypeCheckError, ValueError), match="segment_ids"):
         model.hidden_states(tokens, segment_ids=segment_ids[:4])
+
+
+def no_immediate_repeat(logits, tokens, step):
+    """A user's hook: the token just generated may not come again at once."""
+    previous = tokens[:, jnp.maximum(step - 1, 0)]
+    banned = (jnp.arange(logits.shape[1]) == previous[:, None]) & (step > 0)
+    return jnp.where(banned, -jnp.inf, logits)
+
+
+def controlled_greedy_reference(model, new_tokens, controls, *, eos=None):
+    """Greedy decoding through `prefill` and `decode_step`, each control applied in
+    float64 NumPy as transformers (repetition, min_new_tokens) and OpenAI (presence,
+    frequency) define it, then the hook's rule; `pad` 0 after an EOS. Also whether
+    the EOS was ever suppressed."""
+    logits, cache = model.prefill(
+        PROMPTS, prompt_lengths=LENGTHS, capacity=PROMPTS.shape[1] + new_tokens
+    )
+    step_function = eqx.filter_jit(model.decode_step)
+    generated = [[] for _ in LENGTHS]
+    done = np.zeros(len(LENGTHS), bool)
+    suppressed = False
+    for step in range(new_tokens):
+        scores = np.asarray(logits, np.float64)
+        for row, length in enumerate(LENGTHS):
+            seen = set(PROMPTS[row, :length].tolist()) | set(generated[row])
+            for token in seen:
+                score = scores[row, token]
+                penalty = controls.get("repetition_penalty", 1.0)
+                scores[row, token] = score * penalty if score < 0 else score / penalty
+            counts = np.bincount(generated[row], minlength=VOCAB)
+            scores[row] -= controls.get("frequency_penalty", 0.0) * counts
+            scores[row] -= controls.get("presence_penalty", 0.0) * (counts > 0)
+            if eos is not None and step < controls.get("min_new_tokens", 0):
+                suppressed |= bool(np.argmax(scores[row]) == eos and not done[row])
+                scores[row, eos] = -np.inf
+            if step > 0:
+                scores[row, generated[row][-1]] = -np.inf
+        token = np.where(done, 0, np.argmax(scores, axis=-1))
+        for row in range(len(LENGTHS)):
+            generated[row].append(int(token[row]))
+        done |= token == eos
+        logits, cache = step_function(cache, jnp.asarray(token, jnp.int32))
+    return np.array(generated), suppressed
+
+
+def test_penalties_min_new_tokens_and_a_hook_equal_a_numpy_reference(models):
+    model = models["llama"]
+    penalties = dict(
+        repetition_penalty=1.3, presence_penalty=2.0, frequency_penalty=1.5
+    )
+    free, _ = controlled_greedy_reference(model, 12, {})
+    penalised, _ = controlled_greedy_reference(model, 12, penalties)
+    assert not np.array_equal(free, penalised)  # the penalties change the choice
+    eos = int(penalised[0, 1])
+    controls = dict(penalties, min_new_tokens=5)
+    expected, suppressed = controlled_greedy_reference(model, 12, controls, eos=eos)
+    assert suppressed
+    got = model.generate(
+        PROMPTS,
+        prompt_lengths=LENGTHS,
+        max_new_tokens=12,
+        logits_processor=no_immediate_repeat,
+        eos_token_id=eos,
+        pad_token_id=0,
+        **controls,
+    )
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_the_smallest_honoured_temperature_samples_the_argmax(models):
+    model = models["llama"]
+    kwargs = dict(prompt_lengths=LENGTHS, max_new_tokens=8)
+    greedy = model.generate(PROMPTS, **kwargs)
+    tiny = float(np.finfo(np.float32).tiny)
+    sampled = model.generate(PROMPTS, temperature=tiny, key=jax.random.key(5), **kwargs)
+    np.testing.assert_array_equal(sampled, greedy)
+
+
+def filtered_distribution(logits, temperature, top_k=None, top_p=None, min_p=None):
+    """transformers' warpers in float64, in its order, on one row of logits."""
+    scores = np.asarray(logits, np.float64) / temperature
+
+    def probabilities(scores):
+        weights = np.exp(scores - scores.max())
+        return weights / weights.sum()
+
+    if top_k is not None:
+        scores = np.where(scores < np.sort(scores)[-top_k], -np.inf, scores)
+    if top_p is not None:
+        # Ascending: remove while the mass up to and including a token is <= 1 - p.
+        order = np.argsort(scores)
+        removed = np.cumsum(probabilities(scores)[order]) <= 1 - top_p
+        removed[-1] = False
+        scores = scores.copy()
+        scores[order[removed]] = -np.inf
+    if min_p is not None:
+        kept = probabilities(scores)
+        scores = np.where(kept < min_p * kept.max(), -np.inf, scores)
+    return probabilities(scores)
+
+
+# Each test below fails a correct sampler with probability 1e-7 at most.
+FALSE_ALARM = 1e-7
+
+
+def rejects(counts: np.ndarray, expected: np.ndarray) -> bool:
+    """Whether `counts` could not come from `expected`: a draw where it is 0, or
+    Pearson's chi-square past its 1 - FALSE_ALARM quantile (bins expecting fewer
+    than 5 draws pooled)."""
+    from scipy.stats import chi2
+
+    if counts[expected == 0].any():
+        return True
+    means = expected * counts.sum()
+    small = means < 5
+    observed = np.append(counts[~small], counts[small].sum())
+    means = np.append(means[~small], means[small].sum())
+    observed, means = observed[means > 0], means[means > 0]
+    statistic = ((observed - means) ** 2 / means).sum()
+    return statistic > chi2.isf(FALSE_ALARM, len(means) - 1)
+
+
+@pytest.mark.parametrize(
+    "filters, wrong",
+    [
+        # Beside each: filters that keep other tokens (min_p before the temperature,
+        # or none; top_k one more, or top_k alone; no min_p, or before the
+        # temperature), which the same draws must reject.
+        (dict(min_p=0.1), [dict(min_p=0.1, temperature=1.0), dict()]),
+        (dict(top_k=5, top_p=0.9), [dict(top_k=6, top_p=0.9), dict(top_k=5)]),
+        (
+            dict(top_k=10, top_p=0.9, min_p=0.2),
+            [
+                dict(top_k=10, top_p=0.9),
+                dict(top_k=10, top_p=0.9, min_p=0.2, temperature=1.0),
+            ],
+        ),
+    ],
+)
+def test_sampling_draws_from_the_filtered_distribution(filters, wrong, models):
+    model = models["llama"]
+    temperature, rows, keys = 3.0, 8000, 5
+    prompts = np.repeat(PROMPTS[:1], rows, axis=0)
+    logits, _ = model.prefill(PROMPTS[:1], capacity=PROMPTS.shape[1])
+    expected = filtered_distribution(logits[0], temperature, **filters)
+    # Each filter bites: fewer tokens than with temperature alone.
+    assert 2 < (expected > 0).sum() < (filtered_distribution(logits[0], 3.0) > 0).sum()
+    draws = np.concatenate(
+        [
+            np.asarray(
+                model.generate(
+                    prompts,
+                    max_new_tokens=1,
+                    temperature=temperature,
+                    key=jax.random.key(seed),
+                    **filters,
+                )
+            )[:, 0]
+            for seed in range(keys)
+        ]
+    )
+    counts = np.bincount(draws, minlength=VOCAB)
+    assert not rejects(counts, expected)
+    for settings in wrong:
+        settings = dict(dict(temperature=temperature), **settings)
+        assert rejects(counts, filtered_distribution(logits[0], **settings))
