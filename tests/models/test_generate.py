@@ -307,7 +307,7 @@ def test_shapes_are_checked(models):
         model.generate(PROMPTS, max_new_tokens=2, logits_processor="no")
     with pytest.raises(ValueError, match="prompt_lengths must be 3 integers"):
         _generate.check_prompts(
-            PROMPTS, LENGTHS[:2], None, new_tokens=2, max_positions=64
+            PROMPTS, LENGTHS[:2], None, new_tokens=2, config=model.config
         )
 
 
