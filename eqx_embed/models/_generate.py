@@ -12,7 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from ._beam_search import beam_search
 from ._cache import KVCache, decode_step, prefill
+
+# What `generate` returns: the new tokens, and with beam search their scores if asked.
+Generated = (
+    Int[Array, "rows max_new_tokens"]
+    | tuple[Int[Array, "rows max_new_tokens"], Float[Array, " rows"]]
+)
 
 
 def _is_int(value) -> bool:
@@ -154,6 +161,56 @@ def _check_sampling(
     return eos, int(pad_token_id)
 
 
+def _check_beam_search(
+    *,
+    num_beams,
+    num_return_sequences,
+    length_penalty,
+    early_stopping,
+    return_scores,
+    temperature,
+) -> None:
+    """Raises a `ValueError` naming the first bad beam search argument."""
+    if not _is_int(num_beams) or num_beams < 1:
+        raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}.")
+    if not _is_int(num_return_sequences) or not (
+        1 <= num_return_sequences <= num_beams
+    ):
+        raise ValueError(
+            f"num_return_sequences must be an integer in [1, num_beams={num_beams}] "
+            f"(the best finished beams), got {num_return_sequences!r}."
+        )
+    if not _is_number(length_penalty) or not np.isfinite(length_penalty):
+        raise ValueError(
+            f"length_penalty must be a finite number, got {length_penalty!r}."
+        )
+    if not (early_stopping is True or early_stopping is False) and not (
+        isinstance(early_stopping, str) and early_stopping == "never"
+    ):
+        raise ValueError(
+            f'early_stopping must be True, False or "never", got {early_stopping!r}.'
+        )
+    if not isinstance(return_scores, bool):
+        raise ValueError(f"return_scores must be True or False, got {return_scores!r}.")
+    if num_beams == 1:
+        for name, value, unchanged in [
+            ("length_penalty", length_penalty, length_penalty == 1),
+            ("early_stopping", early_stopping, early_stopping is False),
+            ("return_scores", return_scores, return_scores is False),
+        ]:
+            if not unchanged:
+                raise ValueError(
+                    f"{name} applies only to beam search (num_beams > 1), got "
+                    f"{name}={value!r} with num_beams=1."
+                )
+        return
+    if temperature != 0:
+        raise ValueError(
+            f"num_beams={num_beams} searches greedily (beam sampling is not "
+            f"supported): temperature must be 0, got temperature={temperature!r}."
+        )
+
+
 def _choose(
     logits: Float[Array, "batch vocab"],
     key: PRNGKeyArray | None,
@@ -237,9 +294,22 @@ def generate(
     eos_token_id,
     pad_token_id,
     capacity,
-) -> Int[Array, "batch max_new_tokens"]:
+    num_beams,
+    num_return_sequences,
+    length_penalty,
+    early_stopping,
+    return_scores,
+) -> Generated:
     """See `TransformerLM.generate`: every argument is checked before compiling."""
     config = model.config
+    _check_beam_search(
+        num_beams=num_beams,
+        num_return_sequences=num_return_sequences,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        return_scores=return_scores,
+        temperature=temperature,
+    )
     eos, pad = _check_sampling(
         vocab_size=config.vocab_size,
         max_new_tokens=max_new_tokens,
@@ -257,6 +327,21 @@ def generate(
         new_tokens=max_new_tokens,
         max_positions=config.max_position_embeddings,
     )
+    if num_beams > 1:
+        return beam_search(
+            model,
+            prompts,
+            lengths,
+            eos=eos,
+            pad=pad,
+            max_new_tokens=int(max_new_tokens),
+            capacity=capacity,
+            num_beams=int(num_beams),
+            num_return_sequences=int(num_return_sequences),
+            length_penalty=float(length_penalty),
+            early_stopping=early_stopping,
+            return_scores=return_scores,
+        )
     sampling = temperature > 0
     return _generate(
         model,
