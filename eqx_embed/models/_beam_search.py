@@ -4,12 +4,13 @@
 Each prompt keeps `num_beams` running hypotheses and the `num_beams` best finished
 ones. A step adds each running beam's score to the log-probabilities of its next
 token, keeps the best `max(2, 1 + len(eos)) * num_beams` candidates (enough that
-`num_beams` of them do not end), moves the first `num_beams` that ended (an EOS, or the
-last step) into the finished set, scored by their sum over `length ** length_penalty`,
-continues the best `num_beams` others and gathers the KV cache's rows after them. The
-loop ends at `max_new_tokens`, or once no prompt can still improve its finished set
-(`early_stopping`). As in `transformers`, a hypothesis that must not be chosen scores
-`-1e9`, a finite number, so that the comparisons behind the stopping rule stay the same.
+`num_beams` of them do not end), moves those of the best `num_beams` that ended (an
+EOS, or the last step) into the finished set, scored by their sum over
+`length ** length_penalty`, continues the best `num_beams` that did not, and gathers
+the KV cache's rows after them. The loop ends at `max_new_tokens`, or once no prompt
+can still improve its finished set (`early_stopping`). As in `transformers`, a
+hypothesis that must not be chosen scores `-1e9`, a finite number, so that the
+comparisons behind the stopping rule stay the same.
 """
 
 from typing import NamedTuple

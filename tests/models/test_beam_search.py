@@ -61,6 +61,14 @@ def test_scores_are_the_sequences_log_probabilities(models):
     )
     tokens, scores = np.asarray(tokens), np.asarray(scores)
     assert tokens.shape == (9, NEW_TOKENS) and scores.shape == (9,)
+    # Each step's log-probability: through every layer's sums (the width, the MLP,
+    # the attended tokens) and the vocabulary's log-sum-exp; NEW_TOKENS of them.
+    config = model.config
+    longest = PROMPTS.shape[1] + NEW_TOKENS
+    chain = NEW_TOKENS * (
+        config.num_layers * (config.hidden_size + config.intermediate_size + longest)
+        + config.vocab_size
+    )
     for row, length in enumerate(LENGTHS):
         returned = tokens[3 * row : 3 * row + 3]
         assert len({tuple(sequence) for sequence in returned}) == 3
@@ -69,19 +77,13 @@ def test_scores_are_the_sequences_log_probabilities(models):
             whole = np.concatenate([PROMPTS[row, :length], sequence])
             logits = np.asarray(full_logits(model, jnp.asarray(whole)), np.float64)
             logits = logits[length - 1 : -1]
-            log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            shifted = logits - logits.max(axis=-1, keepdims=True)
+            log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
             chosen = np.take_along_axis(log_probs, sequence[:, None], axis=1).sum()
             expected.append(chosen / NEW_TOKENS**length_penalty)
         got = scores[3 * row : 3 * row + 3]
         # Best first.
         assert np.all(np.diff(got) <= 0)
-        config = model.config
-        chain = (
-            NEW_TOKENS
-            * config.num_layers
-            * (config.hidden_size + config.intermediate_size + len(whole))
-            + config.vocab_size
-        )
         np.testing.assert_allclose(
             got, expected, **tolerance(np.float32, chain, scale=np.abs(expected).max())
         )
