@@ -7,7 +7,7 @@ import pathlib
 import warnings
 from typing import Any
 
-from ..models._generate import check_generation_config
+from ..models._generate_checks import check_generation_config
 from ..models._generation_config import GenerationConfig
 from ._safetensors import read_json, write_json
 

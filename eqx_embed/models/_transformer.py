@@ -41,7 +41,7 @@ from ._blocks import DecoderBlock, Norm
 from ._cache import KVCache, check_decode_tokens, decode_step
 from ._config import TransformerConfig
 from ._eager import compiled_when_eager
-from ._generate import generate, prefill_prompts
+from ._generate import Generated, generate, prefill_prompts
 from ._generation_config import GenerationConfig
 from ._transformer_forward import flat_hidden_states, flat_rows, hidden_states
 from ._transformer_parts import check_parts, given_parts, make_rope
@@ -415,7 +415,12 @@ class TransformerLM(eqx.Module):
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         capacity: int | None = None,
-    ) -> Int[Array, "batch max_new_tokens"]:
+        num_beams: int = 1,
+        num_return_sequences: int = 1,
+        length_penalty: float | int = 1.0,
+        early_stopping: bool | str = False,
+        return_scores: bool = False,
+    ) -> Generated:
         """Continues a batch of prompts with a KV cache, in one compiled loop per
         shape that stops as soon as every row has ended (an EOS, a stop sequence).
 
@@ -434,11 +439,15 @@ class TransformerLM(eqx.Module):
         - `eos_token_id`: the id (or several) that ends a row.
         - `pad_token_id`: what follows a row's end (default: the first EOS id, or 0).
         - `capacity`: as for `prefill`; defaults to `seq + max_new_tokens`.
+        - `num_beams`, `num_return_sequences`, `length_penalty`, `early_stopping`
+            (`True`, `False` or `"never"`): beam search (greedy), as `transformers`.
+        - `return_scores`: with beams, also return each sequence's score.
 
         **Returns:**
 
-        The new tokens, shape `(batch, max_new_tokens)`. Every argument is checked
-        (a `ValueError` naming it) before anything is compiled.
+        The new tokens, shape `(batch * num_return_sequences, max_new_tokens)` (a
+        prompt's sequences together, best first), and their scores if asked. Every
+        argument is checked (a `ValueError` naming it) before anything is compiled.
         """
         arguments = dict(locals())  # every argument, forwarded by name
         return generate(arguments.pop("self"), **arguments)

@@ -10,7 +10,7 @@ from _tolerances import tolerance as float_tolerance
 from jaxtyping import TypeCheckError
 
 from eqx_embed import KVCache, TransformerConfig, TransformerLM
-from eqx_embed.models import _generate
+from eqx_embed.models import _generate, _generate_checks
 
 VOCAB = 48
 SMALL = dict(
@@ -306,7 +306,7 @@ def test_shapes_are_checked(models):
     with pytest.raises((TypeCheckError, ValueError), match="logits_processor"):
         model.generate(PROMPTS, max_new_tokens=2, logits_processor="no")
     with pytest.raises(ValueError, match="prompt_lengths must be 3 integers"):
-        _generate.check_prompts(
+        _generate_checks.check_prompts(
             PROMPTS, LENGTHS[:2], None, new_tokens=2, config=model.config
         )
 
