@@ -367,6 +367,7 @@ class Embedding(eqx.Module):
         """Whether the table has rows past `num_embeddings` (`pad_vocabulary`)."""
         return self.weight.shape[0] > self.num_embeddings
 
+    @checked
     def quantize(self, mode: str, *, group_size: int | None = None) -> "Embedding":
         """This embedding with its table weight-only quantized, as keras'
         `Embedding.quantize(mode)`: the same integers and scales, kept as a
