@@ -19,7 +19,7 @@ from jax import lax
 
 from ._contracts import check_positive
 from ._embedding import Embedding
-from ._table_kind import is_plain
+from ._table_kind import TableKind
 
 Tree = TypeVar("Tree")
 
@@ -29,7 +29,7 @@ def _padded(embedding: Embedding, multiple_of: int) -> Embedding:
     weight = embedding.weight
     if weight.shape[0] == rows:
         return embedding
-    if not is_plain(weight):
+    if isinstance(weight, TableKind):
         raise ValueError(
             "pad_vocabulary pads float tables, got a table of kind "
             f"{type(weight).__name__}: pad the vocabulary before quantizing."

@@ -116,7 +116,7 @@ class QuantizedTable(TableKind):
 
     def _dequantized(self, values: Array, scale: Array, zero: Array | None) -> Array:
         """Rows read back, in the scales' dtype, from their integers."""
-        if self.zero is None:
+        if zero is None:
             return values.astype(scale.dtype) / scale[..., None]
         low = jnp.left_shift(values, 4) >> 4  # sign-extended low nibble
         high = values >> 4  # arithmetic shift: the sign-extended high nibble
@@ -141,11 +141,11 @@ class QuantizedTable(TableKind):
         """The rows of `ids` (each in `[0, rows]`), in the scales' dtype, dequantized
         from their integers only: NaNs for an id equal to `rows`."""
         # An id past the rows reads NaN scales, so a NaN row.
-        values, zero = (
-            None if x is None else x.at[ids].get(mode="fill", fill_value=0)
-            for x in (self.values, self.zero)
-        )
+        values = self.values.at[ids].get(mode="fill", fill_value=0)
         scale = self.scale.at[ids].get(mode="fill", fill_value=jnp.nan)
+        zero = None
+        if self.zero is not None:
+            zero = self.zero.at[ids].get(mode="fill", fill_value=0)
         return self._dequantized(values, scale, zero)
 
     @checked
