@@ -29,6 +29,8 @@ leaves through `rows` (the integers of a quantized kind get none, as
 `eqx.is_inexact_array` leaves them out).
 """
 
+from typing import Any
+
 import equinox as eqx
 import jax.numpy as jnp
 from jax import lax
@@ -74,6 +76,13 @@ class TableKind(eqx.Module):
 
 Table = Float[Array, "num_embeddings embedding_size"] | TableKind
 """What `Embedding.weight` holds: a plain float array or a [`TableKind`][]."""
+
+
+def is_plain(table: Any) -> bool:
+    """Whether `table` is of the plain kind, a float array (not a [`TableKind`][]).
+    Type checkers narrow on `isinstance(table, TableKind)`, which callers that need
+    the narrowing use instead."""
+    return not isinstance(table, TableKind)
 
 
 def rows_function(table: Table) -> TableRows:
