@@ -16,10 +16,13 @@ from .models import (
     KVCache as KVCache,
     TransformerConfig as TransformerConfig,
     TransformerLM as TransformerLM,
+    dequantize as dequantize,
     model_partition_specs as model_partition_specs,
+    quantize as quantize,
     shard_batch as shard_batch,
     shard_model as shard_model,
     sharding_rules as sharding_rules,
+    unquantized_filter as unquantized_filter,
 )
 from .nn import (
     Embedding as Embedding,
@@ -28,6 +31,7 @@ from .nn import (
     Initializer as Initializer,
     OutOfRange as OutOfRange,
     PositionEmbedding as PositionEmbedding,
+    QuantizedTable as QuantizedTable,
     ReversibleEmbedding as ReversibleEmbedding,
     RopeRotation as RopeRotation,
     RotaryPositionalEmbedding as RotaryPositionalEmbedding,

@@ -53,6 +53,7 @@ JAX_APIS = frozenset(
         "jax.nn.relu",
         "jax.nn.silu",
         "jax.nn.softmax",
+        "jax.numpy.add",
         "jax.numpy.all",
         "jax.numpy.any",
         "jax.numpy.arange",
@@ -82,6 +83,7 @@ JAX_APIS = frozenset(
         "jax.numpy.isin",
         "jax.numpy.isnan",
         "jax.numpy.issubdtype",
+        "jax.numpy.left_shift",
         "jax.numpy.log",
         "jax.numpy.logaddexp",
         "jax.numpy.matmul",
@@ -130,6 +132,7 @@ JAX_APIS = frozenset(
         "jax.tree_util.tree_flatten_with_path",
         "jax.tree_util.tree_map_with_path",
         "jax.typeof",
+        "jax.vjp",
         "jax.vmap",
     }
 )

@@ -4,6 +4,11 @@ Checkpoint interop lives in `eqx_embed.huggingface`, imported only when used."""
 from ._cache import KVCache as KVCache
 from ._config import TransformerConfig as TransformerConfig
 from ._generation_config import GenerationConfig as GenerationConfig
+from ._quantize import (
+    dequantize as dequantize,
+    quantize as quantize,
+    unquantized_filter as unquantized_filter,
+)
 from ._sharding import (
     model_partition_specs as model_partition_specs,
     shard_batch as shard_batch,

@@ -493,7 +493,8 @@ class TransformerLM(eqx.Module):
     def to_huggingface(self, path: str | pathlib.Path) -> None:
         """Writes a Hugging Face checkpoint directory (`config.json`, the weights,
         and `generation_config.json` if `generation_config` sets any default) that
-        `transformers.AutoModelForCausalLM.from_pretrained` loads with the same logits.
+        `transformers.AutoModelForCausalLM.from_pretrained` loads with the same logits
+        (quantized weights: written dequantized).
 
         **Arguments:**
 

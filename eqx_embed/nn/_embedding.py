@@ -24,7 +24,9 @@ from ._indices import (
     gather_rows,
 )
 from ._mesh import first_columns, on_explicit_mesh, row_sharding
-from ._numerics import default_float_dtype, dot_with_rows
+from ._numerics import default_float_dtype
+from ._quantize import quantize_table
+from ._table_kind import Table, TableKind, dot_with_table
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
 
@@ -170,7 +172,9 @@ class Embedding(eqx.Module):
     ```
     """
 
-    weight: Float[Array, "num_embeddings embedding_size"]
+    # A plain float array or a table kind (`_table_kind.py`), such as a quantized
+    # table.
+    weight: Table
     num_embeddings: int = eqx.field(static=True)
     embedding_size: int = eqx.field(static=True)
     dtype: jnp.dtype | None = eqx.field(static=True)
@@ -310,16 +314,19 @@ class Embedding(eqx.Module):
             name="token id",
             negative_from_end=True,
         )
-        if self.num_embeddings == 1:
+        weight = self.weight
+        if isinstance(weight, TableKind):
+            row = self._gather_kind(weight, token)
+        elif self.num_embeddings == 1:
             # A one-row table needs no gather, only a select. Unlike flax's, whose
             # select returns the row for every id, ids other than 0 and -1 read NaNs
             # here, as they would from any table.
-            row = jnp.where((token == 0) | (token == -1), self.weight[0], jnp.nan)
-        elif self._is_padded() or on_explicit_mesh(self.weight):
-            row = _gather_on_mesh(self.weight, token, self.num_embeddings)
+            row = jnp.where((token == 0) | (token == -1), weight[0], jnp.nan)
+        elif self._is_padded() or on_explicit_mesh(weight):
+            row = _gather_on_mesh(weight, token, self.num_embeddings)
         else:
             # A bad id comes back as `num_embeddings`, one past the table: NaNs.
-            row = gather_rows(self.weight, token, negative_from_end=True)
+            row = gather_rows(weight, token, negative_from_end=True)
         if self.padding_idx is not None:
             row = jnp.where(
                 self._is_padding(token, self.padding_idx), jnp.zeros_like(row), row
@@ -345,16 +352,58 @@ class Embedding(eqx.Module):
         check_feature_size(
             query, self.embedding_size, name="query", owner="table's embedding_size"
         )
-        logits = dot_with_rows(self.weight, query, dtype=self.dtype)
+        logits = dot_with_table(self.weight, query, dtype=self.dtype)
         if self._is_padded():
             # Only a padded table has columns to drop: `first_columns` is a no-op on
             # any other, on a mesh or not.
             return first_columns(logits, self.num_embeddings)
         return logits
 
+    def _gather_kind(self, table: TableKind, token: Array) -> Array:
+        """The row of a checked `token` from `table`, this embedding's table kind,
+        which reads ids in `[0, rows]`, `rows` as NaNs: negative ids are counted from
+        the end here, and bad ids and those of padding rows become `rows`."""
+        token = jnp.where(token < 0, token + self.num_embeddings, token)
+        in_table = (token >= 0) & (token < self.num_embeddings)
+        return table.gather(jnp.where(in_table, token, table.shape[0]))
+
     def _is_padded(self) -> bool:
         """Whether the table has rows past `num_embeddings` (`pad_vocabulary`)."""
         return self.weight.shape[0] > self.num_embeddings
+
+    @checked
+    def quantize(self, mode: str, *, group_size: int | None = None) -> "Embedding":
+        """This embedding with its table weight-only quantized, as keras'
+        `Embedding.quantize(mode)`: the same integers and scales, kept as a
+        `QuantizedTable` in `weight`. The lookup dequantizes only the rows it reads;
+        the decode and the fused losses one block of rows at a time (never the
+        whole table).
+
+        **Arguments:**
+
+        - `mode`: `"int8"`: symmetric, one scale per row,
+            `q = round(x * 127 / max|x|)` read back as `q / scale`. `"int4"`:
+            asymmetric, in groups of `group_size` columns of a row, each with a
+            scale and a zero point (keras' sub-channel int4), two values per byte.
+        - `group_size`: int4's columns per group, a divisor of `embedding_size`
+            (which must be even). Defaults to 128, as keras, or the whole row where
+            the row is narrower.
+
+        **Returns:**
+
+        A new `Embedding`. Its scales have the table's dtype; its integers are
+        int8 arrays, which `eqx.is_inexact_array` leaves out of gradients and
+        optimiser state ([`unquantized_filter`][eqx_embed.unquantized_filter]
+        freezes the scales too).
+
+        **Raises:**
+
+        - `ValueError`: an unknown `mode`, a `group_size` that does not divide the
+            width (or given for int8), an odd width for int4, a table already
+            quantized.
+        """
+        table = quantize_table(self.weight, mode, group_size=group_size, name="weight")
+        return eqx.tree_at(lambda embedding: embedding.weight, self, table)
 
     @checked
     def mask(

@@ -24,6 +24,7 @@ from jaxtyping import Array
 from ._contracts import MAX_TABLE_BYTES, check_positive
 from ._embedding import Embedding
 from ._mesh import explicit_sharding, split_axes
+from ._table_kind import TableKind
 
 Tree = TypeVar("Tree")
 
@@ -31,6 +32,11 @@ Tree = TypeVar("Tree")
 def _padded(embedding: Embedding, multiple_of: int) -> Embedding:
     rows = -(-embedding.num_embeddings // multiple_of) * multiple_of
     weight = embedding.weight
+    if isinstance(weight, TableKind):
+        raise ValueError(
+            "pad_vocabulary pads float tables, got a table of kind "
+            f"{type(weight).__name__}: pad the vocabulary before quantizing."
+        )
     if weight.shape[0] == rows:
         return embedding
     padding_bytes = (
