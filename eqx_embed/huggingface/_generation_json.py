@@ -9,9 +9,7 @@ from typing import Any
 
 from ..models._generate_checks import check_generation_config
 from ..models._generation_config import GenerationConfig
-from ._safetensors import read_json, write_json
-
-GENERATION_CONFIG_NAME = "generation_config.json"
+from ._safetensors import GENERATION_CONFIG_NAME, read_json, write_json
 
 # transformers' values when `do_sample` is true and the file is silent
 # (`GenerationConfig._get_default_generation_params`, 5.25).
@@ -114,8 +112,8 @@ def write_generation_config(
     path: str | pathlib.Path, defaults: GenerationConfig
 ) -> None:
     """Writes `defaults` as the directory's `generation_config.json`, in the keys
-    that transformers reads back to the same generation; nothing when no default is
-    set."""
+    that transformers reads back to the same generation: an empty object when no
+    default is set, so that an older file never outlives its checkpoint."""
     values: dict[str, Any] = {}
     if defaults.temperature is not None:
         values["do_sample"] = defaults.temperature > 0
@@ -130,5 +128,4 @@ def write_generation_config(
     eos = defaults.eos_token_id
     if eos is not None:
         values["eos_token_id"] = list(eos) if isinstance(eos, tuple) else eos
-    if values:
-        write_json(pathlib.Path(path) / GENERATION_CONFIG_NAME, values)
+    write_json(pathlib.Path(path) / GENERATION_CONFIG_NAME, values)

@@ -29,6 +29,8 @@ import numpy as np
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+# Written by `_generation_json.py` after the rest: removed with the old `config.json`.
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 # safetensors' own bound on a header (MAX_HEADER_SIZE in safetensors/src/tensor.rs),
 # also applied to the JSON files of a checkpoint.
@@ -369,7 +371,8 @@ def write_checkpoint_files(
 ) -> None:
     """Writes `model.safetensors` and then `config.json` to `directory`, replacing
     the checkpoint there: its `model.safetensors`, or its index and the shards the
-    index lists. Other files stay. Each file is written whole to a temporary name
+    index lists, and its `generation_config.json` (which the caller writes next).
+    Other files stay. Each file is written whole to a temporary name
     first; the old `config.json` goes before any old weight file, so a crash leaves
     either a complete checkpoint or one that has no `config.json`, never a mix."""
     from safetensors.numpy import save_file
@@ -383,7 +386,11 @@ def write_checkpoint_files(
         temporary[CONFIG_NAME].write_text(json.dumps(config, indent=2) + "\n")
         for path in temporary.values():
             _sync(path)
-        for old in [directory / CONFIG_NAME, *_replaced_files(directory)]:
+        for old in [
+            directory / CONFIG_NAME,
+            directory / GENERATION_CONFIG_NAME,
+            *_replaced_files(directory),
+        ]:
             old.unlink(missing_ok=True)
         for name, path in temporary.items():
             os.replace(path, directory / name)

@@ -492,7 +492,7 @@ class TransformerLM(eqx.Module):
     @checked
     def to_huggingface(self, path: str | pathlib.Path) -> None:
         """Writes a Hugging Face checkpoint directory (`config.json`, the weights,
-        and `generation_config.json` if `generation_config` sets any default) that
+        and `generation_config.json`, the defaults of `generate`) that
         `transformers.AutoModelForCausalLM.from_pretrained` loads with the same logits
         (quantized weights: written dequantized).
 

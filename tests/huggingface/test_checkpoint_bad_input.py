@@ -140,6 +140,7 @@ def test_writing_leaves_files_that_are_no_listed_shards(checkpoint):
     assert sorted(path.name for path in directory.iterdir()) == [
         "adapter.safetensors",
         "config.json",
+        "generation_config.json",
         "model.safetensors",
         "tokenizer.json",
     ]

@@ -513,7 +513,7 @@ def rejects(counts: np.ndarray, expected: np.ndarray) -> bool:
 )
 def test_sampling_draws_from_the_filtered_distribution(filters, wrong, models):
     model = models["llama"]
-    temperature, rows, keys = 3.0, 8000, 5
+    temperature, rows, keys = 3.0, 4000, 5
     prompts = np.repeat(PROMPTS[:1], rows, axis=0)
     logits, _ = model.prefill(PROMPTS[:1], capacity=PROMPTS.shape[1])
     expected = filtered_distribution(logits[0], temperature, **filters)
