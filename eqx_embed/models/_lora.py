@@ -1,0 +1,210 @@
+"""LoRA on a `TransformerLM`: `add_lora` puts a `LowRank` update beside the weights
+chosen by name, `merge_lora` folds them back into plain weights, and `lora_filter`
+picks out exactly the adapters' arrays for `eqx.partition` and optax.
+
+A target is a module's dotted path in the model (`"blocks.attention.query_proj"`) or
+its end (`"query_proj"`, `"attention.query_proj"`, `"mlp.down"`), as PEFT's
+`target_modules` are: the linears of the blocks (`query_proj`, `key_proj`,
+`value_proj`, `output_proj`, and the MLP's `gate`, `up`, `down`), and the tables:
+`embedding` (the lookup; tied, the decode reads the same adapted table) and, for an
+untied model, `reverse_embedding` (the decode's own table).
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, DTypeLike, Float, PRNGKeyArray
+
+from ..nn._contracts import checked
+from ..nn._lora import LowRank, low_rank
+from ._linear import Linear
+
+
+class LoRALinear(eqx.Module):
+    """A frozen linear plus a trainable low-rank update: `base(x) + scale * x @ (up @
+    down).T`, PEFT's `lora.Linear`."""
+
+    base: Linear
+    adapter: LowRank
+
+    @checked
+    def __call__(
+        self, x: Float[Array, "*batch in_features"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*batch out_features"]:
+        """**Arguments:**
+
+        - `x`: inputs whose last axis has width `in_features`.
+        - `key`: a `jax.random.PRNGKey` for the adapter's dropout (none without).
+
+        **Returns:**
+
+        The adapted linear's output, in the base's compute dtype.
+        """
+        return self.base(x) + self.adapter.apply(x, self.base.dtype, key)
+
+
+def _is_linear(node: Any) -> bool:
+    return isinstance(node, Linear | LoRALinear)
+
+
+def linear_paths(model: Any) -> dict[str, Any]:
+    """The model's linears (plain or adapted) by dotted path."""
+    nodes, _ = jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_linear)
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="."): node
+        for path, node in nodes
+        if _is_linear(node)
+    }
+
+
+def matches(target: str, path: str) -> bool:
+    """Whether `target` names the module at `path`: the whole path or its end, at a
+    dot."""
+    return path == target or path.endswith("." + target)
+
+
+def chosen_paths(targets: Sequence[str], paths: Sequence[str]) -> list[str]:
+    """The `paths` that some target names. Raises a `ValueError` naming `targets` for
+    a target that names none, or for no targets at all."""
+    if isinstance(targets, str) or not targets:
+        raise ValueError(
+            f"targets must be a non-empty list of module names, got {targets!r}."
+        )
+    for target in targets:
+        if not any(matches(target, path) for path in paths):
+            raise ValueError(
+                f"targets: {target!r} matches no module; expected the end of one of "
+                f"{sorted(paths)}."
+            )
+    return [path for path in paths if any(matches(t, path) for t in targets)]
+
+
+def _get(tree: Any, path: str) -> Any:
+    for name in path.split("."):
+        tree = getattr(tree, name)
+    return tree
+
+
+def replace_at(model: Any, replacements: dict[str, Any]) -> Any:
+    """`model` with the modules at the dotted paths replaced."""
+    if not replacements:
+        return model
+    paths = list(replacements)
+    return eqx.tree_at(
+        lambda m: [_get(m, path) for path in paths],
+        model,
+        [replacements[path] for path in paths],
+    )
+
+
+def add_lora(
+    model: Any,
+    *,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    key: PRNGKeyArray,
+    dropout: float = 0.0,
+    dtype: DTypeLike | None = None,
+) -> Any:
+    """`model` with a LoRA adapter beside each weight that `targets` names, starting
+    at zero (the model's outputs are unchanged until it trains).
+
+    **Arguments:**
+
+    - `model`: a `TransformerLM` (or any module holding its linears).
+    - `rank`: the rank of every update, at most the smaller side of each weight.
+    - `alpha`: the update is scaled by `alpha / rank`.
+    - `targets`: module names, as described in the module docstring.
+    - `key`: a `jax.random.PRNGKey` for the adapters' initial `down` factors.
+    - `dropout`: PEFT's `lora_dropout`, applied to an adapter's input when it is
+        called with a key.
+    - `dtype`: the adapters' dtype; defaults to each weight's.
+
+    **Returns:**
+
+    The adapted model. Train `eqx.filter(model, lora_filter(model))`.
+
+    **Raises:**
+
+    - `ValueError`: a target that names no module, a `rank` that is not a positive
+        integer or exceeds a chosen weight's smaller side, a non-positive `alpha`,
+        a `dropout` outside `[0, 1)`, a weight that already has an adapter.
+    """
+    linears = linear_paths(model)
+    chosen = chosen_paths(targets, list(linears))
+    replacements = {}
+    for path, key_ in zip(chosen, jax.random.split(key, len(chosen)), strict=True):
+        linear = linears[path]
+        if isinstance(linear, LoRALinear):
+            raise ValueError(f"targets: {path} already has a LoRA adapter.")
+        *layers, rows, columns = linear.weight.shape
+        try:
+            adapter = low_rank(
+                rows,
+                columns,
+                rank=rank,
+                alpha=alpha,
+                dropout=dropout,
+                dtype=linear.weight.dtype if dtype is None else jnp.dtype(dtype),
+                table=False,
+                key=key_,
+                layers=tuple(layers),
+            )
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        replacements[path] = LoRALinear(linear, adapter)
+    return replace_at(model, replacements)
+
+
+def merge_lora(model: Any) -> Any:
+    """`model` with every adapter folded into its weight: `W + scale * up @ down`,
+    rounded once to the weight's dtype, as plain modules again.
+
+    **Arguments:**
+
+    - `model`: a model from `add_lora` (or trained from one).
+
+    **Returns:**
+
+    The model with plain weights, which computes what the adapted one did.
+    """
+    merged = {}
+    for path, linear in linear_paths(model).items():
+        if isinstance(linear, LoRALinear):
+            weight = linear.base.weight
+            update = linear.adapter.delta().astype(
+                jnp.promote_types(weight.dtype, jnp.float32)
+            )
+            merged[path] = eqx.tree_at(
+                lambda m: m.weight, linear.base, (weight + update).astype(weight.dtype)
+            )
+    return replace_at(model, merged)
+
+
+def _is_adapter(node: Any) -> bool:
+    return isinstance(node, LowRank)
+
+
+def lora_filter(model: Any) -> Any:
+    """A pytree of booleans shaped as `model`, `True` exactly at the adapters' arrays
+    (`up` and `down` of each `LowRank`): `eqx.partition(model, lora_filter(model))`
+    splits the trainable adapters from the frozen rest, which then gets no gradient
+    and no optimiser state.
+
+    **Arguments:**
+
+    - `model`: an adapted model.
+
+    **Returns:**
+
+    The filter spec.
+    """
+    return jax.tree.map(
+        lambda node: jax.tree.map(lambda _: True, node) if _is_adapter(node) else False,
+        model,
+        is_leaf=_is_adapter,
+    )
