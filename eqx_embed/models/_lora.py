@@ -10,6 +10,7 @@ its end (`"query_proj"`, `"attention.query_proj"`, `"mlp.down"`), as PEFT's
 untied model, `reverse_embedding` (the decode's own table).
 """
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +20,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, DTypeLike, Float, PRNGKeyArray
 
 from ..nn._contracts import checked
-from ..nn._lora import LowRank, low_rank
+from ..nn._lora import LoRATable, LowRank, low_rank
 from ._linear import Linear
+from ._transformer_parts import _make_embedding
 
 
 class LoRALinear(eqx.Module):
@@ -44,6 +46,14 @@ class LoRALinear(eqx.Module):
         The adapted linear's output, in the base's compute dtype.
         """
         return self.base(x) + self.adapter.apply(x, self.base.dtype, key)
+
+
+def weight_shape(linear: Any) -> tuple[int, ...]:
+    """The shape of a linear's weight, `(*layers, out_features, in_features)`,
+    under any adapter."""
+    if isinstance(linear, LoRALinear):
+        return weight_shape(linear.base)
+    return linear.weight.shape
 
 
 def _is_linear(node: Any) -> bool:
@@ -207,4 +217,40 @@ def lora_filter(model: Any) -> Any:
         lambda node: jax.tree.map(lambda _: True, node) if _is_adapter(node) else False,
         model,
         is_leaf=_is_adapter,
+    )
+
+
+TABLE_PATHS = {
+    "embedding": "embedding.embedding",
+    "reverse_embedding": "embedding.reverse_embedding",
+}
+"""The tables that `add_lora` adapts, by target name: the paths of their
+`Embedding`s in a `TransformerLM`."""
+
+
+def adapted_table(model: Any, target: str) -> Any:
+    """The table (`Embedding.weight`) that `target` names, or `None` (a tied
+    model's `reverse_embedding`)."""
+    module = _get(model, TABLE_PATHS[target])
+    return None if module is None else module.weight
+
+
+def untie_decode(model: Any) -> Any:
+    """A tied `TransformerLM` made untied, the decode's table a copy of the lookup's
+    (PEFT's adapter on a tied lookup without `ensure_weight_tying`)."""
+    from ._transformer import TransformerLM
+
+    config = dataclasses.replace(model.config, tie_word_embeddings=False)
+    table = model.embedding.weight
+    embedding = _make_embedding(
+        config, key=None, weight=table, reverse_weight=jnp.array(table, copy=True)
+    )
+    return TransformerLM(config, **dict(model.parts(), embedding=embedding))
+
+
+def with_table_adapter(model: Any, target: str, adapter: LowRank) -> Any:
+    """`model` with `adapter` on the table that `target` names."""
+    table = adapted_table(model, target)
+    return eqx.tree_at(
+        lambda m: _get(m, TABLE_PATHS[target]).weight, model, LoRATable(table, adapter)
     )

@@ -8,6 +8,8 @@ One convention serves every weight, the way it is stored here: a linear's
 `W[ids] + scale * up[ids] @ down`: the adapted table is never built.
 """
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -129,3 +131,13 @@ def low_rank(
         bound = columns**-0.5
         down = jax.random.uniform(key, down_shape, dtype, -bound, bound)
     return LowRank(up, down, float(alpha), float(dropout))
+
+
+class LoRATable(eqx.Module):
+    """An embedding table with a LoRA update: its rows are `base[ids] + scale *
+    up[ids] @ down`, read a block or a few rows at a time, never as a whole adapted
+    table. `base` is a plain float array or another table kind (a quantized one:
+    QLoRA)."""
+
+    base: Any
+    adapter: LowRank
