@@ -23,7 +23,13 @@ from ._loss import (
 )
 from ._mesh import first_columns, on_explicit_mesh
 from ._mesh_token_layout import check_token_layout
-from ._numerics import dot_with_rows
+from ._table_kind import (
+    Table,
+    dot_with_table,
+    is_plain,
+    promoted_dtype,
+    rows_function,
+)
 
 
 class EmbeddingDecode(eqx.Module):
@@ -89,9 +95,18 @@ class EmbeddingDecode(eqx.Module):
         self.dtype = None if dtype is None else jnp.dtype(dtype)
 
     @property
-    def weight(self) -> Float[Array, "num_embeddings embedding_size"]:
-        """The table, the same array as `self.embedding.weight`."""
+    def weight(self) -> Table:
+        """The table, the same array (or table kind) as `self.embedding.weight`."""
         return self.embedding.weight
+
+    def _loss_options(self, hidden: Array) -> dict[str, Any]:
+        """The fused losses' compute dtype and the plug-in reading the table's rows:
+        for a table kind, whose rows the losses cannot promote themselves, the
+        compute dtype defaults to that of its rows and `hidden`."""
+        dtype = self.dtype
+        if dtype is None and not is_plain(self.weight):
+            dtype = promoted_dtype(self.weight, hidden)
+        return dict(dtype=dtype, rows=rows_function(self.weight))
 
     @jax.named_scope("eqx_embed.EmbeddingDecode")
     @checked
@@ -113,7 +128,7 @@ class EmbeddingDecode(eqx.Module):
         dtype, soft-capped if `logit_soft_cap` is set.
         """
         self._check_hidden(hidden, method="EmbeddingDecode.__call__")
-        logits = dot_with_rows(
+        logits = dot_with_table(
             self.weight, hidden, dtype=self.dtype, soft_cap=self.logit_soft_cap
         )
         if self.embedding._is_padded():
@@ -128,7 +143,8 @@ class EmbeddingDecode(eqx.Module):
             name="hidden",
             owner="table's embedding_size",
         )
-        if on_explicit_mesh(self.weight, hidden):
+        # A table kind runs the one-device walks (no mesh layout is checked).
+        if is_plain(self.weight) and on_explicit_mesh(self.weight, hidden):
             check_token_layout(self.weight, dict(hidden=hidden), method=method)
 
     def _check_loss_inputs(
@@ -148,7 +164,7 @@ class EmbeddingDecode(eqx.Module):
             negative_from_end=False,
             where=where,
         )
-        if on_explicit_mesh(self.weight, hidden, targets):
+        if is_plain(self.weight) and on_explicit_mesh(self.weight, hidden, targets):
             check_token_layout(self.weight, dict(targets=targets), method=method)
         return targets, where
 
@@ -215,10 +231,10 @@ class EmbeddingDecode(eqx.Module):
             targets,
             where=where,
             z_loss=z_loss,
-            dtype=self.dtype,
             logit_soft_cap=self.logit_soft_cap,
             block_size=block_size,
             num_rows=self.embedding.num_embeddings,
+            **self._loss_options(hidden),
         )
 
     @jax.named_scope("eqx_embed.EmbeddingDecode.mean_cross_entropy")
@@ -289,10 +305,10 @@ class EmbeddingDecode(eqx.Module):
             targets,
             weights,
             z_loss=z_loss,
-            dtype=self.dtype,
             logit_soft_cap=self.logit_soft_cap,
             chunk_size=chunk_size,
             num_rows=self.embedding.num_embeddings,
+            **self._loss_options(hidden),
         )
 
     @jax.named_scope("eqx_embed.EmbeddingDecode.log_sum_exp")
@@ -321,8 +337,8 @@ class EmbeddingDecode(eqx.Module):
         return fused_log_sum_exp(
             self.weight,
             hidden,
-            dtype=self.dtype,
             logit_soft_cap=self.logit_soft_cap,
             block_size=block_size,
             num_rows=self.embedding.num_embeddings,
+            **self._loss_options(hidden),
         )

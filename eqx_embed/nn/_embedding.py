@@ -24,7 +24,8 @@ from ._indices import (
     gather_rows,
 )
 from ._mesh import first_columns, on_explicit_mesh, row_sharding
-from ._numerics import default_float_dtype, dot_with_rows
+from ._numerics import default_float_dtype
+from ._table_kind import Table, dot_with_table, is_plain
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
 
@@ -170,7 +171,9 @@ class Embedding(eqx.Module):
     ```
     """
 
-    weight: Float[Array, "num_embeddings embedding_size"]
+    # A plain float array or a table kind (`_table_kind.py`), such as a quantized
+    # table.
+    weight: Table
     num_embeddings: int = eqx.field(static=True)
     embedding_size: int = eqx.field(static=True)
     dtype: jnp.dtype | None = eqx.field(static=True)
@@ -307,7 +310,9 @@ class Embedding(eqx.Module):
             name="token id",
             negative_from_end=True,
         )
-        if self.num_embeddings == 1:
+        if not is_plain(self.weight):
+            row = self._gather_kind(token)
+        elif self.num_embeddings == 1:
             # A one-row table needs no gather, only a select. Unlike flax's, whose
             # select returns the row for every id, ids other than 0 and -1 read NaNs
             # here, as they would from any table.
@@ -342,12 +347,20 @@ class Embedding(eqx.Module):
         check_feature_size(
             query, self.embedding_size, name="query", owner="table's embedding_size"
         )
-        logits = dot_with_rows(self.weight, query, dtype=self.dtype)
+        logits = dot_with_table(self.weight, query, dtype=self.dtype)
         if self._is_padded():
             # Only a padded table has columns to drop: `first_columns` is a no-op on
             # any other, on a mesh or not.
             return first_columns(logits, self.num_embeddings)
         return logits
+
+    def _gather_kind(self, token: Array) -> Array:
+        """The row of a checked `token` from a table kind, which reads ids in
+        `[0, rows]`, `rows` as NaNs: negative ids are counted from the end here, and
+        bad ids and those of padding rows (`pad_vocabulary`) become `rows`."""
+        token = jnp.where(token < 0, token + self.num_embeddings, token)
+        in_table = (token >= 0) & (token < self.num_embeddings)
+        return self.weight.gather(jnp.where(in_table, token, self.weight.shape[0]))
 
     def _is_padded(self) -> bool:
         """Whether the table has rows past `num_embeddings` (`pad_vocabulary`)."""

@@ -22,8 +22,8 @@ def _per_token_walk(
     table: Array, hidden: Array, targets: Array, blocking: Blocking
 ) -> tuple[Array, Array]:
     """Each token's log-sum-exp and target logit, per shard of a table or of tokens
-    split over explicit mesh axes, or on one device."""
-    if is_on_mesh(table, hidden, targets):
+    split over explicit mesh axes, or on one device (always, for a table kind)."""
+    if blocking.table_rows is table_rows and is_on_mesh(table, hidden, targets):
         return vocab_parallel_lse_and_target_logit(table, hidden, targets, blocking)
     return lse_and_target_logit(table, hidden, targets, blocking)
 
@@ -152,12 +152,17 @@ def fused_weighted_cross_entropy(
         num_rows=num_rows,
         rows=rows,
     )
-    if is_on_mesh(table, hidden, targets) or vmapped_mesh_axes():
-        # A table split over its vocabulary, or tokens split over explicit mesh axes
-        # (a call's own, or a batch's under vmap): the per-token loss, weighted (its
-        # gradients in the backward pass, in memory bounded per device). The token
-        # walk would need the whole vocabulary per chunk of tokens, and its scan
-        # carries its tokens whole.
+    if (
+        rows is not table_rows
+        or is_on_mesh(table, hidden, targets)
+        or vmapped_mesh_axes()
+    ):
+        # A table kind (read block by block, never whole), a table split over its
+        # vocabulary, or tokens split over explicit mesh axes (a call's own, or a
+        # batch's under vmap): the per-token loss, weighted (its gradients in the
+        # backward pass, in memory bounded per device). The token walk would need
+        # the whole vocabulary per chunk of tokens, and its scan carries its
+        # tokens whole.
         losses = _losses(table, hidden, targets, None, z_loss, blocking)
         return jnp.sum(jnp.asarray(weights, losses.dtype) * losses)
     # A chunk of tokens, bounded by the tokens (not by the vocabulary, as a block).

@@ -10,10 +10,12 @@ rows; all of them take their rows, logits, masks and `d_logits` from here.
 plug-in point): given the table (any pytree of arrays), a start and a size, it
 returns that block of rows, `(size, width)`, in the compute dtype. A quantized or an
 adapted table supplies its own function of the same signature in
-`Blocking.table_rows`. The walks write the table's gradient block by block as the
-gradient of those rows (`d_table[start:start + size] = d_rows`), which is right for
-the plain table only: for another kind they raise (see [`check_differentiable`][]),
-until the kind also says how a block's gradient reaches its arrays.
+`Blocking.table_rows` (`_table_kind.py` defines the kinds). The per-token walk writes
+the plain table's gradient block by block as the gradient of those rows
+(`d_table[start:start + size] = d_rows`); a kind's float leaves get theirs through
+its `table_rows` ([`rows_gradient`][]), its integer leaves none. The token-chunk walk
+of the mean loss reads the whole table at once: it takes plain tables only (see
+[`check_differentiable`][]), and the entry points give a kind the per-token walk.
 
 XLA:CPU has no 16-bit float data movement: it would slice a bfloat16 table as a
 float32 copy of the whole table, hoisted out of the loop. So blocks of a 16-bit table
@@ -25,6 +27,8 @@ cast stays inside the loop (hoisted, it would be a copy).
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
@@ -121,6 +125,33 @@ def blocking_for(
         num_rows=table.shape[0] if num_rows is None else num_rows,
         table_rows=rows,
     )
+
+
+def is_plain_kind(blocking: Blocking) -> bool:
+    """Whether the table is of the plain kind, an array whose gradient the walks
+    write block by block (see the module's docstring)."""
+    return blocking.table_rows is table_rows
+
+
+def float_leaves(table: Any) -> Any:
+    """The float leaves of a table kind (its other leaves `None`): what the fused
+    losses differentiate, and the structure of its gradient."""
+    return eqx.filter(table, eqx.is_inexact_array)
+
+
+def rows_gradient(table: Any, start: Array, d_rows: Array, blocking: Blocking) -> Any:
+    """The gradient of a table kind's float leaves (others `None`) from the
+    cotangent `d_rows` of its rows `[start, start + len(d_rows))`, through its
+    `table_rows` (a kind reads a block from small float leaves, so their whole
+    gradient per block is cheap)."""
+    floats, others = eqx.partition(table, eqx.is_inexact_array)
+
+    def rows(floats: Any) -> Array:
+        table = eqx.combine(floats, others)
+        return blocking.table_rows(table, start, len(d_rows), blocking.compute_dtype)
+
+    _, pullback = jax.vjp(rows, floats)
+    return pullback(d_rows.astype(blocking.compute_dtype))[0]
 
 
 def check_differentiable(blocking: Blocking) -> None:

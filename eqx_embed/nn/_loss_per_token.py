@@ -35,6 +35,7 @@ XLA:CPU makes for the table gradient's product.
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +47,11 @@ from ._loss_kernel import (
     Blocking,
     block,
     block_d_logits,
-    check_differentiable,
     contract,
+    float_leaves,
+    is_plain_kind,
     num_blocks,
+    rows_gradient,
     rows_in_use,
 )
 from ._mesh import explicit_sharding, sharded_like, varying_like
@@ -105,7 +108,7 @@ def _forward(table, hidden, targets, blocking):
 
 
 def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit):
-    check_differentiable(blocking)
+    plain = is_plain_kind(blocking)
     hidden_compute = hidden.astype(blocking.compute_dtype)
 
     def step(carry, index):
@@ -118,8 +121,18 @@ def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit)
         # Summed over the tokens, which may be split over a mesh axis: the rows'
         # gradient takes the table's layout.
         d_rows = contract(
-            d_logits, hidden_compute, 0, 0, blocking, explicit_sharding(d_table)
+            d_logits,
+            hidden_compute,
+            0,
+            0,
+            blocking,
+            explicit_sharding(d_table) if plain else None,
         )
+        if not plain:
+            # A table kind: the gradient of its float leaves, through its rows.
+            d_block = rows_gradient(table, this.columns[0], d_rows, blocking)
+            d_table = jax.tree.map(jnp.add, d_table, d_block)
+            return (d_hidden, d_table, table), None
         # Writing without reading keeps a 16-bit table's gradient in one buffer.
         d_table = lax.dynamic_update_slice_in_dim(
             d_table, d_rows.astype(table.dtype), this.columns[0], 0
@@ -128,7 +141,9 @@ def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit)
 
     initial = (
         varying_like(jnp.zeros(hidden.shape, blocking.accumulate_dtype), table),
-        jnp.zeros_like(table),
+        jnp.zeros_like(table)
+        if plain
+        else jax.tree.map(jnp.zeros_like, float_leaves(table)),
         table,
     )
     (d_hidden, d_table, _), _ = lax.scan(
@@ -160,10 +175,10 @@ def fold_batch_into_tokens(
 
     @folded.def_vmap
     def fold(axis_size, in_batched, table, *per_token):
-        if in_batched[0]:
+        if any(jax.tree.leaves(in_batched[0])):  # the table, or a table kind's leaves
             in_axes = tuple(0 if batched else None for batched in in_batched)
             outputs = jax.vmap(function, in_axes)(table, *per_token)
-            return outputs, (True,) * len(outputs)
+            return outputs, _spec(outputs, (True,) * len(outputs))
         per_token = [
             x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
             for x, batched in zip(per_token, in_batched[1:], strict=True)
@@ -177,9 +192,22 @@ def fold_batch_into_tokens(
                 # Laid out as the per-token input of its rank.
                 like = next(x for x in per_token if x.ndim == unfolded.ndim)
                 outputs[i] = sharded_like(unfolded, like)
-        return tuple(outputs), per_token_outputs
+        return tuple(outputs), _spec(outputs, per_token_outputs)
 
     return folded
+
+
+def _spec(outputs: Any, batched: tuple[bool, ...]) -> tuple[Any, ...]:
+    """The batching flag of each output, for each of its leaves (a table kind's
+    gradient is a pytree)."""
+    return tuple(
+        jax.tree.map(partial(_constant, flag), out)
+        for out, flag in zip(outputs, batched, strict=True)
+    )
+
+
+def _constant(value: Any, _: Any) -> Any:
+    return value
 
 
 def _backward(blocking, residuals, cotangents):
