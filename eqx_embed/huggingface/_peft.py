@@ -32,8 +32,8 @@ from ..models._lora import (
     adapted_table,
     linear_paths,
     replace_at,
-    weight_shape,
     untie_decode,
+    weight_shape,
     with_table_adapter,
 )
 from ..models._transformer_parts import named_leaves

@@ -7,7 +7,9 @@ its end (`"query_proj"`, `"attention.query_proj"`, `"mlp.down"`), as PEFT's
 `target_modules` are: the linears of the blocks (`query_proj`, `key_proj`,
 `value_proj`, `output_proj`, and the MLP's `gate`, `up`, `down`), and the tables:
 `embedding` (the lookup; tied, the decode reads the same adapted table) and, for an
-untied model, `reverse_embedding` (the decode's own table).
+untied model, `reverse_embedding` (the decode's own table). Llama's names as PEFT
+takes them (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
+`down_proj`, `embed_tokens`, `lm_head`) name the same modules.
 """
 
 import dataclasses
@@ -21,6 +23,7 @@ from jaxtyping import Array, DTypeLike, Float, PRNGKeyArray
 
 from ..nn._contracts import checked
 from ..nn._lora import LoRATable, LowRank, low_rank
+from ..nn._table_kind import as_array, is_plain, table_dtype
 from ._linear import Linear
 from ._transformer_parts import _make_embedding
 
@@ -50,10 +53,10 @@ class LoRALinear(eqx.Module):
 
 def weight_shape(linear: Any) -> tuple[int, ...]:
     """The shape of a linear's weight, `(*layers, out_features, in_features)`,
-    under any adapter."""
+    under any adapter (and quantized or not)."""
     if isinstance(linear, LoRALinear):
         return weight_shape(linear.base)
-    return linear.weight.shape
+    return tuple(linear.weight.shape)
 
 
 def _is_linear(node: Any) -> bool:
@@ -70,9 +73,25 @@ def linear_paths(model: Any) -> dict[str, Any]:
     }
 
 
+# PEFT's `target_modules` as Llama-style checkpoints name the modules (and most
+# families copy them): accepted as targets too.
+PEFT_NAMES = {
+    "q_proj": "query_proj",
+    "k_proj": "key_proj",
+    "v_proj": "value_proj",
+    "o_proj": "output_proj",
+    "gate_proj": "mlp.gate",
+    "up_proj": "mlp.up",
+    "down_proj": "mlp.down",
+    "embed_tokens": "embedding.embedding",
+    "lm_head": "reverse_embedding",
+}
+
+
 def matches(target: str, path: str) -> bool:
-    """Whether `target` names the module at `path`: the whole path or its end, at a
-    dot."""
+    """Whether `target` (or the module it names in `PEFT_NAMES`) names the module at
+    `path`: the whole path or its end, at a dot."""
+    target = PEFT_NAMES.get(target, target)
     return path == target or path.endswith("." + target)
 
 
@@ -144,14 +163,19 @@ def add_lora(
         integer or exceeds a chosen weight's smaller side, a non-positive `alpha`,
         a `dropout` outside `[0, 1)`, a weight that already has an adapter.
     """
-    linears = linear_paths(model)
-    chosen = chosen_paths(targets, list(linears))
+    candidates = dict(linear_paths(model))
+    for path in TABLE_PATHS.values():
+        if _get(model, path) is not None:
+            candidates[path] = _get(model, path).weight
+    chosen = chosen_paths(targets, list(candidates))
     replacements = {}
     for path, key_ in zip(chosen, jax.random.split(key, len(chosen)), strict=True):
-        linear = linears[path]
-        if isinstance(linear, LoRALinear):
+        node = candidates[path]
+        is_table = path in TABLE_PATHS.values()
+        if isinstance(node, LoRALinear | LoRATable):
             raise ValueError(f"targets: {path} already has a LoRA adapter.")
-        *layers, rows, columns = linear.weight.shape
+        *layers, rows, columns = node.shape if is_table else weight_shape(node)
+        base_dtype = table_dtype(node if is_table else node.weight)
         try:
             adapter = low_rank(
                 rows,
@@ -159,38 +183,64 @@ def add_lora(
                 rank=rank,
                 alpha=alpha,
                 dropout=dropout,
-                dtype=linear.weight.dtype if dtype is None else jnp.dtype(dtype),
-                table=False,
+                dtype=base_dtype if dtype is None else jnp.dtype(dtype),
+                table=is_table,
                 key=key_,
                 layers=tuple(layers),
             )
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
-        replacements[path] = LoRALinear(linear, adapter)
+        if is_table:
+            replacements[path + ".weight"] = LoRATable(node, adapter)
+        else:
+            replacements[path] = LoRALinear(node, adapter)
     return replace_at(model, replacements)
 
 
-def merge_lora(model: Any) -> Any:
+def _merged(base: Any, delta: Any, what: str, dequantize: bool) -> Any:
+    """`base + delta` rounded once to the base's dtype; a table kind's base (a
+    quantized one) is refused unless `dequantize`."""
+    if not is_plain(base):
+        if not dequantize:
+            raise ValueError(
+                f"merge_lora: {what} has a quantized base ({type(base).__name__}); "
+                "expected a float one, or dequantize=True to merge into its "
+                "dequantized float weights."
+            )
+        base = as_array(base)
+    summed = base.astype(jnp.promote_types(base.dtype, jnp.float32)) + delta
+    return summed.astype(base.dtype)
+
+
+def merge_lora(model: Any, *, dequantize: bool = False) -> Any:
     """`model` with every adapter folded into its weight: `W + scale * up @ down`,
     rounded once to the weight's dtype, as plain modules again.
 
     **Arguments:**
 
     - `model`: a model from `add_lora` (or trained from one).
+    - `dequantize`: whether to merge into a quantized base (QLoRA) by dequantizing
+        it to float first; otherwise that raises.
 
     **Returns:**
 
-    The model with plain weights, which computes what the adapted one did.
+    The model with plain float weights, which computes what the adapted one did.
+
+    **Raises:**
+
+    - `ValueError`: an adapter on a quantized base without `dequantize=True`.
     """
     merged = {}
     for path, linear in linear_paths(model).items():
         if isinstance(linear, LoRALinear):
-            weight = linear.base.weight
-            update = linear.adapter.delta().astype(
-                jnp.promote_types(weight.dtype, jnp.float32)
-            )
-            merged[path] = eqx.tree_at(
-                lambda m: m.weight, linear.base, (weight + update).astype(weight.dtype)
+            base = linear.base
+            weight = _merged(base.weight, linear.adapter.delta(), path, dequantize)
+            merged[path] = eqx.tree_at(lambda m: m.weight, base, weight)
+    for target, path in TABLE_PATHS.items():
+        table = adapted_table(model, target)
+        if isinstance(table, LoRATable):
+            merged[path + ".weight"] = _merged(
+                table.base, table.adapter.delta(), target, dequantize
             )
     return replace_at(model, merged)
 

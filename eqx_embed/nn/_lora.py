@@ -8,16 +8,22 @@ One convention serves every weight, the way it is stored here: a linear's
 `W[ids] + scale * up[ids] @ down`: the adapted table is never built.
 """
 
-from typing import Any
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, DTypeLike, Float, PRNGKeyArray
+from jaxtyping import Array, DTypeLike, Float, Integer, PRNGKeyArray
 
 from ._contracts import check_positive
-from ._loss_kernel import slice_in_place
+from ._loss_kernel import Blocking, add_rows_gradient, slice_in_place
 from ._numerics import accumulation_dtype
+from ._table_kind import (
+    Table,
+    TableKind,
+    as_array,
+    is_plain,
+    rows_function,
+    table_dtype,
+)
 
 
 def check_rank(rank: int, rows: int, columns: int, *, name: str = "rank") -> None:
@@ -29,6 +35,15 @@ def check_rank(rank: int, rows: int, columns: int, *, name: str = "rank") -> Non
             f"{name} must be at most {min(rows, columns)} (the smaller side of a "
             f"{rows} x {columns} weight), got {rank}."
         )
+
+
+def _product(left: Array, right: Array, dtype: DTypeLike) -> Array:
+    """`left @ right` in `dtype`, accumulated in float32 for low precision."""
+    return jnp.matmul(
+        left.astype(dtype),
+        right.astype(dtype),
+        preferred_element_type=accumulation_dtype(dtype),
+    )
 
 
 class LowRank(eqx.Module):
@@ -133,11 +148,69 @@ def low_rank(
     return LowRank(up, down, float(alpha), float(dropout))
 
 
-class LoRATable(eqx.Module):
-    """An embedding table with a LoRA update: its rows are `base[ids] + scale *
-    up[ids] @ down`, read a block or a few rows at a time, never as a whole adapted
-    table. `base` is a plain float array or another table kind (a quantized one:
-    QLoRA)."""
+class LoRATable(TableKind):
+    """An embedding table with a LoRA update, a table kind: its rows are
+    `base[ids] + scale * up[ids] @ down`, read a block or a few rows at a time,
+    never as a whole adapted table. `base` is a plain float array or another table
+    kind (a quantized one: QLoRA), frozen; tied, the decode and the fused losses
+    read the same adapted rows."""
 
-    base: Any
+    base: Table
     adapter: LowRank
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return table_dtype(self.base)
+
+    def rows(self, start: int | Array, size: int, dtype: DTypeLike) -> Array:
+        base = rows_function(self.base)(self.base, start, size, dtype)
+        return base + self.adapter.block_rows(start, size, dtype).astype(dtype)
+
+    def gather(self, ids: Integer[Array, "*shape"]) -> Float[Array, "*shape width"]:
+        if is_plain(self.base):
+            base = jnp.take(self.base, ids, axis=0, mode="fill", fill_value=jnp.nan)
+        else:
+            base = self.base.gather(ids)
+        up = jnp.take(self.adapter.up, ids, axis=0, mode="fill", fill_value=0)
+        delta = self.adapter.scale * _product(up, self.adapter.down, self.dtype)
+        return base.astype(self.dtype) + delta.astype(self.dtype)
+
+    def dequantize(self) -> Float[Array, "rows width"]:
+        return as_array(self.base) + self.adapter.delta().astype(self.dtype)
+
+    def add_rows_gradient(
+        self, gradient: "LoRATable", start: Array, d_rows: Array, blocking: Blocking
+    ) -> "LoRATable":
+        """The kernel's hook (`_loss_kernel.add_rows_gradient`): a block's cotangent
+        `d_rows` reaches `up`'s rows of the block, `scale * d_rows @ down.T`
+        (written), and `down`, `scale * up[block].T @ d_rows` (added); a plain base,
+        its rows (written), a kind's base, through its own hook."""
+        size, dtype = d_rows.shape[0], blocking.compute_dtype
+        adapter, scale = self.adapter, self.adapter.scale
+        d_rows = d_rows.astype(dtype)
+        d_up = scale * _product(d_rows, adapter.down.T, dtype)
+        up = slice_in_place(
+            lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), adapter.up
+        )
+        d_down = scale * _product(up.T, d_rows, dtype)
+        grads = gradient.adapter
+        new_adapter = LowRank(
+            jax.lax.dynamic_update_slice_in_dim(
+                grads.up, d_up.astype(grads.up.dtype), start, 0
+            ),
+            grads.down + d_down.astype(grads.down.dtype),
+            adapter.alpha,
+            adapter.dropout,
+        )
+        if is_plain(self.base):
+            base = jax.lax.dynamic_update_slice_in_dim(
+                gradient.base, d_rows.astype(gradient.base.dtype), start, 0
+            )
+        else:
+            rows = blocking._replace(table_rows=rows_function(self.base))
+            base = add_rows_gradient(self.base, gradient.base, start, d_rows, rows)
+        return LoRATable(base, new_adapter)
