@@ -3,6 +3,11 @@ Checkpoint interop lives in `eqx_embed.huggingface`, imported only when used."""
 
 from ._cache import KVCache as KVCache
 from ._config import TransformerConfig as TransformerConfig
+from ._lora import (
+    add_lora as add_lora,
+    lora_filter as lora_filter,
+    merge_lora as merge_lora,
+)
 from ._sharding import (
     model_partition_specs as model_partition_specs,
     shard_batch as shard_batch,

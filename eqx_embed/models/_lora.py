@@ -129,14 +129,15 @@ def replace_at(model: Any, replacements: dict[str, Any]) -> Any:
     )
 
 
+@checked
 def add_lora(
     model: Any,
     *,
     rank: int,
-    alpha: float,
+    alpha: float | int,
     targets: Sequence[str],
     key: PRNGKeyArray,
-    dropout: float = 0.0,
+    dropout: float | int = 0.0,
     dtype: DTypeLike | None = None,
 ) -> Any:
     """`model` with a LoRA adapter beside each weight that `targets` names, starting
@@ -162,6 +163,29 @@ def add_lora(
     - `ValueError`: a target that names no module, a `rank` that is not a positive
         integer or exceeds a chosen weight's smaller side, a non-positive `alpha`,
         a `dropout` outside `[0, 1)`, a weight that already has an adapter.
+
+    **Example:**
+
+    ```python
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    config = eqx_embed.TransformerConfig(
+        "llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+        num_heads=2, max_position_embeddings=16, tie_word_embeddings=True,
+    )
+    model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
+    adapted = eqx_embed.add_lora(
+        model, rank=4, alpha=8, targets=["q_proj", "v_proj", "embedding"],
+        key=jax.random.key(1),
+    )
+    tokens = jnp.arange(8)
+    assert jnp.allclose(adapted(tokens), model(tokens))  # the updates start at zero
+    trainable, frozen = eqx.partition(adapted, eqx_embed.lora_filter(adapted))
+    ```
     """
     candidates = dict(linear_paths(model))
     for path in TABLE_PATHS.values():
@@ -212,6 +236,7 @@ def _merged(base: Any, delta: Any, what: str, dequantize: bool) -> Any:
     return summed.astype(base.dtype)
 
 
+@checked
 def merge_lora(model: Any, *, dequantize: bool = False) -> Any:
     """`model` with every adapter folded into its weight: `W + scale * up @ down`,
     rounded once to the weight's dtype, as plain modules again.
@@ -229,6 +254,26 @@ def merge_lora(model: Any, *, dequantize: bool = False) -> Any:
     **Raises:**
 
     - `ValueError`: an adapter on a quantized base without `dequantize=True`.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    config = eqx_embed.TransformerConfig(
+        "qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+        num_heads=2, max_position_embeddings=16,
+    )
+    model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
+    adapted = eqx_embed.add_lora(
+        model, rank=2, alpha=4, targets=["mlp.down"], key=jax.random.key(1)
+    )
+    merged = eqx_embed.merge_lora(adapted)  # plain weights, same logits
+    assert jax.tree.structure(merged) == jax.tree.structure(model)
+    ```
     """
     merged = {}
     for path, linear in linear_paths(model).items():
@@ -249,6 +294,7 @@ def _is_adapter(node: Any) -> bool:
     return isinstance(node, LowRank)
 
 
+@checked
 def lora_filter(model: Any) -> Any:
     """A pytree of booleans shaped as `model`, `True` exactly at the adapters' arrays
     (`up` and `down` of each `LowRank`): `eqx.partition(model, lora_filter(model))`
@@ -262,6 +308,41 @@ def lora_filter(model: Any) -> Any:
     **Returns:**
 
     The filter spec.
+
+    **Raises:**
+
+    Nothing: a model without adapters gives a spec of `False` only.
+
+    **Example:**
+
+    ```python
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import eqx_embed
+
+    config = eqx_embed.TransformerConfig(
+        "gemma", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+        num_heads=2, head_dim=16, max_position_embeddings=16,
+    )
+    model = eqx_embed.add_lora(
+        eqx_embed.TransformerLM(config, key=jax.random.key(0)),
+        rank=4, alpha=8, targets=["q_proj", "v_proj"], key=jax.random.key(1),
+    )
+    trainable, frozen = eqx.partition(model, eqx_embed.lora_filter(model))
+    optimizer = optax.adam(1e-3)
+    state = optimizer.init(trainable)  # moments for the adapters only
+
+    def loss(trainable, tokens):
+        model = eqx.combine(trainable, frozen)
+        return model.mean_loss(tokens[:, :-1], tokens[:, 1:])
+
+    grads = eqx.filter_grad(loss)(trainable, jnp.arange(16).reshape(2, 8))
+    updates, state = optimizer.update(grads, state)
+    trainable = eqx.apply_updates(trainable, updates)
+    ```
     """
     return jax.tree.map(
         lambda node: jax.tree.map(lambda _: True, node) if _is_adapter(node) else False,
