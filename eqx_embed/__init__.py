@@ -16,12 +16,15 @@ from .models import (
     TransformerConfig as TransformerConfig,
     TransformerLM as TransformerLM,
     add_lora as add_lora,
+    dequantize as dequantize,
     lora_filter as lora_filter,
     merge_lora as merge_lora,
     model_partition_specs as model_partition_specs,
+    quantize as quantize,
     shard_batch as shard_batch,
     shard_model as shard_model,
     sharding_rules as sharding_rules,
+    unquantized_filter as unquantized_filter,
 )
 from .nn import (
     Embedding as Embedding,
@@ -30,6 +33,7 @@ from .nn import (
     Initializer as Initializer,
     OutOfRange as OutOfRange,
     PositionEmbedding as PositionEmbedding,
+    QuantizedTable as QuantizedTable,
     ReversibleEmbedding as ReversibleEmbedding,
     RopeRotation as RopeRotation,
     RotaryPositionalEmbedding as RotaryPositionalEmbedding,

@@ -48,6 +48,7 @@ JAX_APIS = frozenset(
         "jax.nn.relu",
         "jax.nn.silu",
         "jax.nn.softmax",
+        "jax.numpy.add",
         "jax.numpy.all",
         "jax.numpy.any",
         "jax.numpy.arange",
@@ -76,6 +77,7 @@ JAX_APIS = frozenset(
         "jax.numpy.isfinite",
         "jax.numpy.isin",
         "jax.numpy.issubdtype",
+        "jax.numpy.left_shift",
         "jax.numpy.log",
         "jax.numpy.logaddexp",
         "jax.numpy.matmul",
@@ -123,6 +125,7 @@ JAX_APIS = frozenset(
         "jax.tree_util.tree_flatten_with_path",
         "jax.tree_util.tree_map_with_path",
         "jax.typeof",
+        "jax.vjp",
         "jax.vmap",
     }
 )

@@ -11,6 +11,7 @@ import numpy as np
 from jaxtyping import DTypeLike
 
 from ..models import TransformerLM
+from ..models._quantize import dequantize, has_quantized_weights
 from ..models._transformer_parts import initial_parts, named_leaves
 from ..nn._indices import OutOfRange
 from ._checkpoint import (
@@ -74,6 +75,14 @@ def load_transformer(
 def save_transformer(model: TransformerLM, path: str | pathlib.Path) -> None:
     """Writes `model` as a Hugging Face checkpoint directory; see
     [`TransformerLM.to_huggingface`][eqx_embed.TransformerLM.to_huggingface]."""
+    if has_quantized_weights(model):
+        warnings.warn(
+            f"{path}: the model's quantized weights are written dequantized, as "
+            "float arrays (their integers times their scales), since a Hugging Face "
+            "checkpoint holds float weights: the files are not smaller.",
+            stacklevel=3,
+        )
+        model = dequantize(model)
     arrays = named_leaves(model.parts())
     # Tables padded for a device mesh (`pad_vocabulary`) are written without their
     # padding rows, read back whole from the devices as the writer would anyway.

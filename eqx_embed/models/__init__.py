@@ -8,6 +8,11 @@ from ._lora import (
     lora_filter as lora_filter,
     merge_lora as merge_lora,
 )
+from ._quantize import (
+    dequantize as dequantize,
+    quantize as quantize,
+    unquantized_filter as unquantized_filter,
+)
 from ._sharding import (
     model_partition_specs as model_partition_specs,
     shard_batch as shard_batch,

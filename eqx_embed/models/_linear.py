@@ -4,7 +4,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..nn._contracts import checked
-from ..nn._numerics import dot_with_rows
+from ..nn._quantize import quantize_table
+from ..nn._table_kind import Table, dot_with_table
 
 _lecun_normal = jax.nn.initializers.variance_scaling(
     1.0, "fan_in", "normal", in_axis=1, out_axis=0
@@ -15,9 +16,10 @@ class Linear(eqx.Module):
     """An affine map over the last axis, `x @ weight.T + bias`, with the weight stored
     as `(out_features, in_features)` like `equinox.nn.Linear` and PyTorch, and a
     compute dtype separate from the weight's (low-precision products accumulate in
-    float32)."""
+    float32). Its weight may be quantized (`quantize`)."""
 
-    weight: Float[Array, "out_features in_features"]
+    # A float array, or a table kind of that shape (a quantized weight).
+    weight: Table
     bias: Float[Array, " out_features"] | None
     dtype: jnp.dtype = eqx.field(static=True)
 
@@ -56,7 +58,18 @@ class Linear(eqx.Module):
 
         `x @ weight.T + bias` in the compute dtype.
         """
-        output = dot_with_rows(self.weight, x, dtype=self.dtype)
+        output = dot_with_table(self.weight, x, dtype=self.dtype)
         if self.bias is not None:
             output = output + self.bias.astype(self.dtype)
         return output
+
+    def quantize(self, mode: str, *, group_size: int | None = None) -> "Linear":
+        """This layer with its weight quantized per output channel (the bias stays
+        float); see [`Embedding.quantize`][eqx_embed.Embedding.quantize] for the
+        arguments and the formulas. A weight stacked along leading axes (a
+        `TransformerLM`'s layers) is quantized per layer and channel."""
+        return eqx.tree_at(
+            lambda linear: linear.weight,
+            self,
+            quantize_table(self.weight, mode, group_size=group_size, name="weight"),
+        )

@@ -23,7 +23,7 @@ from jaxtyping import Array, DTypeLike, Float, PRNGKeyArray
 
 from ..nn._contracts import checked
 from ..nn._lora import LoRATable, LowRank, low_rank
-from ..nn._table_kind import as_array, is_plain, table_dtype
+from ..nn._table_kind import as_array, is_plain
 from ._linear import Linear
 from ._transformer_parts import _make_embedding
 
@@ -199,7 +199,7 @@ def add_lora(
         if isinstance(node, LoRALinear | LoRATable):
             raise ValueError(f"targets: {path} already has a LoRA adapter.")
         *layers, rows, columns = node.shape if is_table else weight_shape(node)
-        base_dtype = table_dtype(node if is_table else node.weight)
+        base_dtype = jnp.dtype((node if is_table else node.weight).dtype)
         try:
             adapter = low_rank(
                 rows,

@@ -485,7 +485,7 @@ class TransformerLM(eqx.Module):
     def to_huggingface(self, path: str | pathlib.Path) -> None:
         """Writes a Hugging Face checkpoint directory (`config.json` and
         `model.safetensors`) that `transformers.AutoModelForCausalLM.from_pretrained`
-        loads, giving the same logits.
+        loads, giving the same logits (quantized weights: written dequantized).
 
         **Arguments:**
 

@@ -7,7 +7,8 @@ Its private modules are flat, as equinox's `nn/`, one concept each, grouped by n
 - shared: `_contracts` (the runtime checks of every public call) and `_numerics`
     (dtypes, the soft cap, the product of a table with a hidden state).
 - lookup and decode: `_embedding`, `_indices` (what a bad index gives), `_decode`,
-    `_reversible`.
+    `_reversible`, `_table_kind` (tables that are not plain arrays), `_quantize`
+    (int8 and int4 tables).
 - losses: `_loss_*` (the fused cross-entropies, one device and vocabulary-parallel).
 - sharding, layered on top of the one-device paths and used only where explicit mesh
     axes are involved: `_mesh` (reading how an array is laid out on a mesh),
@@ -29,6 +30,7 @@ from ._position import (
     PositionEmbedding as PositionEmbedding,
     SinusoidalPositionalEncoding as SinusoidalPositionalEncoding,
 )
+from ._quantize import QuantizedTable as QuantizedTable
 from ._reversible import ReversibleEmbedding as ReversibleEmbedding
 from ._rope import RotaryPositionalEmbedding as RotaryPositionalEmbedding
 from ._rope_rotate import RopeRotation as RopeRotation

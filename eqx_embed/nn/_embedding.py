@@ -25,6 +25,7 @@ from ._indices import (
 )
 from ._mesh import first_columns, on_explicit_mesh, row_sharding
 from ._numerics import default_float_dtype
+from ._quantize import quantize_table
 from ._table_kind import Table, dot_with_table, is_plain
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
@@ -365,6 +366,39 @@ class Embedding(eqx.Module):
     def _is_padded(self) -> bool:
         """Whether the table has rows past `num_embeddings` (`pad_vocabulary`)."""
         return self.weight.shape[0] > self.num_embeddings
+
+    def quantize(self, mode: str, *, group_size: int | None = None) -> "Embedding":
+        """This embedding with its table weight-only quantized, as keras'
+        `Embedding.quantize(mode)`: the same integers and scales, kept as a
+        `QuantizedTable` in `weight`. The lookup dequantizes only the rows it reads;
+        the decode and the fused losses one block of rows at a time (never the
+        whole table).
+
+        **Arguments:**
+
+        - `mode`: `"int8"`: symmetric, one scale per row,
+            `q = round(x * 127 / max|x|)` read back as `q / scale`. `"int4"`:
+            asymmetric, in groups of `group_size` columns of a row, each with a
+            scale and a zero point (keras' sub-channel int4), two values per byte.
+        - `group_size`: int4's columns per group, a divisor of `embedding_size`
+            (which must be even). Defaults to 128, as keras, or the whole row where
+            the row is narrower.
+
+        **Returns:**
+
+        A new `Embedding`. Its scales have the table's dtype; its integers are
+        int8 arrays, which `eqx.is_inexact_array` leaves out of gradients and
+        optimiser state ([`unquantized_filter`][eqx_embed.unquantized_filter]
+        freezes the scales too).
+
+        **Raises:**
+
+        - `ValueError`: an unknown `mode`, a `group_size` that does not divide the
+            width (or given for int8), an odd width for int4, a table already
+            quantized.
+        """
+        table = quantize_table(self.weight, mode, group_size=group_size, name="weight")
+        return eqx.tree_at(lambda embedding: embedding.weight, self, table)
 
     @checked
     def mask(

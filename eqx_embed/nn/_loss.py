@@ -8,10 +8,11 @@ device, the token-chunk walk (`_loss_mean.py`). All of them walk the blockwise s
 `_loss_kernel.py`, which is also where a new kind of table plugs in (`table_rows`).
 """
 
+import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
-from ._loss_kernel import Blocking, TableRows, blocking_for, table_rows
+from ._loss_kernel import AnyTable, Blocking, TableRows, blocking_for, table_rows
 from ._loss_mean import DEFAULT_CHUNK_ELEMENTS, weighted_sum
 from ._loss_per_token import lse_and_target_logit
 from ._loss_vocab_parallel import is_on_mesh, vocab_parallel_lse_and_target_logit
@@ -19,7 +20,7 @@ from ._mesh import vmapped_mesh_axes
 
 
 def _per_token_walk(
-    table: Array, hidden: Array, targets: Array, blocking: Blocking
+    table: AnyTable, hidden: Array, targets: Array, blocking: Blocking
 ) -> tuple[Array, Array]:
     """Each token's log-sum-exp and target logit, per shard of a table or of tokens
     split over explicit mesh axes, or on one device (always, for a table kind)."""
@@ -29,7 +30,7 @@ def _per_token_walk(
 
 
 def fused_log_sum_exp(
-    table: Shaped[Array, "num_embeddings embedding_size"],
+    table: Shaped[Array, "num_embeddings embedding_size"] | eqx.Module,
     hidden: Float[Array, "tokens embedding_size"],
     *,
     dtype: jnp.dtype | None,
@@ -60,7 +61,7 @@ def fused_log_sum_exp(
 
 
 def fused_cross_entropy(
-    table: Shaped[Array, "num_embeddings embedding_size"],
+    table: Shaped[Array, "num_embeddings embedding_size"] | eqx.Module,
     hidden: Float[Array, "tokens embedding_size"],
     targets: Int[Array, " tokens"],
     *,
@@ -91,7 +92,7 @@ def fused_cross_entropy(
 
 
 def _losses(
-    table: Array,
+    table: AnyTable,
     hidden: Array,
     targets: Array,
     where: Array | None,
@@ -114,7 +115,7 @@ def _losses(
 
 
 def fused_weighted_cross_entropy(
-    table: Shaped[Array, "num_embeddings embedding_size"],
+    table: Shaped[Array, "num_embeddings embedding_size"] | eqx.Module,
     hidden: Float[Array, "tokens embedding_size"],
     targets: Int[Array, " tokens"],
     weights: Float[Array, " tokens"],

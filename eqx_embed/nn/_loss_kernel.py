@@ -80,6 +80,10 @@ def table_rows(table: Any, start: int | Array, size: int, dtype: jnp.dtype) -> A
 TableRows = Callable[[Any, Any, int, jnp.dtype], Array]
 """The signature of a table kind's plug-in, as [`table_rows`][]."""
 
+AnyTable = Array | eqx.Module
+"""A table as the walks take it: a plain array, or a table kind (`_table_kind.py`),
+a module they read only through `Blocking.table_rows`."""
+
 
 class Blocking(NamedTuple):
     """The static configuration of one fused computation (hashable, for `jit`)."""
@@ -100,7 +104,7 @@ class Blocking(NamedTuple):
 
 
 def blocking_for(
-    table: Array,
+    table: AnyTable,
     hidden: Array,
     *,
     dtype: jnp.dtype | None,
@@ -220,7 +224,7 @@ def num_blocks(length: int, size: int) -> int:
     return -(-length // size)
 
 
-def rows_in_use(table: Array, blocking: Blocking) -> int | Array:
+def rows_in_use(table: AnyTable, blocking: Blocking) -> int | Array:
     """How many of `table`'s rows (this device's shard of them, inside a
     vocabulary-parallel shard_map) are in the vocabulary: the others are padding,
     which sits at the end of the whole table."""

@@ -44,6 +44,7 @@ from jax.custom_batching import custom_vmap
 from jaxtyping import Array
 
 from ._loss_kernel import (
+    AnyTable,
     Blocking,
     add_rows_gradient,
     block,
@@ -62,7 +63,7 @@ from ._mesh import explicit_sharding, sharded_like, varying_like
 
 
 def _lse_and_target_logit(
-    table: Array, hidden: Array, targets: Array, blocking: Blocking
+    table: AnyTable, hidden: Array, targets: Array, blocking: Blocking
 ) -> tuple[Array, Array]:
     """Each token's log-sum-exp over the table's rows in use and its target's logit
     (NaN for a target outside them), in the accumulation dtype; differentiable with
@@ -86,8 +87,14 @@ def _lse_and_target_logit(
     dtype = blocking.accumulate_dtype
     initial = (
         # Laid out as the tokens are (they may be split over a mesh axis).
-        varying_like(jnp.full_like(hidden[:, 0], -jnp.inf, dtype), table, hidden),
-        varying_like(jnp.zeros_like(hidden[:, 0], dtype), table, hidden),
+        varying_like(
+            jnp.full_like(hidden[:, 0], -jnp.inf, dtype),
+            *jax.tree.leaves(table),
+            hidden,
+        ),
+        varying_like(
+            jnp.zeros_like(hidden[:, 0], dtype), *jax.tree.leaves(table), hidden
+        ),
         table,
     )
     (lse, target_logit, _), _ = lax.scan(
@@ -141,7 +148,9 @@ def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit)
         return (d_hidden, d_table, table), None
 
     initial = (
-        varying_like(jnp.zeros(hidden.shape, blocking.accumulate_dtype), table),
+        varying_like(
+            jnp.zeros(hidden.shape, blocking.accumulate_dtype), *jax.tree.leaves(table)
+        ),
         jnp.zeros_like(table)
         if plain
         else jax.tree.map(jnp.zeros_like, float_leaves(table)),

@@ -9,6 +9,7 @@ from ._contracts import checked
 from ._decode import EmbeddingDecode
 from ._embedding import Embedding, EmbeddingOptions, TokenId
 from ._indices import IntegerSequence
+from ._table_kind import Table
 
 
 class ReversibleEmbedding(eqx.Module):
@@ -127,8 +128,9 @@ class ReversibleEmbedding(eqx.Module):
         return self.reverse_embedding is None
 
     @property
-    def weight(self) -> Float[Array, "num_embeddings embedding_size"]:
-        """The lookup table, `embedding.weight` (tied, the decode's table too)."""
+    def weight(self) -> Table:
+        """The lookup table, `embedding.weight` (tied, the decode's table too): a
+        float array, or a table kind such as a `QuantizedTable`."""
         return self.embedding.weight
 
     @property
@@ -141,6 +143,35 @@ class ReversibleEmbedding(eqx.Module):
             table = self.embedding
         return EmbeddingDecode(
             table, logit_soft_cap=self.logit_soft_cap, dtype=self.reverse_dtype
+        )
+
+    def quantize(
+        self, mode: str, *, group_size: int | None = None
+    ) -> "ReversibleEmbedding":
+        """This module with its table (tied) or both tables (untied) quantized, as
+        keras' `ReversibleEmbedding.quantize(mode)`; see
+        [`Embedding.quantize`][eqx_embed.Embedding.quantize]. Tied, the lookup and
+        the decode keep reading one (quantized) leaf.
+
+        **Arguments:**
+
+        - `mode`, `group_size`: as for `Embedding.quantize`.
+
+        **Returns:**
+
+        A new `ReversibleEmbedding`.
+        """
+        layer = eqx.tree_at(
+            lambda layer: layer.embedding,
+            self,
+            self.embedding.quantize(mode, group_size=group_size),
+        )
+        if self.reverse_embedding is None:
+            return layer
+        return eqx.tree_at(
+            lambda layer: layer.reverse_embedding,
+            layer,
+            self.reverse_embedding.quantize(mode, group_size=group_size),
         )
 
     @checked

@@ -1,0 +1,297 @@
+"""LoRA (`add_lora`, `merge_lora`, `lora_filter`, the adapted table kind) against a
+materialised reference: the adapted weights `W + scale * up @ down` built whole in
+NumPy float64, run as a plain model, and differentiated by `jax.grad`."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqx_embed
+from eqx_embed.nn._lora import LoRATable, LowRank
+from tests._tolerances import tolerance
+
+VOCAB, WIDTH, BLOCK = 70, 16, 16  # 70 rows: five blocks, the last one shifted back
+TARGETS = ["q_proj", "v_proj", "mlp.down", "embedding"]
+
+
+def config(**settings) -> eqx_embed.TransformerConfig:
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        intermediate_size=24,
+        num_layers=2,
+        num_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+        param_dtype="float64",
+        activation_dtype="float64",
+    )
+    return eqx_embed.TransformerConfig("llama", **{**values, **settings})
+
+
+def randomised(model):
+    """Every adapter's `up` drawn too (they start at zero), so that the updates
+    matter."""
+    adapters = [
+        node
+        for node in jax.tree.leaves(model, is_leaf=lambda n: isinstance(n, LowRank))
+        if isinstance(node, LowRank)
+    ]
+    keys = jax.random.split(jax.random.key(7), len(adapters))
+    return eqx.tree_at(
+        lambda m: [
+            n.up
+            for n in jax.tree.leaves(m, is_leaf=lambda n: isinstance(n, LowRank))
+            if isinstance(n, LowRank)
+        ],
+        model,
+        [
+            0.5 * jax.random.normal(key, a.up.shape, a.up.dtype)
+            for key, a in zip(keys, adapters, strict=True)
+        ],
+    )
+
+
+def numpy_merged(plain, adapted):
+    """The plain model with each adapted weight replaced by `W + scale * up @ down`,
+    computed in NumPy float64."""
+
+    def update(node):
+        if isinstance(node, LowRank):
+            up, down = np.asarray(node.up), np.asarray(node.down)
+            return node.scale * (up @ down)
+        return None
+
+    is_adapted = lambda n: isinstance(n, eqx_embed.models._lora.LoRALinear | LoRATable)  # noqa: E731
+    replaced = {}
+    for path, node in jax.tree_util.tree_flatten_with_path(
+        adapted, is_leaf=is_adapted
+    )[0]:
+        if is_adapted(node):
+            name = jax.tree_util.keystr(path, simple=True, separator=".")
+            replaced[name] = node
+    leaves = []
+    for name, node in replaced.items():
+        if isinstance(node, LoRATable):
+            base = np.asarray(node.base)
+            leaves.append((name, base + update(node.adapter)))
+        else:
+            base = np.asarray(node.base.weight)
+            leaves.append((name + ".weight", base + update(node.adapter)))
+
+    def get(model, name):
+        for part in name.split("."):
+            model = getattr(model, part)
+        return model
+
+    return eqx.tree_at(
+        lambda m: [get(m, name) for name, _ in leaves],
+        plain,
+        [jnp.asarray(array) for _, array in leaves],
+    )
+
+
+@pytest.fixture(scope="module")
+def models():
+    with jax.enable_x64(True):
+        plain = eqx_embed.TransformerLM(config(), key=jax.random.key(0))
+        adapted = randomised(
+            eqx_embed.add_lora(
+                plain, rank=3, alpha=6, targets=TARGETS, key=jax.random.key(1)
+            )
+        )
+        yield plain, adapted, numpy_merged(plain, adapted)
+
+
+TOKENS = np.arange(1, 13) * 5 % VOCAB
+
+
+def test_adapters_start_at_zero_and_adapt_the_chosen_weights(models):
+    plain, adapted, _ = models
+    with jax.enable_x64(True):
+        fresh = eqx_embed.add_lora(
+            plain, rank=3, alpha=6, targets=TARGETS, key=jax.random.key(1)
+        )
+        np.testing.assert_array_equal(fresh(TOKENS), plain(TOKENS))
+    assert isinstance(adapted.embedding.embedding.weight, LoRATable)
+    attention, mlp = adapted.blocks.attention, adapted.blocks.mlp
+    assert attention.query_proj.adapter.up.shape == (2, WIDTH, 3)
+    assert attention.value_proj.adapter.down.shape == (2, 3, WIDTH)
+    assert mlp.down.adapter.down.shape == (2, 3, 24)
+    assert isinstance(attention.key_proj, eqx_embed.models._linear.Linear)
+    assert isinstance(mlp.up, eqx_embed.models._linear.Linear)
+
+
+def test_logits_lookup_and_merge_equal_the_materialised_weights(models):
+    _, adapted, reference = models
+    with jax.enable_x64(True):
+        expected = np.asarray(reference(TOKENS))
+        tol = tolerance(np.float64, 200, scale=float(np.abs(expected).max()))
+        np.testing.assert_allclose(adapted(TOKENS), expected, **tol)
+        np.testing.assert_allclose(
+            eqx_embed.merge_lora(adapted)(TOKENS), expected, **tol
+        )
+        # The lookup alone: rows of the adapted table, bad ids NaN as before.
+        lookup = jax.vmap(adapted.embedding)(jnp.asarray([0, 69, -1, 70]))
+        table = np.asarray(reference.embedding.weight)
+        np.testing.assert_allclose(lookup[:3], table[[0, 69, 69]], **tol)
+        assert np.isnan(lookup[3]).all()
+    merged = eqx_embed.merge_lora(adapted)
+    assert jax.tree.structure(merged) == jax.tree.structure(reference)
+
+
+@pytest.mark.parametrize("loss", ["per_token", "mean"])
+def test_fused_loss_gradients_equal_those_of_the_materialised_table(models, loss):
+    """Blockwise over an adapted tied table (five blocks, the last shifted back):
+    the adapters' gradients equal `jax.grad` through `W + scale * up @ down` built
+    whole."""
+    plain, adapted, _ = models
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        hidden = jnp.asarray(rng.normal(size=(9, WIDTH)))
+        targets = jnp.asarray(rng.integers(0, VOCAB, 9))
+        table = adapted.embedding.embedding.weight
+        embedding = adapted.embedding
+
+        def fused(adapter):
+            module = eqx.tree_at(lambda e: e.embedding.weight.adapter, embedding, adapter)
+            if loss == "mean":
+                return module.mean_cross_entropy(hidden, targets, chunk_size=BLOCK)
+            return module.cross_entropy(hidden, targets, block_size=BLOCK).mean()
+
+        def materialised(adapter):
+            full = table.base + adapter.scale * adapter.up @ adapter.down
+            logits = hidden @ full.T
+            picked = jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
+            return jnp.mean(jax.nn.logsumexp(logits, axis=1) - picked)
+
+        value, grads = jax.value_and_grad(fused)(table.adapter)
+        want_value, want = jax.value_and_grad(materialised)(table.adapter)
+        tol = tolerance(np.float64, 4 * VOCAB * WIDTH, scale=10.0)
+        np.testing.assert_allclose(value, want_value, **tol)
+        np.testing.assert_allclose(grads.up, want.up, **tol)
+        np.testing.assert_allclose(grads.down, want.down, **tol)
+    del plain
+
+
+def test_lora_filter_trains_the_adapters_alone(models):
+    _, adapted, reference = models
+    spec = eqx_embed.lora_filter(adapted)
+    trainable, frozen = eqx.partition(adapted, spec)
+    # Exactly the up/down factors: four adapters, two arrays each.
+    assert len(jax.tree.leaves(trainable)) == 8
+    adapters = jax.tree.leaves(
+        trainable, is_leaf=lambda n: isinstance(n, LowRank)
+    )
+    assert all(isinstance(a, LowRank) or a is None for a in adapters)
+    with jax.enable_x64(True):
+        tokens = jnp.asarray(TOKENS)[None]
+
+        def loss(trainable):
+            model = eqx.combine(trainable, frozen)
+            return model.mean_loss(tokens[:, :-1], tokens[:, 1:])
+
+        grads = eqx.filter_grad(loss)(trainable)
+        assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+        optimizer = optax.adam(1e-2)
+        state = optimizer.init(trainable)
+        moments = [x for x in jax.tree.leaves(state) if x.ndim > 0]
+        assert sum(x.size for x in moments) == 2 * sum(
+            x.size for x in jax.tree.leaves(trainable)
+        )
+        updates, state = optimizer.update(grads, state)
+        stepped = eqx.combine(eqx.apply_updates(trainable, updates), frozen)
+        # The frozen rest is untouched, bit for bit.
+        for name in ("blocks.attention.key_proj.weight", "final_norm.weight"):
+            got, want = stepped, reference
+            for part in name.split("."):
+                got, want = getattr(got, part), getattr(want, part)
+            np.testing.assert_array_equal(got, want)
+        assert loss(eqx.filter(stepped, spec)) < loss(trainable)
+
+
+def test_the_adapted_tables_loss_never_builds_the_adapted_table():
+    """The compiled gradient of the fused loss holds less scratch than one copy of
+    the (32-row-block) table: the adapted table is never built, and the frozen
+    base gets no gradient buffer."""
+    vocab, width = 4096, 64
+    cfg = eqx_embed.TransformerConfig(
+        "llama",
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        max_position_embeddings=16,
+        tie_word_embeddings=True,
+    )
+    model = eqx_embed.add_lora(
+        eqx_embed.TransformerLM(cfg, key=jax.random.key(0)),
+        rank=4,
+        alpha=8,
+        targets=["embedding"],
+        key=jax.random.key(1),
+    )
+    trainable, frozen = eqx.partition(model, eqx_embed.lora_filter(model))
+    arrays, static = eqx.partition(frozen, eqx.is_array)
+    tokens = jnp.arange(16)[None] * 7
+
+    def grad(trainable, arrays):
+        def loss(trainable):
+            model = eqx.combine(trainable, arrays, static)
+            return model.mean_loss(tokens[:, :-1], tokens[:, 1:])
+
+        return jax.grad(loss)(trainable)
+
+    compiled = jax.jit(grad).lower(trainable, arrays).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < vocab * width * 4 / 2
+
+
+def test_untied_tables_take_their_own_adapters():
+    with jax.enable_x64(True):
+        plain = eqx_embed.TransformerLM(
+            config(tie_word_embeddings=False), key=jax.random.key(0)
+        )
+        adapted = randomised(
+            eqx_embed.add_lora(
+                plain,
+                rank=2,
+                alpha=2,
+                targets=["embed_tokens", "lm_head"],
+                key=jax.random.key(1),
+            )
+        )
+        reference = numpy_merged(plain, adapted)
+        expected = np.asarray(reference(TOKENS))
+        tol = tolerance(np.float64, 200, scale=float(np.abs(expected).max()))
+        np.testing.assert_allclose(adapted(TOKENS), expected, **tol)
+    assert isinstance(adapted.embedding.reverse_embedding.weight, LoRATable)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(rank=0), "rank must be a positive integer, got 0"),
+        (dict(rank=17), "rank must be at most 16 .* got 17"),
+        (dict(targets=["q_prj"]), "targets: 'q_prj' matches no module"),
+        (dict(targets="q_proj"), "targets must be a non-empty list"),
+        (dict(alpha=0), "alpha must be a positive finite number, got 0"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(models, settings, message):
+    plain, _, _ = models
+    arguments = dict(rank=2, alpha=4, targets=["q_proj"], key=jax.random.key(0))
+    with pytest.raises(ValueError, match=message):
+        eqx_embed.add_lora(plain, **{**arguments, **settings})
+
+
+def test_a_weight_is_adapted_once(models):
+    _, adapted, _ = models
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        eqx_embed.add_lora(
+            adapted, rank=2, alpha=4, targets=["q_proj"], key=jax.random.key(0)
+        )
