@@ -170,7 +170,9 @@ def test_fused_loss_gradients_equal_those_of_the_materialised_table(models, loss
 
         value, grads = jax.value_and_grad(fused)(table.adapter)
         want_value, want = jax.value_and_grad(materialised)(table.adapter)
-        tol = tolerance(np.float64, 4 * VOCAB * WIDTH, scale=10.0)
+        # The mean's weights (`where / count`) are float32, whatever the table's.
+        dtype = np.float32 if loss == "mean" else np.float64
+        tol = tolerance(dtype, 4 * VOCAB * WIDTH, scale=10.0)
         np.testing.assert_allclose(value, want_value, **tol)
         np.testing.assert_allclose(grads.up, want.up, **tol)
         np.testing.assert_allclose(grads.down, want.down, **tol)
@@ -215,9 +217,9 @@ def test_lora_filter_trains_the_adapters_alone(models):
 
 def test_the_adapted_tables_loss_never_builds_the_adapted_table():
     """The compiled gradient of the fused loss holds less scratch than one copy of
-    the (32-row-block) table: the adapted table is never built, and the frozen
-    base gets no gradient buffer."""
-    vocab, width = 4096, 64
+    the table (it holds blocks of 2048 rows, a quarter of it): the adapted table
+    is never built, and the frozen base gets no gradient buffer."""
+    vocab, width = 8192, 64
     cfg = eqx_embed.TransformerConfig(
         "llama",
         vocab_size=vocab,
@@ -247,7 +249,7 @@ def test_the_adapted_tables_loss_never_builds_the_adapted_table():
         return jax.grad(loss)(trainable)
 
     compiled = jax.jit(grad).lower(trainable, arrays).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes < vocab * width * 4 / 2
+    assert compiled.memory_analysis().temp_size_in_bytes < 0.75 * vocab * width * 4
 
 
 def test_untied_tables_take_their_own_adapters():
