@@ -40,6 +40,7 @@ SMALL_SETTINGS = {
     "quickstart.py": ["--steps", "3"],
     "train_tiny_lm.py": TINY_LM,
     "hf_checkpoint.py": ["--demo"],
+    "finetune_lora.py": ["--demo", "--steps", "2", "--seq-len", "32"],
 }
 
 
