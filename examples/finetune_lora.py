@@ -29,7 +29,6 @@ from collections.abc import Sequence
 
 import equinox as eqx
 import jax
-import numpy as np
 import optax
 import train_tiny_lm
 from _checkpointing import RECORD_FILE, load_state, read_record
