@@ -278,9 +278,7 @@ def test_finetune_benchmark_runs_small():
         num_kv_heads=2,
     )
     returned = bench_finetune.main(size, (2, 16))
-    rows = {
-        (row.benchmark, row.case): row for row in returned if isinstance(row, Row)
-    }
+    rows = {(row.benchmark, row.case): row for row in returned if isinstance(row, Row)}
     (goal,) = [goal for goal in returned if isinstance(goal, Goal)]
     width, inner, rank = 32, 48, bench_finetune.RANK
     kv = 2 * width // 4

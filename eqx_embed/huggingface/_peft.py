@@ -38,7 +38,7 @@ from ..models._lora import (
 )
 from ..models._transformer_parts import named_leaves
 from ..nn._lora import LoRATable, LowRank
-from ._checkpoint import _fuse_qkv, _huggingface_name, _split_qkv, _transpose_conv1d
+from ._checkpoint import fuse_qkv, huggingface_name, split_qkv, transpose_conv1d
 from ._safetensors import read_json, read_safetensors
 from .families import huggingface_family
 
@@ -198,12 +198,12 @@ def _load_saved(
     """`model` with its weights replaced by the full weights the adapter saved
     (`modules_to_save`, embedding base layers), matched by Hugging Face name."""
     config = model.config
-    _transpose_conv1d(saved, config)
+    transpose_conv1d(saved, config)
     if huggingface_family(config.family).weight_names.fused_qkv:
-        _split_qkv(saved, config)
+        split_qkv(saved, config)
     replacements: dict[str, Any] = {}
     for name, leaf in named_leaves(model.parts()).items():
-        hf_names = _huggingface_name(name, config)
+        hf_names = huggingface_name(name, config)
         stacked = isinstance(hf_names, list)
         for layer, hf_name in enumerate(hf_names if stacked else [hf_names]):
             if hf_name not in saved:
@@ -254,8 +254,8 @@ def load_peft_adapter(model: TransformerLM, path: str | pathlib.Path) -> Transfo
     config = model.config
     names = huggingface_family(config.family).weight_names
     tie = config.tie_word_embeddings and bool(settings.get("ensure_weight_tying"))
-    head = _huggingface_name(TABLE_PATHS["reverse_embedding"] + ".weight", config)
-    lookup = _huggingface_name(TABLE_PATHS["embedding"] + ".weight", config)
+    head = huggingface_name(TABLE_PATHS["reverse_embedding"] + ".weight", config)
+    lookup = huggingface_name(TABLE_PATHS["embedding"] + ".weight", config)
     if config.tie_word_embeddings:
         # PEFT saves a tied head's adapter (and base) beside the embedding's.
         for role in ("down", "up"):
@@ -279,10 +279,10 @@ def load_peft_adapter(model: TransformerLM, path: str | pathlib.Path) -> Transfo
             prefix = name.removesuffix(f"{names.fused_qkv}.weight")
             for part in ("query", "key", "value"):
                 roles["down"][f"{prefix}{part}.weight"] = down
-        _split_qkv(roles["up"], config)
+        split_qkv(roles["up"], config)
     replacements = {}
     for path, linear in linear_paths(model).items():
-        hf_names = _huggingface_name(path + ".weight", config)
+        hf_names = huggingface_name(path + ".weight", config)
         adapter = _stack(hf_names, roles, settings, weight_shape(linear)[1:], path)
         if adapter is not None:
             replacements[path] = LoRALinear(linear, _cast(adapter, linear.weight.dtype))
@@ -291,7 +291,7 @@ def load_peft_adapter(model: TransformerLM, path: str | pathlib.Path) -> Transfo
         table = adapted_table(model, target)
         if table is None:
             continue
-        hf_name = _huggingface_name(TABLE_PATHS[target] + ".weight", config)
+        hf_name = huggingface_name(TABLE_PATHS[target] + ".weight", config)
         adapter = _stack([hf_name], roles, settings, table.shape, target)
         if adapter is not None:
             adapter = LowRank(
@@ -361,7 +361,7 @@ def _fused_qkv(
                 ups[f"{prefix}.{part}.weight"] = up
                 offset += part_rank
             down, alpha = np.concatenate(downs), float(rank)
-        _fuse_qkv(ups, config)
+        fuse_qkv(ups, config)
         ((fused_name, fused_up),) = ups.items()
         factors[fused_name.removesuffix(".weight")] = (fused_up, down, alpha)
 
@@ -395,7 +395,7 @@ def save_peft_adapter(model: TransformerLM, path: str | pathlib.Path) -> None:
             continue
         adapter = linear.adapter
         dropouts.add(adapter.dropout)
-        hf_names = _huggingface_name(path_ + ".weight", config)
+        hf_names = huggingface_name(path_ + ".weight", config)
         for layer, hf_name in enumerate(hf_names):
             factors[hf_name.removesuffix(".weight")] = (
                 np.asarray(adapter.up[layer], np.float32),
@@ -419,7 +419,7 @@ def save_peft_adapter(model: TransformerLM, path: str | pathlib.Path) -> None:
             np.asarray(adapter.up, np.float32),
             np.asarray(adapter.down, np.float32),
         )
-        module = _huggingface_name(TABLE_PATHS[target] + ".weight", config)
+        module = huggingface_name(TABLE_PATHS[target] + ".weight", config)
         module = module.removesuffix(".weight")
         factors[module] = (up, down, adapter.alpha)
         if target == "reverse_embedding":
@@ -431,7 +431,7 @@ def save_peft_adapter(model: TransformerLM, path: str | pathlib.Path) -> None:
         if model.embedding.tie_weights:
             # PEFT's tied head, the same adapter seen as a linear's.
             tied_table = True
-            head = _huggingface_name(
+            head = huggingface_name(
                 TABLE_PATHS["reverse_embedding"] + ".weight", config
             )
             head = head.removesuffix(".weight")

@@ -25,7 +25,7 @@ from ..nn._contracts import checked
 from ..nn._lora import LoRATable, LowRank, low_rank
 from ..nn._table_kind import as_array, is_plain
 from ._linear import Linear
-from ._transformer_parts import _make_embedding
+from ._transformer_parts import make_embedding
 
 
 class LoRALinear(eqx.Module):
@@ -373,7 +373,7 @@ def untie_decode(model: Any) -> Any:
 
     config = dataclasses.replace(model.config, tie_word_embeddings=False)
     table = model.embedding.weight
-    embedding = _make_embedding(
+    embedding = make_embedding(
         config, key=None, weight=table, reverse_weight=jnp.array(table, copy=True)
     )
     return TransformerLM(config, **dict(model.parts(), embedding=embedding))
