@@ -292,3 +292,51 @@ def test_a_weight_is_adapted_once(models):
         eqx_embed.add_lora(
             adapted, rank=2, alpha=4, targets=["q_proj"], key=jax.random.key(0)
         )
+
+
+def test_qlora_trains_only_the_adapters_over_an_int8_base():
+    """LoRA over a quantized, frozen base: the gradients reach the adapters alone,
+    and equal those of the same adapters over the dequantized float weights; merging
+    into the quantized base is refused unless asked to dequantize."""
+    plain = eqx_embed.TransformerLM(
+        config(param_dtype="float32", activation_dtype="float32"),
+        key=jax.random.key(0),
+    )
+    adapted = randomised(
+        eqx_embed.add_lora(
+            eqx_embed.quantize(plain, "int8"),
+            rank=2,
+            alpha=4,
+            targets=["q_proj", "mlp.down", "embedding"],
+            key=jax.random.key(1),
+        )
+    )
+    floats = eqx_embed.dequantize(adapted)  # the same adapters, float bases
+    tokens = jnp.asarray(TOKENS)[None]
+
+    def gradients(model):
+        trainable, frozen = eqx.partition(model, eqx_embed.lora_filter(model))
+
+        def loss(trainable):
+            model = eqx.combine(trainable, frozen)
+            return model.mean_loss(tokens[:, :-1], tokens[:, 1:])
+
+        return trainable, eqx.filter_grad(loss)(trainable)
+
+    trainable, grads = gradients(adapted)
+    assert len(jax.tree.leaves(trainable)) == 6
+    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+    _, expected = gradients(floats)
+    for got, want in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True
+    ):
+        np.testing.assert_allclose(got, want, **tolerance(np.float32, 2000))
+    with pytest.raises(ValueError, match="has a quantized base .* dequantize=True"):
+        eqx_embed.merge_lora(adapted)
+    merged = eqx_embed.merge_lora(adapted, dequantize=True)
+    expected_logits = np.asarray(adapted(TOKENS))
+    np.testing.assert_allclose(
+        merged(TOKENS),
+        expected_logits,
+        **tolerance(np.float32, 200, scale=float(np.abs(expected_logits).max())),
+    )
