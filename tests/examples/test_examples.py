@@ -7,6 +7,7 @@ import importlib.util
 import json
 import lzma
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -52,6 +53,8 @@ def run_example(name: str, *args: str, cwd: pathlib.Path) -> str:
         capture_output=True,
         text=True,
         timeout=600,
+        # This checkout's package, whatever the environment has installed.
+        env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent)},
     )
     assert result.returncode == 0, f"{name} {args} failed:\n{result.stderr[-3000:]}"
     return result.stdout

@@ -3,11 +3,7 @@ base (QLoRA): the held-out bits per byte it prints drop, and the PEFT adapter it
 writes gives, in `peft` itself, the logits of the adapted model loaded back here."""
 
 import json
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +14,8 @@ import transformers
 
 import eqx_embed
 from eqx_embed.huggingface import load_peft_adapter
+from tests.examples.test_examples import EXAMPLES, run_example
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 TINY = [
     "--tokenizer", "byte", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
     "--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "1",
@@ -29,26 +25,14 @@ TINY = [
 ]  # fmt: skip
 
 
-def run(name: str, *args: str, cwd: pathlib.Path) -> str:
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        # This checkout's package, whatever the environment has installed.
-        env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent)},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
 def test_finetune_lora_on_train_tiny_lm_with_an_int8_base(tmp_path):
     text = tmp_path / "text.txt"
     text.write_bytes((EXAMPLES / "train_tiny_lm.py").read_bytes() * 2)
-    run("train_tiny_lm.py", *TINY, "--out", str(tmp_path / "tiny"), cwd=tmp_path)
-    stdout = run(
-        "finetune_lora.py", str(tmp_path / "tiny"), "--text", str(text), "--int8",
+    run_example(
+        "train_tiny_lm.py", *TINY, "--out", str(tmp_path / "tiny"), cwd=tmp_path
+    )
+    stdout = run_example(
+        "finetune_lora.py", str(tiny), "--text", str(text), "--int8",
         "--rank", "4", "--steps", "12", "--batch-size", "4", "--seq-len", "32",
         "--learning-rate", "1e-2", "--eval-bytes", "2048",
         "--out", str(tmp_path / "tuned"), cwd=tmp_path,
