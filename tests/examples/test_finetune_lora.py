@@ -32,7 +32,7 @@ def test_finetune_lora_on_train_tiny_lm_with_an_int8_base(tmp_path):
         "train_tiny_lm.py", *TINY, "--out", str(tmp_path / "tiny"), cwd=tmp_path
     )
     stdout = run_example(
-        "finetune_lora.py", str(tiny), "--text", str(text), "--int8",
+        "finetune_lora.py", str(tmp_path / "tiny"), "--text", str(text), "--int8",
         "--rank", "4", "--steps", "12", "--batch-size", "4", "--seq-len", "32",
         "--learning-rate", "1e-2", "--eval-bytes", "2048",
         "--out", str(tmp_path / "tuned"), cwd=tmp_path,
