@@ -83,7 +83,9 @@ def test_every_example_has_small_settings():
     assert scripts == set(SMALL_SETTINGS)
 
 
-@pytest.mark.parametrize("name", ["quickstart.py", "hf_checkpoint.py"])
+@pytest.mark.parametrize(
+    "name", ["quickstart.py", "hf_checkpoint.py", "finetune_lora.py"]
+)
 def test_example_runs(name, tmp_path):
     assert run_example(name, *SMALL_SETTINGS[name], cwd=tmp_path)
 
