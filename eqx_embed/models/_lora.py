@@ -294,6 +294,11 @@ def _is_adapter(node: Any) -> bool:
     return isinstance(node, LowRank)
 
 
+def has_lora(model: Any) -> bool:
+    """Whether `model` holds a LoRA adapter."""
+    return any(map(_is_adapter, jax.tree.leaves(model, is_leaf=_is_adapter)))
+
+
 @checked
 def lora_filter(model: Any) -> Any:
     """A pytree of booleans shaped as `model`, `True` exactly at the adapters' arrays

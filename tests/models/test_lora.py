@@ -340,3 +340,10 @@ def test_qlora_trains_only_the_adapters_over_an_int8_base():
         expected_logits,
         **tolerance(np.float32, 200, scale=float(np.abs(expected_logits).max())),
     )
+
+
+def test_a_hugging_face_export_of_an_adapted_model_is_refused(models, tmp_path):
+    _, adapted, _ = models
+    with pytest.raises(ValueError, match=r"has LoRA adapters.*merge_lora\(model\)"):
+        adapted.to_huggingface(tmp_path)
+    assert not any(tmp_path.iterdir())
