@@ -216,10 +216,10 @@ def test_lora_filter_trains_the_adapters_alone(models):
 
 
 def test_the_adapted_tables_loss_never_builds_the_adapted_table():
-    """The compiled gradient of the fused losses holds less scratch than the table
-    (its blocks are 2048 rows, a quarter of it): the adapted table is never built,
-    and the frozen base gets no gradient buffer."""
-    vocab, width = 8192, 64
+    """The compiled gradient of the fused losses holds less scratch than half the
+    table (its blocks are 2048 rows, a sixteenth of it): the adapted table is never
+    built, and the frozen base gets no gradient buffer."""
+    vocab, width = 32768, 64
     embedding = eqx_embed.ReversibleEmbedding(vocab, width, key=jax.random.key(0))
     adapter = low_rank(
         vocab,
@@ -244,7 +244,7 @@ def test_the_adapted_tables_loss_never_builds_the_adapted_table():
         return jax.grad(loss)(adapter)
 
     compiled = jax.jit(grad).lower(adapter, base).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes < 0.75 * vocab * width * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < 0.5 * vocab * width * 4
 
 
 def test_untied_tables_take_their_own_adapters():
