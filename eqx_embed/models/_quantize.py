@@ -7,6 +7,7 @@ from typing import Any
 import equinox as eqx
 import jax
 
+from ..nn._contracts import checked
 from ..nn._embedding import Embedding
 from ..nn._quantize import QuantizedTable, check_mode
 from ._linear import Linear
@@ -16,6 +17,7 @@ def _is_quantizable(node: Any) -> bool:
     return isinstance(node, (Embedding, Linear))
 
 
+@checked
 def quantize(tree: Any, mode: str, *, group_size: int | None = None) -> Any:
     """Quantizes the weights of every embedding table and linear layer in `tree`, as
     `Embedding.quantize` and `Linear.quantize` do one: the token tables (lookup and
@@ -48,7 +50,7 @@ def quantize(tree: Any, mode: str, *, group_size: int | None = None) -> Any:
 
     import eqx_embed
 
-    config = eqx_embed.TransformerConfig.from_family(
+    config = eqx_embed.TransformerConfig(
         "llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
         num_heads=2, max_position_embeddings=16,
     )
@@ -81,6 +83,7 @@ def has_quantized_weights(tree: Any) -> bool:
     return any(_is_quantized(node) for node in nodes)
 
 
+@checked
 def dequantize(tree: Any) -> Any:
     """`tree` with every quantized weight replaced by its float array (the
     integers times their scales): what a Hugging Face export writes.
@@ -93,6 +96,25 @@ def dequantize(tree: Any) -> Any:
 
     `tree` with float weights in the scales' dtype. Quantized then dequantized,
     a weight keeps its quantization error: this does not restore the original.
+
+    **Raises:**
+
+    - Nothing of its own.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    table = jax.random.normal(jax.random.key(0), (100, 16))
+    quantized = eqx_embed.Embedding(weight=table).quantize("int8")
+    plain = eqx_embed.dequantize(quantized)
+    assert plain.weight.shape == (100, 16)
+    assert jnp.allclose(plain.weight, table, atol=jnp.abs(table).max() / 127)
+    ```
     """
     return jax.tree.map(
         lambda node: node.dequantize() if _is_quantized(node) else node,
@@ -101,6 +123,7 @@ def dequantize(tree: Any) -> Any:
     )
 
 
+@checked
 def unquantized_filter(tree: Any) -> Any:
     """A filter for `eqx.partition` and `eqx.filter_grad`: `True` for the float
     arrays of `tree` outside its quantized weights (norms, biases, adapters),
@@ -117,6 +140,30 @@ def unquantized_filter(tree: Any) -> Any:
 
     A pytree of booleans, a prefix of `tree`: `eqx.partition(tree,
     unquantized_filter(tree))`.
+
+    **Raises:**
+
+    - Nothing of its own.
+
+    **Example:**
+
+    ```python
+    import equinox as eqx
+    import jax
+
+    import eqx_embed
+
+    config = eqx_embed.TransformerConfig(
+        "llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+        num_heads=2, max_position_embeddings=16,
+    )
+    model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
+    model = eqx_embed.quantize(model, "int8")
+    trainable, frozen = eqx.partition(model, eqx_embed.unquantized_filter(model))
+    # Only the norms are left to train (two per layer, stacked, and the final one).
+    assert len(jax.tree.leaves(trainable)) == 3
+    assert trainable.embedding.embedding.weight.scale is None
+    ```
     """
     return jax.tree.map(
         lambda node: (

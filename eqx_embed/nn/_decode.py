@@ -25,8 +25,8 @@ from ._mesh import first_columns, on_explicit_mesh
 from ._mesh_token_layout import check_token_layout
 from ._table_kind import (
     Table,
+    TableKind,
     dot_with_table,
-    is_plain,
     promoted_dtype,
     rows_function,
 )
@@ -104,7 +104,7 @@ class EmbeddingDecode(eqx.Module):
         for a table kind, whose rows the losses cannot promote themselves, the
         compute dtype defaults to that of its rows and `hidden`."""
         dtype = self.dtype
-        if dtype is None and not is_plain(self.weight):
+        if dtype is None and isinstance(self.weight, TableKind):
             dtype = promoted_dtype(self.weight, hidden)
         return dict(dtype=dtype, rows=rows_function(self.weight))
 
@@ -144,8 +144,9 @@ class EmbeddingDecode(eqx.Module):
             owner="table's embedding_size",
         )
         # A table kind runs the one-device walks (no mesh layout is checked).
-        if is_plain(self.weight) and on_explicit_mesh(self.weight, hidden):
-            check_token_layout(self.weight, dict(hidden=hidden), method=method)
+        table = self.weight
+        if not isinstance(table, TableKind) and on_explicit_mesh(table, hidden):
+            check_token_layout(table, dict(hidden=hidden), method=method)
 
     def _check_loss_inputs(
         self, hidden: Array, targets: Any, where: Any, z_loss: float, method: str
@@ -164,8 +165,11 @@ class EmbeddingDecode(eqx.Module):
             negative_from_end=False,
             where=where,
         )
-        if is_plain(self.weight) and on_explicit_mesh(self.weight, hidden, targets):
-            check_token_layout(self.weight, dict(targets=targets), method=method)
+        table = self.weight
+        if not isinstance(table, TableKind) and on_explicit_mesh(
+            table, hidden, targets
+        ):
+            check_token_layout(table, dict(targets=targets), method=method)
         return targets, where
 
     @jax.named_scope("eqx_embed.EmbeddingDecode.cross_entropy")

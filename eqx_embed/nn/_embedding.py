@@ -26,7 +26,7 @@ from ._indices import (
 from ._mesh import first_columns, on_explicit_mesh, row_sharding
 from ._numerics import default_float_dtype
 from ._quantize import quantize_table
-from ._table_kind import Table, dot_with_table, is_plain
+from ._table_kind import Table, TableKind, dot_with_table
 
 Initializer = Callable[[PRNGKeyArray, tuple[int, ...], Any], Array]
 
@@ -311,18 +311,19 @@ class Embedding(eqx.Module):
             name="token id",
             negative_from_end=True,
         )
-        if not is_plain(self.weight):
-            row = self._gather_kind(token)
+        weight = self.weight
+        if isinstance(weight, TableKind):
+            row = self._gather_kind(weight, token)
         elif self.num_embeddings == 1:
             # A one-row table needs no gather, only a select. Unlike flax's, whose
             # select returns the row for every id, ids other than 0 and -1 read NaNs
             # here, as they would from any table.
-            row = jnp.where((token == 0) | (token == -1), self.weight[0], jnp.nan)
-        elif self._is_padded() or on_explicit_mesh(self.weight):
-            row = _gather_on_mesh(self.weight, token, self.num_embeddings)
+            row = jnp.where((token == 0) | (token == -1), weight[0], jnp.nan)
+        elif self._is_padded() or on_explicit_mesh(weight):
+            row = _gather_on_mesh(weight, token, self.num_embeddings)
         else:
             # A bad id comes back as `num_embeddings`, one past the table: NaNs.
-            row = gather_rows(self.weight, token, negative_from_end=True)
+            row = gather_rows(weight, token, negative_from_end=True)
         if self.padding_idx is not None:
             row = jnp.where(
                 self._is_padding(token, self.padding_idx), jnp.zeros_like(row), row
@@ -355,18 +356,19 @@ class Embedding(eqx.Module):
             return first_columns(logits, self.num_embeddings)
         return logits
 
-    def _gather_kind(self, token: Array) -> Array:
-        """The row of a checked `token` from a table kind, which reads ids in
-        `[0, rows]`, `rows` as NaNs: negative ids are counted from the end here, and
-        bad ids and those of padding rows (`pad_vocabulary`) become `rows`."""
+    def _gather_kind(self, table: TableKind, token: Array) -> Array:
+        """The row of a checked `token` from `table`, this embedding's table kind,
+        which reads ids in `[0, rows]`, `rows` as NaNs: negative ids are counted from
+        the end here, and bad ids and those of padding rows become `rows`."""
         token = jnp.where(token < 0, token + self.num_embeddings, token)
         in_table = (token >= 0) & (token < self.num_embeddings)
-        return self.weight.gather(jnp.where(in_table, token, self.weight.shape[0]))
+        return table.gather(jnp.where(in_table, token, table.shape[0]))
 
     def _is_padded(self) -> bool:
         """Whether the table has rows past `num_embeddings` (`pad_vocabulary`)."""
         return self.weight.shape[0] > self.num_embeddings
 
+    @checked
     def quantize(self, mode: str, *, group_size: int | None = None) -> "Embedding":
         """This embedding with its table weight-only quantized, as keras'
         `Embedding.quantize(mode)`: the same integers and scales, kept as a

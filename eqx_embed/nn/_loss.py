@@ -8,9 +8,8 @@ device, the token-chunk walk (`_loss_mean.py`). All of them walk the blockwise s
 `_loss_kernel.py`, which is also where a new kind of table plugs in (`table_rows`).
 """
 
-import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, Shaped
+from jaxtyping import Array, Bool, Float, Int
 
 from ._loss_kernel import AnyTable, Blocking, TableRows, blocking_for, table_rows
 from ._loss_mean import DEFAULT_CHUNK_ELEMENTS, weighted_sum
@@ -30,7 +29,7 @@ def _per_token_walk(
 
 
 def fused_log_sum_exp(
-    table: Shaped[Array, "num_embeddings embedding_size"] | eqx.Module,
+    table: AnyTable,
     hidden: Float[Array, "tokens embedding_size"],
     *,
     dtype: jnp.dtype | None,
@@ -61,7 +60,7 @@ def fused_log_sum_exp(
 
 
 def fused_cross_entropy(
-    table: Shaped[Array, "num_embeddings embedding_size"] | eqx.Module,
+    table: AnyTable,
     hidden: Float[Array, "tokens embedding_size"],
     targets: Int[Array, " tokens"],
     *,
@@ -115,7 +114,7 @@ def _losses(
 
 
 def fused_weighted_cross_entropy(
-    table: Shaped[Array, "num_embeddings embedding_size"] | eqx.Module,
+    table: AnyTable,
     hidden: Float[Array, "tokens embedding_size"],
     targets: Int[Array, " tokens"],
     weights: Float[Array, " tokens"],

@@ -80,9 +80,10 @@ def table_rows(table: Any, start: int | Array, size: int, dtype: jnp.dtype) -> A
 TableRows = Callable[[Any, Any, int, jnp.dtype], Array]
 """The signature of a table kind's plug-in, as [`table_rows`][]."""
 
-AnyTable = Array | eqx.Module
-"""A table as the walks take it: a plain array, or a table kind (`_table_kind.py`),
-a module they read only through `Blocking.table_rows`."""
+AnyTable = Any
+"""A table as the walks take it: a plain `(rows, width)` array, or a table kind
+(`_table_kind.py`), a module with a `shape` that they read only through
+`Blocking.table_rows`."""
 
 
 class Blocking(NamedTuple):

@@ -19,6 +19,7 @@ from jax import lax
 
 from ._contracts import check_positive
 from ._embedding import Embedding
+from ._table_kind import TableKind
 
 Tree = TypeVar("Tree")
 
@@ -28,6 +29,11 @@ def _padded(embedding: Embedding, multiple_of: int) -> Embedding:
     weight = embedding.weight
     if weight.shape[0] == rows:
         return embedding
+    if isinstance(weight, TableKind):
+        raise ValueError(
+            "pad_vocabulary pads float tables, got a table of kind "
+            f"{type(weight).__name__}: pad the vocabulary before quantizing."
+        )
     # Padding rows only ever follow the vocabulary, so a negative pad (a table
     # padded before to another multiple) drops padding rows only.
     weight = lax.pad(

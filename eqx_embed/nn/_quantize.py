@@ -21,6 +21,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, DTypeLike, Float, Int8, Integer
 
+from ._contracts import checked
 from ._table_kind import TableKind
 
 QUANTIZATION_MODES = ("int8", "int4")
@@ -55,8 +56,42 @@ def _group_size_for(width: int, group_size: int | None) -> int:
 
 class QuantizedTable(TableKind):
     """A weight-only quantized table (or a stack of them, along leading axes): int8
-    or int4 integers and float scales, read a block of rows at a time. Built by
-    [`quantize_table`][]; see the module's docstring for the formulas."""
+    or int4 integers and float scales, read a block of rows at a time, as keras
+    stores a quantized `Embedding`. What `Embedding.quantize` (and
+    [`quantize`][eqx_embed.quantize], for every table and linear of a model) puts in
+    a module's `weight`.
+
+    - `"int8"`: `values` `(rows, width)`, `scale` `(rows,)`: a row is
+        `values / scale`, with `scale = 127 / max|row|` (symmetric).
+    - `"int4"`: `values` `(rows, width // 2)`, two per byte (the even column in the
+        low nibble), `scale` and `zero` `(rows, groups)`: a group of columns is
+        `(values - zero) * scale` (asymmetric, keras' sub-channel int4).
+
+    The integers (`values`, `zero`) are int8 arrays, which `eqx.is_inexact_array`
+    leaves out of gradients and optimiser state; the scales have the float table's
+    dtype.
+
+    **Raises:**
+
+    - Nothing itself: `Embedding.quantize` raises `ValueError` for bad arguments.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    table = jax.random.normal(jax.random.key(0), (100, 16))
+    embedding = eqx_embed.Embedding(weight=table).quantize("int4", group_size=8)
+    weight = embedding.weight
+    assert isinstance(weight, eqx_embed.QuantizedTable)
+    assert weight.values.shape == (100, 8) and weight.scale.shape == (100, 2)
+    rows = weight.rows(10, 5, jnp.float32)  # only these rows are read
+    assert jnp.allclose(rows, weight.dequantize()[10:15])
+    ```
+    """
 
     values: Int8[Array, "*stack rows packed"]
     scale: Float[Array, "*stack rows"] | Float[Array, "*stack rows groups"]
@@ -66,10 +101,12 @@ class QuantizedTable(TableKind):
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The float table's shape: `(*stack, rows, width)`."""
         return (*self.values.shape[:-1], self.width)
 
     @property
     def dtype(self) -> jnp.dtype:
+        """The dtype of the rows read back: the scales'."""
         return self.scale.dtype
 
     @property
@@ -79,7 +116,7 @@ class QuantizedTable(TableKind):
 
     def _dequantized(self, values: Array, scale: Array, zero: Array | None) -> Array:
         """Rows read back, in the scales' dtype, from their integers."""
-        if self.zero is None:
+        if zero is None:
             return values.astype(scale.dtype) / scale[..., None]
         low = jnp.left_shift(values, 4) >> 4  # sign-extended low nibble
         high = values >> 4  # arithmetic shift: the sign-extended high nibble
@@ -91,21 +128,29 @@ class QuantizedTable(TableKind):
     def _fields(self) -> tuple[Array, ...]:
         return (self.values, self.scale) + (() if self.zero is None else (self.zero,))
 
+    @checked
     def rows(self, start: int | Array, size: int, dtype: DTypeLike) -> Array:
+        """Rows `[start, start + size)`, `(size, width)`, in `dtype`, dequantized
+        from those rows' integers and scales only (the fused losses' plug-in)."""
         block = [lax.dynamic_slice_in_dim(x, start, size) for x in self._fields()]
         zero = block[2] if self.zero is not None else None
         return self._dequantized(block[0], block[1], zero).astype(dtype)
 
+    @checked
     def gather(self, ids: Integer[Array, "*shape"]) -> Array:
+        """The rows of `ids` (each in `[0, rows]`), in the scales' dtype, dequantized
+        from their integers only: NaNs for an id equal to `rows`."""
         # An id past the rows reads NaN scales, so a NaN row.
-        values, zero = (
-            None if x is None else x.at[ids].get(mode="fill", fill_value=0)
-            for x in (self.values, self.zero)
-        )
+        values = self.values.at[ids].get(mode="fill", fill_value=0)
         scale = self.scale.at[ids].get(mode="fill", fill_value=jnp.nan)
+        zero = None
+        if self.zero is not None:
+            zero = self.zero.at[ids].get(mode="fill", fill_value=0)
         return self._dequantized(values, scale, zero)
 
+    @checked
     def dequantize(self) -> Array:
+        """The whole float table, in the scales' dtype (for export)."""
         return self._dequantized(self.values, self.scale, self.zero)
 
 

@@ -145,6 +145,7 @@ class ReversibleEmbedding(eqx.Module):
             table, logit_soft_cap=self.logit_soft_cap, dtype=self.reverse_dtype
         )
 
+    @checked
     def quantize(
         self, mode: str, *, group_size: int | None = None
     ) -> "ReversibleEmbedding":

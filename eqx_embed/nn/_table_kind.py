@@ -51,7 +51,7 @@ class TableKind(eqx.Module):
     docstring says how a kind plugs in). Abstract: see its subclasses."""
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         """`(rows, width)`, the shape of the float table this kind stands for."""
         raise NotImplementedError
 
@@ -79,19 +79,21 @@ Table = Float[Array, "num_embeddings embedding_size"] | TableKind
 
 
 def is_plain(table: Any) -> bool:
-    """Whether `table` is of the plain kind, a float array."""
+    """Whether `table` is of the plain kind, a float array (not a [`TableKind`][]).
+    Type checkers narrow on `isinstance(table, TableKind)`, which callers that need
+    the narrowing use instead."""
     return not isinstance(table, TableKind)
 
 
 def rows_function(table: Table) -> TableRows:
     """The kernel's static plug-in reading `table`'s rows."""
-    return table_rows if is_plain(table) else type(table).rows
+    return type(table).rows if isinstance(table, TableKind) else table_rows
 
 
 def as_array(table: Table) -> Array:
     """`table` as one float array: itself when plain, else dequantized whole (for
     export: the copy that every other reader avoids)."""
-    return table if is_plain(table) else table.dequantize()
+    return table.dequantize() if isinstance(table, TableKind) else table
 
 
 def dot_with_table(
@@ -106,7 +108,7 @@ def dot_with_table(
     made; the logits are written block by block (the last block, shifted back to end
     at the last row, first: the block before overwrites the rows they share, with
     the same values)."""
-    if is_plain(table):
+    if not isinstance(table, TableKind):
         return dot_with_rows(table, x, dtype=dtype, soft_cap=soft_cap)
     length = table.shape[0]
     size = min(DEFAULT_BLOCK_SIZE, length)
