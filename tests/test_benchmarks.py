@@ -286,3 +286,35 @@ def test_remat_benchmark_runs_small():
     assert all(row.min_ms <= row.median_ms <= row.max_ms for row in timed.values())
     assert memory["layer"].ratio == memory["layer"].median_ms / memory["none"].median_ms
     assert goal.measured == memory["layer"].ratio and goal.limit == 0.35
+
+
+def test_finetune_benchmark_runs_small():
+    """The fine-tuning step benchmark on a tiny model: LoRA's trainable state is
+    the gradients and two Adam moments of its adapters' factors, counted here from
+    the shapes, and its goal is the measured ratio to the full fine-tune's."""
+    import bench_finetune
+
+    size = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+    )
+    returned = bench_finetune.main(size, (2, 16))
+    rows = {(row.benchmark, row.case): row for row in returned if isinstance(row, Row)}
+    (goal,) = [goal for goal in returned if isinstance(goal, Goal)]
+    width, inner, rank = 32, 48, bench_finetune.RANK
+    kv = 2 * width // 4
+    # Per layer: q, o (32 x 32), k, v (16 x 32), gate, up (48 x 32), down (32 x 48).
+    shapes = [(width, width)] * 2 + [(kv, width)] * 2 + [(inner, width)] * 3
+    adapters = 2 * sum(rank * (rows_ + columns) for rows_, columns in shapes)
+    state = rows[("finetune_trainable_state_mib", "LoRA rank 8")]
+    assert state.median_ms * 2**20 == 3 * 4 * adapters
+    assert rows[("finetune_trainable_state_mib", "QLoRA int8")].median_ms == (
+        state.median_ms
+    )
+    assert goal.measured == pytest.approx(state.ratio) and goal.limit == 0.02
+    full = rows[("finetune_step_mib", "full fine-tune")]
+    assert full.ratio == 1.0 and full.median_ms > 0

@@ -11,3 +11,7 @@ from ._model import (
     load_transformer as load_transformer,
     save_transformer as save_transformer,
 )
+from ._peft import (
+    load_peft_adapter as load_peft_adapter,
+    save_peft_adapter as save_peft_adapter,
+)

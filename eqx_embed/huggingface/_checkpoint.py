@@ -33,7 +33,7 @@ def _top_level_name(name: str, config: TransformerConfig) -> str:
     return f"{huggingface_family(config.family).weight_names.top[module]}.{leaf}"
 
 
-def _huggingface_name(name: str, config: TransformerConfig) -> str | list[str]:
+def huggingface_name(name: str, config: TransformerConfig) -> str | list[str]:
     """The Hugging Face name of the model's weight `name`, or, for a stacked block
     weight, the list of per-layer names, from the family's format."""
     if not name.startswith("blocks."):
@@ -46,7 +46,7 @@ def _huggingface_name(name: str, config: TransformerConfig) -> str | list[str]:
     ]
 
 
-def _split_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
+def split_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
     """Replaces each fused query/key/value weight and bias of the files (GPT-NeoX's
     `query_key_value`, GPT-2's `c_attn`) by separate `query`, `key` and `value`
     tensors, in place. The fused rows are laid out per head, `(heads, 3, head_dim)`
@@ -65,8 +65,8 @@ def _split_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> Non
             tensors[f"{prefix}.{part}.{leaf}"] = rows.reshape(-1, *rest)
 
 
-def _fuse_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
-    """The inverse of `_split_qkv`, in place."""
+def fuse_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
+    """The inverse of `split_qkv`, in place."""
     names = huggingface_family(config.family).weight_names
     for query_name in [n for n in tensors if n.rsplit(".", 2)[-2] == "query"]:
         prefix, leaf = query_name.rsplit(".query.", 1)
@@ -82,9 +82,7 @@ def _fuse_qkv(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None
         tensors[f"{prefix}.{names.fused_qkv}.{leaf}"] = fused.reshape(-1, *rest)
 
 
-def _transpose_conv1d(
-    tensors: dict[str, np.ndarray], config: TransformerConfig
-) -> None:
+def transpose_conv1d(tensors: dict[str, np.ndarray], config: TransformerConfig) -> None:
     """Transposes, in place, the weights that the files store as `(in, out)`
     (Hugging Face's `Conv1D`); its own inverse."""
     transposed = huggingface_family(config.family).weight_names.transposed
@@ -196,12 +194,12 @@ def read_weights(
     if prefix and not any(name.startswith(prefix) for name in tensors):
         # The base model's files alone: transformers adds the prefix back.
         tensors = {f"{prefix}{name}": array for name, array in tensors.items()}
-    _transpose_conv1d(tensors, config)
+    transpose_conv1d(tensors, config)
     if huggingface_family(config.family).weight_names.fused_qkv:
-        _split_qkv(tensors, config)
+        split_qkv(tensors, config)
     arrays = {}
     for name in names:
-        hf_name = _huggingface_name(name, config)
+        hf_name = huggingface_name(name, config)
         hf_names = hf_name if isinstance(hf_name, list) else [hf_name]
         missing = [n for n in hf_names if n not in tensors]
         if missing:
@@ -249,13 +247,13 @@ def write_checkpoint(
         array = np.asarray(array)
         if array.dtype == jnp.bfloat16:
             array = array.astype(np.float32)
-        hf_name = _huggingface_name(name, config)
+        hf_name = huggingface_name(name, config)
         if isinstance(hf_name, list):
             tensors.update(zip(hf_name, array, strict=True))
         else:
             tensors[hf_name] = array
     if huggingface_family(config.family).weight_names.fused_qkv:
-        _fuse_qkv(tensors, config)
-    _transpose_conv1d(tensors, config)
+        fuse_qkv(tensors, config)
+    transpose_conv1d(tensors, config)
     tensors = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
     write_checkpoint_files(pathlib.Path(path), tensors, values)

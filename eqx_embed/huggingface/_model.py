@@ -12,6 +12,7 @@ from jaxtyping import DTypeLike
 
 from ..models import TransformerLM
 from ..models._config import floating_dtype
+from ..models._lora import has_lora
 from ..models._quantize import dequantize, has_quantized_weights
 from ..models._transformer_parts import initial_parts, named_leaves
 from ..nn._indices import OutOfRange
@@ -87,6 +88,12 @@ def load_transformer(
 def save_transformer(model: TransformerLM, path: str | pathlib.Path) -> None:
     """Writes `model` as a Hugging Face checkpoint directory; see
     [`TransformerLM.to_huggingface`][eqx_embed.TransformerLM.to_huggingface]."""
+    if has_lora(model):
+        raise ValueError(
+            "model has LoRA adapters, which a Hugging Face checkpoint does not hold: "
+            "expected plain weights; merge_lora(model) first, or write the adapters "
+            "with save_peft_adapter."
+        )
     if has_quantized_weights(model):
         warnings.warn(
             f"{path}: the model's quantized weights are written dequantized, as "

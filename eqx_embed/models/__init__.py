@@ -4,6 +4,11 @@ Checkpoint interop lives in `eqx_embed.huggingface`, imported only when used."""
 from ._cache import KVCache as KVCache
 from ._config import TransformerConfig as TransformerConfig
 from ._generation_config import GenerationConfig as GenerationConfig
+from ._lora import (
+    add_lora as add_lora,
+    lora_filter as lora_filter,
+    merge_lora as merge_lora,
+)
 from ._quantize import (
     dequantize as dequantize,
     quantize as quantize,

@@ -34,7 +34,7 @@ def make_rope(
     )
 
 
-def _make_embedding(
+def make_embedding(
     config: TransformerConfig,
     *,
     key: PRNGKeyArray | None,
@@ -77,7 +77,7 @@ def initial_parts(config: TransformerConfig, key: PRNGKeyArray) -> dict[str, Any
             out_of_range=config.out_of_range,
         )
     return dict(
-        embedding=_make_embedding(config, key=embedding_key),
+        embedding=make_embedding(config, key=embedding_key),
         blocks=blocks,
         final_norm=make_norm(config),
         position_embedding=position_embedding,

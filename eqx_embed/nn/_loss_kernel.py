@@ -159,6 +159,27 @@ def rows_gradient(table: Any, start: Array, d_rows: Array, blocking: Blocking) -
     return pullback(d_rows.astype(blocking.compute_dtype))[0]
 
 
+def add_rows_gradient(
+    table: Any, gradient: Any, start: Array, d_rows: Array, blocking: Blocking
+) -> Any:
+    """`gradient` (of a table kind's float leaves, as [`float_leaves`][]) plus what
+    the cotangent `d_rows` of its rows `[start, start + len(d_rows))` gives them.
+
+    A kind that knows how a block's gradient reaches its arrays says so with a
+    method `add_rows_gradient(gradient, start, d_rows, blocking)` of the same contract
+    (a LoRA table writes the block's rows of its `up` factor and adds to its small
+    `down`, rather than add a whole-table pullback per block); the others get
+    [`rows_gradient`][] added. Blocks run from the last: a kind may write a block's
+    rows of its gradient without reading them, as the plain walk does (the rows the
+    shifted last block shares with the block before have a zero cotangent there and
+    are written again by that block)."""
+    own = getattr(table, "add_rows_gradient", None)
+    if own is not None:
+        return own(gradient, start, d_rows, blocking)
+    block = rows_gradient(table, start, d_rows, blocking)
+    return jax.tree.map(jnp.add, gradient, block)
+
+
 def check_differentiable(blocking: Blocking) -> None:
     """Raises unless the table is of the plain kind, the one whose gradient the walks
     know how to write (see the module's docstring)."""

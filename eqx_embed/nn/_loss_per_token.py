@@ -46,13 +46,13 @@ from jaxtyping import Array
 from ._loss_kernel import (
     AnyTable,
     Blocking,
+    add_rows_gradient,
     block,
     block_d_logits,
     contract,
     float_leaves,
     is_plain_kind,
     num_blocks,
-    rows_gradient,
     rows_in_use,
 )
 from ._mesh import explicit_sharding, sharded_like, varying_like
@@ -137,8 +137,9 @@ def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit)
         )
         if not plain:
             # A table kind: the gradient of its float leaves, through its rows.
-            d_block = rows_gradient(table, this.columns[0], d_rows, blocking)
-            d_table = jax.tree.map(jnp.add, d_table, d_block)
+            d_table = add_rows_gradient(
+                table, d_table, this.columns[0], d_rows, blocking
+            )
             return (d_hidden, d_table, table), None
         # Writing without reading keeps a 16-bit table's gradient in one buffer.
         d_table = lax.dynamic_update_slice_in_dim(

@@ -8,6 +8,7 @@ import importlib.util
 import io
 import lzma
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -43,6 +44,7 @@ SMALL_SETTINGS = {
     "quickstart.py": ["--steps", "3"],
     "train_tiny_lm.py": TINY_LM,
     "hf_checkpoint.py": ["--demo"],
+    "finetune_lora.py": ["--demo", "--steps", "2", "--seq-len", "32"],
 }
 
 
@@ -54,6 +56,8 @@ def run_example(name: str, *args: str, cwd: pathlib.Path) -> str:
         capture_output=True,
         text=True,
         timeout=600,
+        # This checkout's package, whatever the environment has installed.
+        env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent)},
     )
     assert result.returncode == 0, f"{name} {args} failed:\n{result.stderr[-3000:]}"
     return result.stdout
@@ -82,8 +86,8 @@ def test_every_example_has_small_settings():
     assert scripts == set(SMALL_SETTINGS)
 
 
-def test_hf_checkpoint_example_runs(tmp_path):
-    name = "hf_checkpoint.py"
+@pytest.mark.parametrize("name", ["hf_checkpoint.py", "finetune_lora.py"])
+def test_example_runs(name, tmp_path):
     assert run_example(name, *SMALL_SETTINGS[name], cwd=tmp_path)
 
 

@@ -12,7 +12,7 @@ import pytest
 import transformers
 
 from eqx_embed import TransformerConfig
-from eqx_embed.huggingface._checkpoint import _huggingface_name
+from eqx_embed.huggingface._checkpoint import huggingface_name
 from eqx_embed.huggingface.families import HUGGINGFACE_FAMILIES
 from eqx_embed.models._config import FAMILIES, Family
 from eqx_embed.models._transformer_parts import initial_parts, named_leaves
@@ -96,7 +96,7 @@ def test_every_weight_has_one_huggingface_name(name):
     parts = eqx.filter_eval_shape(initial_parts, config, jax.random.key(0))
     hf_names = []
     for weight in named_leaves(parts):
-        hf_name = _huggingface_name(weight, config)
+        hf_name = huggingface_name(weight, config)
         hf_names += hf_name if isinstance(hf_name, list) else [hf_name]
     assert len(hf_names) == len(set(hf_names))
 
