@@ -277,7 +277,7 @@ def test_shapes_are_checked(models):
         model.generate(PROMPTS[0], max_new_tokens=2)
     with pytest.raises(ValueError, match="prompt_lengths must be 3 integers"):
         _generate.check_prompts(
-            PROMPTS, LENGTHS[:2], None, new_tokens=2, max_positions=64
+            PROMPTS, LENGTHS[:2], None, new_tokens=2, config=model.config
         )
 
 
