@@ -22,8 +22,8 @@ come back as a valid-looking row, so every lookup in this library goes through
 The range is checked in the index's own dtype, before any cast: an int64 id of
 `2**32 + 5` (NumPy, or JAX with `jax_enable_x64`) is out of range, not row 5, and a
 uint8 or uint32 id past the table is out of range, never wrapped. Every integer dtype
-and Python sequences of ints are accepted. Integers that index no table (prompt
-lengths, segment ids, a batch on its way to a mesh) go through `checked_integers`:
+and Python sequences of ints are accepted. Integers that index no table (segment
+ids, a batch on its way to a mesh) go through `checked_integers`:
 the same check in their own dtype, against a range of their own.
 """
 
