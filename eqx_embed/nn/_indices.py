@@ -22,7 +22,9 @@ come back as a valid-looking row, so every lookup in this library goes through
 The range is checked in the index's own dtype, before any cast: an int64 id of
 `2**32 + 5` (NumPy, or JAX with `jax_enable_x64`) is out of range, not row 5, and a
 uint8 or uint32 id past the table is out of range, never wrapped. Every integer dtype
-and Python sequences of ints are accepted.
+and Python sequences of ints are accepted. Integers that index no table (segment
+ids, a batch on its way to a mesh) go through `checked_integers`:
+the same check in their own dtype, against a range of their own.
 """
 
 import dataclasses
@@ -223,7 +225,7 @@ def checked_integers(
     name: str,
     low: int | None = None,
     high: int | None = None,
-) -> Integer[ArrayLike, "*shape"]:
+) -> Integer[np.ndarray, "*shape"] | Integer[Array, "*shape"]:
     """Integers that are not indices into a table (lengths, segment ids, a batch's
     ids on their way to a device), checked where they are known now, in their own
     dtype, as `check_indices` checks indices: never narrowed first.
@@ -350,16 +352,14 @@ def gather_rows(
     wrapping as `jnp.take` would make them. `out_sharding`: the result's
     `PartitionSpec`, which explicit mesh axes need for a sharded table.
     """
+    # A NumPy table (equinox's and flax's embeddings take one) has no `.at`.
+    table = jnp.asarray(table)
     if not negative_from_end:
         indices = jnp.where(jnp.asarray(indices) < 0, table.shape[0], indices)
     if jnp.issubdtype(table.dtype, jnp.inexact):
         fill = jnp.nan
     else:
         fill = jnp.iinfo(table.dtype).min
-    # `jnp.asarray`: a NumPy table (equinox's and flax's embeddings take one) has no
-    # `.at`.
-    return (
-        jnp.asarray(table)
-        .at[indices]
-        .get(mode="fill", fill_value=fill, out_sharding=out_sharding)
+    return table.at[indices].get(
+        mode="fill", fill_value=fill, out_sharding=out_sharding
     )

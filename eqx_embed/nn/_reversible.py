@@ -3,6 +3,7 @@ from typing import Unpack
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, DTypeLike, Float, Integer, PRNGKeyArray
 
 from ._contracts import checked
@@ -90,10 +91,10 @@ class ReversibleEmbedding(eqx.Module):
             self.reverse_embedding = None
         else:
             shape = (self.embedding.num_embeddings, self.embedding.embedding_size)
-            if reverse_weight is not None and reverse_weight.shape != shape:
+            if reverse_weight is not None and np.shape(reverse_weight) != shape:
                 raise ValueError(
                     f"reverse_weight must have the lookup table's shape {shape}, got "
-                    f"{reverse_weight.shape}."
+                    f"{np.shape(reverse_weight)}."
                 )
             if reverse_weight is None and reverse_key is None:
                 raise ValueError(
