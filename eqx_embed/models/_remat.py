@@ -13,6 +13,7 @@ The policy is applied inside the scan, to one layer's step, so the kept values o
 layer are its own whatever the depth.
 """
 
+import typing
 from collections.abc import Callable
 from typing import Literal, TypeVar, get_args
 
@@ -43,4 +44,4 @@ def rematerialised(step: F, policy: RematPolicy) -> F:
     }[policy]
     # Inside a scan, the loop already keeps XLA from merging the recomputation with
     # the forward pass, so the barriers of `prevent_cse` would only cost.
-    return jax.checkpoint(step, policy=saveable, prevent_cse=False)
+    return typing.cast(F, jax.checkpoint(step, policy=saveable, prevent_cse=False))

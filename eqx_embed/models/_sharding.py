@@ -82,7 +82,7 @@ def model_on_auto_axes(function: Callable[..., T]) -> Callable[..., T]:
             return function(eqx.combine(parameters, structure), *arrays)
 
         replicated = jax.sharding.auto_axes(on_parameters, out_sharding=PartitionSpec())
-        return replicated(parameters, *arrays)
+        return typing.cast(T, replicated(parameters, *arrays))
 
     return run
 
