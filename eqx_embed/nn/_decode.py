@@ -13,7 +13,7 @@ from jaxtyping import (
     PRNGKeyArray,
 )
 
-from ._contracts import check_feature_size, check_positive, checked
+from ._contracts import check_feature_size, checked
 from ._embedding import Embedding
 from ._indices import IntegerSequence, check_indices
 from ._loss import (
@@ -26,7 +26,7 @@ from ._loss import (
 )
 from ._mesh import first_columns, on_explicit_mesh
 from ._mesh_token_layout import check_token_layout
-from ._numerics import dot_with_rows
+from ._numerics import check_soft_cap, dot_with_rows
 
 
 class EmbeddingDecode(eqx.Module):
@@ -86,7 +86,7 @@ class EmbeddingDecode(eqx.Module):
             Low-precision products accumulate in float32.
         """
         if logit_soft_cap is not None:
-            check_positive("logit_soft_cap", logit_soft_cap)
+            check_soft_cap("logit_soft_cap", logit_soft_cap)
         self.embedding = embedding
         self.logit_soft_cap = None if logit_soft_cap is None else float(logit_soft_cap)
         self.dtype = None if dtype is None else jnp.dtype(dtype)

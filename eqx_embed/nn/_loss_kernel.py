@@ -30,7 +30,7 @@ from jax import lax
 from jaxtyping import Array
 
 from ._contracts import check_positive
-from ._numerics import accumulation_dtype, soft_capped_and_slope
+from ._numerics import accumulation_dtype, check_soft_cap, soft_capped_and_slope
 
 DEFAULT_BLOCK_SIZE = 2048
 """The default number of vocabulary rows per block."""
@@ -117,6 +117,8 @@ def blocking_for(
     if block_size is None:
         block_size = DEFAULT_BLOCK_SIZE
     check_positive("block_size", block_size, integer=True)
+    if logit_soft_cap is not None:
+        check_soft_cap("logit_soft_cap", logit_soft_cap)
     compute = jnp.result_type(table, hidden) if dtype is None else jnp.dtype(dtype)
     return Blocking(
         block_size=min(block_size, table.shape[0]),
