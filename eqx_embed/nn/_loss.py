@@ -32,13 +32,12 @@ def check_loss_controls(z_loss: Any, label_smoothing: Any) -> None:
         ("z_loss", z_loss, math.inf),
         ("label_smoothing", label_smoothing, 1),
     ):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Real)
-            or not math.isfinite(value)
-            or not 0 <= value < upper
-        ):
-            expected = "in [0, 1)" if upper == 1 else "a finite number >= 0"
+        expected = "in [0, 1)" if upper == 1 else "non-negative and finite"
+        try:  # a concrete number (a traced one would make the walk's shape vary)
+            number = None if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not math.isfinite(number) or not 0 <= number < upper:
             raise ValueError(f"{name} must be {expected}, got {value!r}.")
 
 

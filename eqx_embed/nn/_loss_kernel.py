@@ -276,7 +276,7 @@ def block_logit_sum(block: Block) -> Array:
 def per_token_loss(
     lse: Array,
     target_logit: Array,
-    logit_sum: Array,
+    logit_sum: Array | None,
     *,
     z_loss: float,
     label_smoothing: float,
