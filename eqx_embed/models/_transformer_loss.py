@@ -75,6 +75,7 @@ def batch_mean_loss(
     z_loss, label_smoothing, ignore_index = controls
     tokens = unread_after_last_kept(tokens, kept_where(targets, where, ignore_index))
     if np.size(tokens):
+        tokens = jnp.asarray(tokens)
         hidden = flat_hidden_states(model, tokens, token_positions, segment_ids)
     else:
         # The trunk cannot run on no tokens; the loss still checks its arguments.
