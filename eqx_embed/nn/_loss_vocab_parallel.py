@@ -233,6 +233,8 @@ def _forward_shard(table, hidden, targets, *, blocking, shards, token_axes):
     target_logit = _across_shards(lax.psum, jnp.where(here, target_logit, 0), shards)
     if blocking.with_logit_sum:
         logit_sum = _across_shards(lax.psum, logit_sum, shards)
+    else:  # zeros, the same on every shard (the walk's vary with its rows)
+        logit_sum = jnp.zeros_like(target_logit)
     return jnp.log(total) + peak, target_logit, logit_sum
 
 
