@@ -10,11 +10,15 @@ device, the token-chunk walk (`_loss_mean.py`). All of them walk the blockwise s
 
 import math
 import numbers
+import warnings
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from ._loss_kernel import Blocking, TableRows, blocking_for, per_token_loss, table_rows
@@ -65,6 +69,54 @@ def kept_where(targets: Any, where: Any, ignore_index: int | None) -> Array | No
     ids = targets if isinstance(targets, jax.Array) else np.asarray(targets)
     kept = jnp.asarray(ids != ignore_index)
     return kept if where is None else jnp.asarray(where) & kept
+
+
+_AUTO_AXES_WARNING = (
+    "The fused loss runs under auto mesh axes, where it cannot see how the table is "
+    "split: if its vocabulary is split over a mesh axis, GSPMD gathers the whole table "
+    "on every device (twice with the gradient). Shard the model with "
+    "eqx_embed.shard_model, which records the table's axes, or make the axes explicit "
+    "around the loss with jax.sharding.explicit_axes (the Scaling out guide's recipe)."
+)
+_warned_auto_axes = False
+
+
+def on_auto_vocab_axes(
+    function: Callable[..., Any], vocab_axes: tuple[str, ...] | None
+) -> Callable[..., Any]:
+    """`function(table, *per_token)`, served under auto mesh axes without gathering
+    the table: where its rows are split over `vocab_axes` (recorded by
+    `shard_model`), those axes are made explicit around it (the table split over
+    them, the per-token arrays whole along them), so that the walk runs on each
+    shard. Where the layout is not known (`vocab_axes` is `None`), a warning, once,
+    names the recipe. Without auto axes, `function` itself."""
+    global _warned_auto_axes
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.manual_axes:
+        return function
+    auto = {
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == AxisType.Auto and mesh.shape[name] > 1
+    }
+    if not auto:
+        return function
+    if vocab_axes is None:
+        if not _warned_auto_axes:
+            _warned_auto_axes = True
+            warnings.warn(_AUTO_AXES_WARNING, stacklevel=4)
+        return function
+    if not vocab_axes or not set(vocab_axes) <= auto:
+        return function
+
+    def explicit(table, *per_token):
+        in_sharding = (PartitionSpec(vocab_axes, None),)
+        in_sharding += tuple(PartitionSpec() for _ in per_token)
+        return jax.sharding.explicit_axes(
+            function, axes=vocab_axes, in_sharding=in_sharding
+        )(table, *per_token)
+
+    return explicit
 
 
 def _per_token_walk(
@@ -123,6 +175,7 @@ def fused_cross_entropy(
     rows: TableRows = table_rows,
     label_smoothing: float = 0.0,
     ignore_index: int | None = None,
+    vocab_axes: tuple[str, ...] | None = None,
 ) -> Float[Array, " tokens"]:
     """Per-token `lse - (1 - s) * logit[target] - s * mean(logits) + z_loss *
     lse**2` (`s` the `label_smoothing`, the mean over the `num_rows` ids), zero
@@ -132,7 +185,9 @@ def fused_cross_entropy(
 
     `targets` must already have been checked against the caller's out-of-range
     policy; one outside `[0, num_rows)` (other than `ignore_index`) gives a NaN
-    loss. Dtypes, `num_rows` and `rows` as [`fused_log_sum_exp`][].
+    loss. Dtypes, `num_rows` and `rows` as [`fused_log_sum_exp`][]. Under auto mesh
+    axes, `vocab_axes` says which split the table's rows (see
+    [`on_auto_vocab_axes`][]).
     """
     check_loss_controls(z_loss, label_smoothing)
     blocking = blocking_for(
@@ -149,7 +204,13 @@ def fused_cross_entropy(
     if ignore_index is not None:
         where = kept_where(targets, where, ignore_index)
         targets = jnp.where(where, targets, 0)
-    return _losses(table, hidden, targets, where, z_loss, label_smoothing, blocking)
+
+    def walk(table, hidden, targets, *where):
+        mask = where[0] if where else None
+        return _losses(table, hidden, targets, mask, z_loss, label_smoothing, blocking)
+
+    masks = () if where is None else (where,)
+    return on_auto_vocab_axes(walk, vocab_axes)(table, hidden, targets, *masks)
 
 
 def _losses(
@@ -195,6 +256,7 @@ def fused_weighted_cross_entropy(
     rows: TableRows = table_rows,
     label_smoothing: float = 0.0,
     ignore_index: int | None = None,
+    vocab_axes: tuple[str, ...] | None = None,
 ) -> Float[Array, ""]:
     """`sum(weights * losses)`, the losses those of [`fused_cross_entropy`][] (label
     smoothing, and weight 0 where the target is `ignore_index`), with both
@@ -205,7 +267,8 @@ def fused_weighted_cross_entropy(
     policy; one outside `[0, num_rows)` (other than `ignore_index`) gives a NaN
     loss for that token (and so a NaN total). A table whose vocabulary is split over
     explicit mesh axes takes the vocabulary-parallel per-token loss instead
-    (`chunk_size` unused). Dtypes and `rows` as [`fused_log_sum_exp`][].
+    (`chunk_size` unused). Dtypes and `rows` as [`fused_log_sum_exp`][],
+    `vocab_axes` as [`fused_cross_entropy`][].
     """
     tokens, vocabulary = hidden.shape[0], table.shape[0]
     if chunk_size is None:
@@ -234,17 +297,29 @@ def fused_weighted_cross_entropy(
     if tokens == 0:
         # No tokens: 0, as for tokens that are all masked out, and no gradient.
         return jnp.zeros((), blocking.accumulate_dtype)
+    return on_auto_vocab_axes(
+        partial(
+            _weighted_walk,
+            blocking=blocking,
+            controls=(float(z_loss), float(label_smoothing)),
+            chunk_size=chunk_size,
+        ),
+        vocab_axes,
+    )(table, hidden, targets, weights)
+
+
+def _weighted_walk(table, hidden, targets, weights, *, blocking, controls, chunk_size):
+    """[`fused_weighted_cross_entropy`][], checked and configured."""
     if is_on_mesh(table, hidden, targets) or vmapped_mesh_axes():
         # A table split over its vocabulary, or tokens split over explicit mesh axes
         # (a call's own, or a batch's under vmap): the per-token loss, weighted (its
         # gradients in the backward pass, in memory bounded per device). The token
         # walk would need the whole vocabulary per chunk of tokens, and its scan
         # carries its tokens whole.
-        controls = (z_loss, label_smoothing)
         losses = _losses(table, hidden, targets, None, *controls, blocking)
         return jnp.sum(jnp.asarray(weights, losses.dtype) * losses)
     # A chunk of tokens, bounded by the tokens (not by the vocabulary, as a block).
+    tokens = hidden.shape[0]
     blocking = blocking._replace(block_size=max(1, min(chunk_size, tokens)))
     weights = jnp.asarray(weights, blocking.accumulate_dtype)
-    controls = (float(z_loss), float(label_smoothing))
     return weighted_sum(table, hidden, targets, weights, blocking, *controls)
