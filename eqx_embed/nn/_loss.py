@@ -10,22 +10,19 @@ device, the token-chunk walk (`_loss_mean.py`). All of them walk the blockwise s
 
 import math
 import numbers
-import warnings
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from ._loss_kernel import Blocking, TableRows, blocking_for, per_token_loss, table_rows
 from ._loss_mean import DEFAULT_CHUNK_ELEMENTS, weighted_sum
 from ._loss_per_token import lse_and_target_logit
 from ._loss_vocab_parallel import is_on_mesh, vocab_parallel_lse_and_target_logit
-from ._mesh import vmapped_mesh_axes
+from ._mesh import on_auto_vocab_axes, vmapped_mesh_axes
 
 
 def check_loss_controls(z_loss: Any, label_smoothing: Any) -> None:
@@ -37,7 +34,7 @@ def check_loss_controls(z_loss: Any, label_smoothing: Any) -> None:
         ("label_smoothing", label_smoothing, 1),
     ):
         expected = "in [0, 1)" if upper == 1 else "non-negative and finite"
-        try:  # a concrete number (a traced one would make the walk's shape vary)
+        try:  # a concrete number: the walks branch on it while tracing
             number = None if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
             number = None
@@ -69,54 +66,6 @@ def kept_where(targets: Any, where: Any, ignore_index: int | None) -> Array | No
     ids = targets if isinstance(targets, jax.Array) else np.asarray(targets)
     kept = jnp.asarray(ids != ignore_index)
     return kept if where is None else jnp.asarray(where) & kept
-
-
-_AUTO_AXES_WARNING = (
-    "The fused loss runs under auto mesh axes, where it cannot see how the table is "
-    "split: if its vocabulary is split over a mesh axis, GSPMD gathers the whole table "
-    "on every device (twice with the gradient). Shard the model with "
-    "eqx_embed.shard_model, which records the table's axes, or make the axes explicit "
-    "around the loss with jax.sharding.explicit_axes (the Scaling out guide's recipe)."
-)
-_warned_auto_axes = False
-
-
-def on_auto_vocab_axes(
-    function: Callable[..., Any], vocab_axes: tuple[str, ...] | None
-) -> Callable[..., Any]:
-    """`function(table, *per_token)`, served under auto mesh axes without gathering
-    the table: where its rows are split over `vocab_axes` (recorded by
-    `shard_model`), those axes are made explicit around it (the table split over
-    them, the per-token arrays whole along them), so that the walk runs on each
-    shard. Where the layout is not known (`vocab_axes` is `None`), a warning, once,
-    names the recipe. Without auto axes, `function` itself."""
-    global _warned_auto_axes
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.manual_axes:
-        return function
-    auto = {
-        name
-        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
-        if kind == AxisType.Auto and mesh.shape[name] > 1
-    }
-    if not auto:
-        return function
-    if vocab_axes is None:
-        if not _warned_auto_axes:
-            _warned_auto_axes = True
-            warnings.warn(_AUTO_AXES_WARNING, stacklevel=4)
-        return function
-    if not vocab_axes or not set(vocab_axes) <= auto:
-        return function
-
-    def explicit(table, *per_token):
-        in_sharding = (PartitionSpec(vocab_axes, None),)
-        in_sharding += tuple(PartitionSpec() for _ in per_token)
-        return jax.sharding.explicit_axes(
-            function, axes=vocab_axes, in_sharding=in_sharding
-        )(table, *per_token)
-
-    return explicit
 
 
 def _per_token_walk(
