@@ -11,7 +11,8 @@ The blocks are one `DecoderBlock` whose arrays have a leading layer axis; the fo
 pass scans over it, so compiling a deep model costs what compiling one layer does.
 What differs between layers (Gemma 2's alternating sliding window) is scanned data.
 The steps behind the methods live in `_transformer_parts.py` (the weights),
-`_transformer_forward.py`, `_cache.py`, `_generate.py` and `_eager.py`.
+`_transformer_forward.py`, `_transformer_loss.py`, `_cache.py`, `_generate.py` and
+`_eager.py`.
 """
 
 import pathlib
@@ -246,7 +247,8 @@ class TransformerLM(eqx.Module):
         - `tokens`: the input token ids.
         - `targets`: the token expected after each prefix (usually `tokens` shifted
             by one).
-        - `where`: which tokens count; the others get a loss of 0.
+        - `where`: which tokens count; the others get a loss of 0. The tokens
+            after the last that counts are not read (a bad id there is harmless).
         - `token_positions`, `segment_ids`: as for `hidden_states`. A packed row's
             losses equal those of each document run alone.
         - `z_loss`, `label_smoothing`, `ignore_index`: the `log(Z)**2`
