@@ -167,6 +167,11 @@ class Attention(eqx.Module):
         """The attention output and the sequence's rotated keys and values."""
         seq_len = x.shape[0]
         queries, keys, values = self._project(x, rotation)
+        # A position's non-finite value (the NaN row of a bad id) would reach every
+        # earlier query through its zero attention weight (0 * NaN is NaN). Zeroed
+        # for the products, it stays in its own and later positions: their scores
+        # against its key, and its own residual, are NaN.
+        finite_values = jnp.where(jnp.isfinite(values), values, 0)
         segment_mask = (
             None
             if segment_ids is None
@@ -178,7 +183,7 @@ class Attention(eqx.Module):
             attended = jax.nn.dot_product_attention(
                 queries,
                 keys,
-                values,
+                finite_values,
                 mask=segment_mask,
                 scale=self.scale,
                 is_causal=True,
@@ -192,7 +197,7 @@ class Attention(eqx.Module):
             mask = mask & segment_mask
         if self.logit_soft_cap is None:
             attended = jax.nn.dot_product_attention(
-                queries, keys, values, mask=mask, scale=self.scale
+                queries, keys, finite_values, mask=mask, scale=self.scale
             )
             return self._output(attended), keys, values
         # The soft cap goes between the product and the mask, which
@@ -205,7 +210,7 @@ class Attention(eqx.Module):
         scores = soft_capped(scores * self.scale, self.logit_soft_cap)
         scores = jnp.where(mask, scores, -jnp.inf)
         weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        attended = jnp.einsum("kgqs,skd->qkgd", weights, values)
+        attended = jnp.einsum("kgqs,skd->qkgd", weights, finite_values)
         return self._output(attended), keys, values
 
     @jax.named_scope("eqx_embed.Attention")

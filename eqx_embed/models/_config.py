@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from ..nn._contracts import MAX_TABLE_BYTES, check_positive, checked
 from ..nn._indices import OutOfRange, check_policy
+from ..nn._numerics import check_soft_cap
 from ..nn._tables import frozen
 from ._remat import RematPolicy, check_remat_policy
 from .families import FamilySpec, NormKind, PositionKind, Presets, family_spec
@@ -379,6 +380,8 @@ class TransformerConfig:
         ):
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))
+                if name.endswith("soft_cap"):
+                    check_soft_cap(name, getattr(self, name))
         for name in _BOOLEAN_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(

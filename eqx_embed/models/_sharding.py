@@ -6,6 +6,7 @@ axis to mesh axes, as MaxText's `logical_axis_rules`. So one small dictionary sa
 a whole model is laid out, and the same model code runs on one device or on many.
 """
 
+import copy
 import math
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from ..nn import pad_vocabulary
+from ..nn import Embedding, pad_vocabulary
 from ..nn._indices import checked_integers
 
 Rules = Mapping[str, tuple[str, ...]]
@@ -350,7 +351,33 @@ def shard_model(model: Any, mesh: Mesh, rules: Rules) -> Any:
         arrays,
         specs,
     )
-    return eqx.combine(arrays, static)
+    return _with_auto_vocab_axes(eqx.combine(arrays, static), mesh)
+
+
+def _with_auto_vocab_axes(model: Any, mesh: Mesh) -> Any:
+    """`model`, each embedding recording the auto mesh axes that split its rows
+    (`Embedding.vocab_axes`; `()` where none do): auto axes are not in the arrays'
+    types, and the fused losses need them to walk each shard rather than gather the
+    table. A mesh without auto axes leaves `model` as it is."""
+    auto = {
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == AxisType.Auto
+    }
+    if not auto:
+        return model
+
+    def record(node: Any) -> Any:
+        if not isinstance(node, Embedding):
+            return node
+        rows = (tuple(node.weight.sharding.spec) + (None,))[0]
+        axes = () if rows is None else rows if isinstance(rows, tuple) else (rows,)
+        recorded = copy.copy(node)
+        # A static field: set on the copy, as equinox's own `__init__` would.
+        object.__setattr__(recorded, "vocab_axes", tuple(a for a in axes if a in auto))
+        return recorded
+
+    return jax.tree.map(record, model, is_leaf=lambda node: isinstance(node, Embedding))
 
 
 def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:

@@ -11,10 +11,10 @@ The blocks are one `DecoderBlock` whose arrays have a leading layer axis; the fo
 pass scans over it, so compiling a deep model costs what compiling one layer does.
 What differs between layers (Gemma 2's alternating sliding window) is scanned data.
 The steps behind the methods live in `_transformer_parts.py` (the weights),
-`_transformer_forward.py`, `_cache.py`, `_generate.py` and `_eager.py`.
+`_transformer_forward.py`, `_transformer_loss.py`, `_cache.py`, `_generate.py` and
+`_eager.py`.
 """
 
-import functools
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,7 +43,8 @@ from ._config import TransformerConfig
 from ._eager import compiled_when_eager
 from ._generate import Generated, generate, prefill_prompts
 from ._generation_config import GenerationConfig
-from ._transformer_forward import flat_hidden_states, flat_rows, hidden_states
+from ._transformer_forward import hidden_states
+from ._transformer_loss import batch_mean_loss, sequence_loss
 from ._transformer_parts import check_parts, given_parts, make_rope
 
 
@@ -240,6 +241,8 @@ class TransformerLM(eqx.Module):
         token_positions: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
         segment_ids: Integer[ArrayLike, " seq"] | IntegerSequence | None = None,
         z_loss: float = 0.0,
+        label_smoothing: float = 0.0,
+        ignore_index: int | None = None,
     ) -> Float[Array, " seq"]:
         """Per-token training loss through the fused decode cross-entropy, which never
         holds the whole `(seq, vocab_size)` logits.
@@ -249,20 +252,22 @@ class TransformerLM(eqx.Module):
         - `tokens`: the input token ids.
         - `targets`: the token expected after each prefix (usually `tokens` shifted
             by one).
-        - `where`: which tokens count; the others get a loss of 0.
+        - `where`: which tokens count; the others get a loss of 0. The tokens
+            after the last that counts are not read (a bad id there is harmless).
         - `token_positions`, `segment_ids`: as for `hidden_states`. A packed row's
             losses equal those of each document run alone.
-        - `z_loss`: the weight of the `log(Z)**2` regulariser.
+        - `z_loss`, `label_smoothing`, `ignore_index`: the `log(Z)**2`
+            regulariser's weight, torch's label smoothing and ignored target id, as
+            for `EmbeddingDecode.cross_entropy`.
 
         **Returns:**
 
         The float32 cross-entropy of each token, shape `(seq,)`. Average it over
         `where` yourself.
         """
-        hidden = self.hidden_states(
-            tokens, token_positions=token_positions, segment_ids=segment_ids
-        )
-        return self.embedding.cross_entropy(hidden, targets, where=where, z_loss=z_loss)
+        positions = (token_positions, segment_ids)
+        controls = (z_loss, label_smoothing, ignore_index)
+        return sequence_loss(self, tokens, targets, where, positions, controls)
 
     @compiled_when_eager
     @checked
@@ -277,6 +282,8 @@ class TransformerLM(eqx.Module):
         segment_ids: Int[ArrayLike, "batch seq"] | None = None,
         z_loss: float = 0.0,
         chunk_size: int | None = None,
+        label_smoothing: float = 0.0,
+        ignore_index: int | None = None,
     ) -> Float[Array, ""]:
         """The training loss of a whole batch: the mean cross-entropy over every
         token of every sequence that `where` keeps, one scalar, through
@@ -300,24 +307,17 @@ class TransformerLM(eqx.Module):
         - `token_positions`, `segment_ids`: as for `hidden_states`, one row per
             sequence. A packed row's mean loss equals the token-weighted mean of
             each document's run alone.
-        - `z_loss`: the weight of the `log(Z)**2` regulariser.
+        - `z_loss`, `label_smoothing`, `ignore_index`: as for `loss`.
         - `chunk_size`: tokens per chunk of the fused loss; see
             `EmbeddingDecode.mean_cross_entropy`.
 
         **Returns:**
 
-        A float32 scalar.
+        A float32 scalar: 0 (and no gradient) for a batch of no tokens.
         """
-        hidden = flat_hidden_states(self, tokens, token_positions, segment_ids)
-        flat = functools.partial(flat_rows, size=hidden.shape[0])
-        return self.embedding.mean_cross_entropy(
-            hidden,
-            flat(targets),
-            where=flat(where),
-            weights=flat(weights),
-            z_loss=z_loss,
-            chunk_size=chunk_size,
-        )
+        per_token = (where, weights, token_positions, segment_ids)
+        controls = (z_loss, label_smoothing, ignore_index)
+        return batch_mean_loss(self, tokens, targets, per_token, controls, chunk_size)
 
     @compiled_when_eager
     @checked

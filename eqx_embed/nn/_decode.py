@@ -13,16 +13,20 @@ from jaxtyping import (
     PRNGKeyArray,
 )
 
-from ._contracts import check_feature_size, check_positive, checked
+from ._contracts import check_feature_size, checked
 from ._embedding import Embedding
 from ._indices import IntegerSequence, check_indices
 from ._loss import (
+    check_ignore_index,
+    check_loss_controls,
     fused_cross_entropy,
     fused_log_sum_exp,
     fused_weighted_cross_entropy,
+    kept_where,
 )
 from ._mesh import first_columns, on_explicit_mesh
 from ._mesh_token_layout import check_token_layout
+from ._numerics import check_soft_cap
 from ._table_kind import (
     Table,
     TableKind,
@@ -89,7 +93,7 @@ class EmbeddingDecode(eqx.Module):
             Low-precision products accumulate in float32.
         """
         if logit_soft_cap is not None:
-            check_positive("logit_soft_cap", logit_soft_cap)
+            check_soft_cap("logit_soft_cap", logit_soft_cap)
         self.embedding = embedding
         self.logit_soft_cap = None if logit_soft_cap is None else float(logit_soft_cap)
         self.dtype = None if dtype is None else jnp.dtype(dtype)
@@ -149,14 +153,19 @@ class EmbeddingDecode(eqx.Module):
             check_token_layout(table, dict(hidden=hidden), method=method)
 
     def _check_loss_inputs(
-        self, hidden: Array, targets: Any, where: Any, z_loss: float, method: str
+        self,
+        hidden: Array,
+        targets: Any,
+        where: Any,
+        controls: tuple[float, float, int | None],
+        method: str,
     ) -> tuple[Array, Array | None]:
         self._check_hidden(hidden, method=method)
-        if not z_loss >= 0:
-            raise ValueError(f"z_loss must be non-negative, got {z_loss}.")
-        if where is not None:
-            where = jnp.asarray(where)
-        # Masked-out targets are never looked up, so they may be anything.
+        z_loss, label_smoothing, ignore_index = controls
+        check_loss_controls(z_loss, label_smoothing)
+        check_ignore_index(ignore_index, self.embedding.num_embeddings)
+        where = kept_where(targets, where, ignore_index)
+        # Masked-out and ignored targets are never looked up: they may be anything.
         targets = check_indices(
             targets,
             size=self.embedding.num_embeddings,
@@ -182,6 +191,8 @@ class EmbeddingDecode(eqx.Module):
         where: Bool[ArrayLike, " tokens"] | None = None,
         z_loss: float = 0.0,
         block_size: int | None = None,
+        label_smoothing: float = 0.0,
+        ignore_index: int | None = None,
     ) -> Float[Array, " tokens"]:
         """The softmax cross-entropy of the decoded logits against `targets`, per
         token, without ever materialising the `(tokens, num_embeddings)` logits: the
@@ -210,13 +221,22 @@ class EmbeddingDecode(eqx.Module):
             the token gets no gradient. Its target is ignored, even out of range:
             it gives neither a NaN nor an error.
         - `z_loss`: the weight of PaLM's auxiliary `logsumexp(logits)**2` term.
-            Non-negative.
+            Finite and non-negative.
         - `block_size`: the number of vocabulary rows per block. Positive; one
             larger than the vocabulary means one block. Defaults to 2048. The
             temporaries grow with `tokens * (block_size + embedding_size)`, never
             with `tokens * num_embeddings`; the sweep of block sizes and the
             memory figures are on the performance page
             (`benchmarks/bench_fused_loss.py`).
+        - `label_smoothing`: `s` in `[0, 1)`: the target becomes `1 - s` of the
+            one-hot target plus `s` of the uniform distribution over the
+            `num_embeddings` ids (never a padded table's padding rows), as torch's
+            `F.cross_entropy(label_smoothing=s)`: the loss is then
+            `lse - (1 - s) * logits[target] - s * mean(logits) + z_loss * lse**2`.
+        - `ignore_index`: a target id that counts as masked out (`where` False):
+            `-100` for Hugging Face data, as torch's `ignore_index`. It may not be
+            an id of the vocabulary, `[0, num_embeddings)` (a `ValueError`: mask a
+            real id with `where`). `None` (the default) ignores no id.
 
         **Returns:**
 
@@ -227,7 +247,11 @@ class EmbeddingDecode(eqx.Module):
         faster (three matmuls instead of four).
         """
         targets, where = self._check_loss_inputs(
-            hidden, targets, where, z_loss, "EmbeddingDecode.cross_entropy"
+            hidden,
+            targets,
+            where,
+            (z_loss, label_smoothing, ignore_index),
+            "EmbeddingDecode.cross_entropy",
         )
         return fused_cross_entropy(
             self.weight,
@@ -235,6 +259,8 @@ class EmbeddingDecode(eqx.Module):
             targets,
             where=where,
             z_loss=z_loss,
+            label_smoothing=label_smoothing,
+            vocab_axes=self.embedding.vocab_axes,
             logit_soft_cap=self.logit_soft_cap,
             block_size=block_size,
             num_rows=self.embedding.num_embeddings,
@@ -252,6 +278,8 @@ class EmbeddingDecode(eqx.Module):
         weights: Float[ArrayLike, " tokens"] | None = None,
         z_loss: float = 0.0,
         chunk_size: int | None = None,
+        label_smoothing: float = 0.0,
+        ignore_index: int | None = None,
     ) -> Float[Array, ""]:
         """The training loss: the mean over the tokens where `where` is True of
         [`cross_entropy`][eqx_embed.EmbeddingDecode.cross_entropy] (or, given
@@ -286,13 +314,20 @@ class EmbeddingDecode(eqx.Module):
             itself), so more than `cross_entropy`'s: use `cross_entropy` where
             memory matters more than speed (the figures of both are on the
             performance page, `benchmarks/bench_fused_loss.py`).
+        - `label_smoothing`, `ignore_index`: as for `cross_entropy`; ignored
+            targets count as masked out (torch's mean: over the targets that are
+            not `ignore_index`).
 
         **Returns:**
 
         A scalar, float32 (float64 for a float64 compute dtype).
         """
         targets, where = self._check_loss_inputs(
-            hidden, targets, where, z_loss, "EmbeddingDecode.mean_cross_entropy"
+            hidden,
+            targets,
+            where,
+            (z_loss, label_smoothing, ignore_index),
+            "EmbeddingDecode.mean_cross_entropy",
         )
         if weights is None:
             count = targets.shape[0] if where is None else jnp.sum(where)
@@ -309,6 +344,8 @@ class EmbeddingDecode(eqx.Module):
             targets,
             weights,
             z_loss=z_loss,
+            label_smoothing=label_smoothing,
+            vocab_axes=self.embedding.vocab_axes,
             logit_soft_cap=self.logit_soft_cap,
             chunk_size=chunk_size,
             num_rows=self.embedding.num_embeddings,

@@ -180,6 +180,10 @@ class Embedding(eqx.Module):
     dtype: jnp.dtype | None = eqx.field(static=True)
     padding_idx: int | None = eqx.field(static=True)
     out_of_range: OutOfRange = eqx.field(static=True)
+    # Under auto mesh axes, whose arrays' types do not say how they are split: the
+    # mesh axes that split the rows, as `shard_model` placed them (`None`: not
+    # known), so that the fused losses walk each shard instead of gathering them.
+    vocab_axes: tuple[str, ...] | None = eqx.field(static=True, default=None)
 
     def __init__(
         self,

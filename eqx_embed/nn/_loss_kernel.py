@@ -34,7 +34,7 @@ from jax import lax
 from jaxtyping import Array
 
 from ._contracts import check_positive
-from ._numerics import accumulation_dtype, soft_capped_and_slope
+from ._numerics import accumulation_dtype, check_soft_cap, soft_capped_and_slope
 
 DEFAULT_BLOCK_SIZE = 2048
 """The default number of vocabulary rows per block."""
@@ -102,6 +102,9 @@ class Blocking(NamedTuple):
     vocab_axes: tuple[str, ...] = ()
     # How a block of rows is read from the table: the table kind's plug-in.
     table_rows: TableRows = table_rows
+    # Whether the walk also sums each token's logits over the vocabulary (the
+    # uniform part of label smoothing); without it, that sum is zero and unused.
+    with_logit_sum: bool = False
 
 
 def blocking_for(
@@ -113,14 +116,18 @@ def blocking_for(
     block_size: int | None,
     num_rows: int | None = None,
     rows: TableRows = table_rows,
+    with_logit_sum: bool = False,
 ) -> Blocking:
     """The configuration of a loss of `hidden` against `table`: `block_size`
     (default [`DEFAULT_BLOCK_SIZE`][]) at most the table's rows, the compute dtype
     `dtype` (`None`: the promoted dtype of `table` and `hidden`), `num_rows` (default:
-    all) the vocabulary, and `rows` the table kind's [`table_rows`][]."""
+    all) the vocabulary, `rows` the table kind's [`table_rows`][], and
+    `with_logit_sum` whether the walk sums each token's logits too."""
     if block_size is None:
         block_size = DEFAULT_BLOCK_SIZE
     check_positive("block_size", block_size, integer=True)
+    if logit_soft_cap is not None:
+        check_soft_cap("logit_soft_cap", logit_soft_cap)
     compute = jnp.result_type(table, hidden) if dtype is None else jnp.dtype(dtype)
     return Blocking(
         block_size=min(block_size, table.shape[0]),
@@ -129,6 +136,7 @@ def blocking_for(
         logit_soft_cap=logit_soft_cap,
         num_rows=table.shape[0] if num_rows is None else num_rows,
         table_rows=rows,
+        with_logit_sum=with_logit_sum,
     )
 
 
@@ -271,16 +279,22 @@ def d_logits(
     d_target_logit: Array,
     blocking: Blocking,
     is_new: Array | None = None,
+    d_logit_sum: Array | None = None,
 ) -> Array:
     """The gradient with respect to raw logits, in the compute dtype, given the
-    cotangents of each token's log-sum-exp (`d_lse`) and of its target logit
-    (`d_target_logit`, where `is_target`): `softmax * d_lse + is_target *
-    d_target_logit`, times the soft cap's slope. Columns outside `is_new` (when
-    given) get no softmax term."""
+    cotangents of each token's log-sum-exp (`d_lse`), of its target logit
+    (`d_target_logit`, where `is_target`) and, with `blocking.with_logit_sum`, of
+    the sum of its logits over the vocabulary (`d_logit_sum`, on every column of
+    `is_new`): `softmax * d_lse + is_target * d_target_logit + d_logit_sum`, times
+    the soft cap's slope. Columns outside `is_new` (when given) get no softmax term
+    and no share of the sum."""
     softmax = jnp.exp(logits - lse[:, None])
     if is_new is not None:
         softmax = jnp.where(is_new, softmax, 0)
     d = softmax * d_lse[:, None] + jnp.where(is_target, d_target_logit[:, None], 0)
+    if blocking.with_logit_sum:
+        uniform = d_logit_sum[:, None]
+        d = d + (uniform if is_new is None else jnp.where(is_new, uniform, 0))
     if cap_slope is not None:
         d = d * cap_slope
     return d.astype(blocking.compute_dtype)
@@ -293,6 +307,7 @@ def block_d_logits(
     d_lse: Array,
     d_target_logit: Array,
     blocking: Blocking,
+    d_logit_sum: Array | None = None,
 ) -> Array:
     """[`d_logits`][] of a block, its target columns those of `targets` it adds."""
     is_target = block.is_new & (block.columns == targets[:, None])
@@ -305,4 +320,34 @@ def block_d_logits(
         d_target_logit,
         blocking,
         block.is_new,
+        d_logit_sum,
     )
+
+
+def block_logit_sum(block: Block) -> Array:
+    """Each token's sum of the block's logits over the columns it adds (not those an
+    earlier block covered, nor padding rows, nor other shards' rows)."""
+    return jnp.sum(jnp.where(block.is_new, block.logits, 0), axis=1)
+
+
+def per_token_loss(
+    lse: Array,
+    target_logit: Array,
+    logit_sum: Array | None,
+    *,
+    z_loss: float,
+    label_smoothing: float,
+    num_rows: int,
+) -> Array:
+    """The loss of each token from its walk's sums: the cross-entropy against the
+    target mixed with the uniform distribution over the `num_rows` ids of the
+    vocabulary (torch's `label_smoothing`), `lse - (1 - s) * target_logit - s *
+    mean(logits)`, plus PaLM's `z_loss * lse**2`."""
+    if label_smoothing:
+        uniform = logit_sum * (label_smoothing / num_rows)
+        losses = lse - (1 - label_smoothing) * target_logit - uniform
+    else:
+        losses = lse - target_logit
+    if z_loss:
+        losses = losses + z_loss * lse**2
+    return losses

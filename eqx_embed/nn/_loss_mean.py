@@ -42,6 +42,7 @@ from ._loss_kernel import (
     contract,
     d_logits,
     num_blocks,
+    per_token_loss,
     rows_in_use,
     shifted_start,
 )
@@ -65,6 +66,7 @@ def _reduced_pass(
     weights: Array,
     blocking: Blocking,
     z_loss: float,
+    label_smoothing: float,
     with_gradients: bool,
 ) -> _Reduced:
     if with_gradients:
@@ -86,6 +88,7 @@ def _reduced_pass(
         logits, cap_slope = soft_capped_and_slope(
             contract(chunk, rows, 1, 1, blocking), blocking.logit_soft_cap
         )
+        in_use = None
         if blocking.num_rows < vocabulary:
             in_use = columns < rows_in_use(table, blocking)
             logits = jnp.where(in_use, logits, -jnp.inf)
@@ -93,9 +96,18 @@ def _reduced_pass(
         in_range = (chunk_targets >= 0) & (chunk_targets < blocking.num_rows)
         local = jnp.clip(chunk_targets, 0, blocking.num_rows - 1)
         picked = jnp.take_along_axis(logits, local[:, None], axis=1)[:, 0]
-        chunk_losses = lse - jnp.where(in_range, picked, jnp.nan)
-        if z_loss:
-            chunk_losses = chunk_losses + z_loss * lse**2
+        logit_sum = None
+        if blocking.with_logit_sum:
+            real = logits if in_use is None else jnp.where(in_use, logits, 0)
+            logit_sum = jnp.sum(real, axis=1)
+        chunk_losses = per_token_loss(
+            lse,
+            jnp.where(in_range, picked, jnp.nan),
+            logit_sum,
+            z_loss=z_loss,
+            label_smoothing=label_smoothing,
+            num_rows=blocking.num_rows,
+        )
         total = total + jnp.sum(chunk_weights * chunk_losses)
         losses = lax.dynamic_update_slice_in_dim(losses, chunk_losses, start, 0)
         if with_gradients:
@@ -105,8 +117,11 @@ def _reduced_pass(
                 lse,
                 chunk_weights * (1 + 2 * z_loss * lse),
                 columns == chunk_targets[:, None],
-                -chunk_weights,
+                -(1 - label_smoothing) * chunk_weights,
                 blocking,
+                # Padding columns get no share of the smoothing's uniform term.
+                in_use if blocking.with_logit_sum else None,
+                -(label_smoothing / blocking.num_rows) * chunk_weights,
             )
             d_chunk = contract(d_chunk_logits, rows, 1, 0, blocking)
             d_hidden = lax.dynamic_update_slice_in_dim(
@@ -130,7 +145,7 @@ def _reduced_pass(
     return _Reduced(total, losses, d_table, d_hidden)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def weighted_sum(
     table: Array,
     hidden: Array,
@@ -138,21 +153,27 @@ def weighted_sum(
     weights: Array,
     blocking: Blocking,
     z_loss: float,
+    label_smoothing: float,
 ) -> Array:
-    """`sum(weights * (lse - logit[target] + z_loss * lse**2))` in the accumulation
-    dtype, `blocking.block_size` tokens at a time, each chunk against the whole table
-    (its rows past `blocking.num_rows` masked out); a target outside them gives a
-    NaN. Differentiable with respect to `table`, `hidden` and `weights`, the first
-    two computed in the forward pass."""
-    return _reduced_pass(table, hidden, targets, weights, blocking, z_loss, False).total
+    """`sum(weights * losses)`, the losses those of [`per_token_loss`][] (z-loss and
+    label smoothing included), in the accumulation dtype, `blocking.block_size`
+    tokens at a time, each chunk against the whole table (its rows past
+    `blocking.num_rows` masked out); a target outside them gives a NaN.
+    Differentiable with respect to `table`, `hidden` and `weights`, the first two
+    computed in the forward pass."""
+    controls = (z_loss, label_smoothing)
+    return _reduced_pass(
+        table, hidden, targets, weights, blocking, *controls, False
+    ).total
 
 
-def _forward(table, hidden, targets, weights, blocking, z_loss):
-    reduced = _reduced_pass(table, hidden, targets, weights, blocking, z_loss, True)
+def _forward(table, hidden, targets, weights, blocking, z_loss, label_smoothing):
+    controls = (z_loss, label_smoothing)
+    reduced = _reduced_pass(table, hidden, targets, weights, blocking, *controls, True)
     return reduced.total, (reduced.d_table, reduced.d_hidden, reduced.losses)
 
 
-def _backward(blocking, z_loss, residuals, d_total):
+def _backward(blocking, z_loss, label_smoothing, residuals, d_total):
     d_table, d_hidden, losses = residuals
 
     def scale(gradient: Array) -> Array:

@@ -49,6 +49,7 @@ from ._loss_kernel import (
     add_rows_gradient,
     block,
     block_d_logits,
+    block_logit_sum,
     contract,
     float_leaves,
     is_plain_kind,
@@ -64,15 +65,16 @@ from ._mesh import explicit_sharding, sharded_like, varying_like
 
 def _lse_and_target_logit(
     table: AnyTable, hidden: Array, targets: Array, blocking: Blocking
-) -> tuple[Array, Array]:
-    """Each token's log-sum-exp over the table's rows in use and its target's logit
-    (NaN for a target outside them), in the accumulation dtype; differentiable with
-    respect to `table` and `hidden` (a custom VJP: the backward pass recomputes the
-    blocks)."""
+) -> tuple[Array, Array, Array]:
+    """Each token's log-sum-exp over the table's rows in use, its target's logit
+    (NaN for a target outside them) and, with `blocking.with_logit_sum`, the sum of
+    its logits over those rows (else zeros), in the accumulation dtype;
+    differentiable with respect to `table` and `hidden` (a custom VJP: the backward
+    pass recomputes the blocks)."""
     hidden = hidden.astype(blocking.compute_dtype)
 
     def step(carry, index):
-        lse, target_logit, table = carry
+        lse, target_logit, logit_sum, table = carry
         table = lax.optimization_barrier(table)
         this = block(table, hidden, index, blocking)
         masked = jnp.where(this.is_new, this.logits, -jnp.inf)
@@ -82,39 +84,47 @@ def _lse_and_target_logit(
         local = jnp.clip(targets - start, 0, len(this.columns) - 1)
         picked = jnp.take_along_axis(this.logits, local[:, None], axis=1)[:, 0]
         target_logit = target_logit + jnp.where(in_block, picked, 0)
-        return (lse, target_logit, table), None
+        if blocking.with_logit_sum:
+            logit_sum = logit_sum + block_logit_sum(this)
+        return (lse, target_logit, logit_sum, table), None
 
     dtype = blocking.accumulate_dtype
+    # Laid out as the tokens are (they may be split over a mesh axis).
+    zeros = varying_like(
+        jnp.zeros_like(hidden[:, 0], dtype), *jax.tree.leaves(table), hidden
+    )
     initial = (
-        # Laid out as the tokens are (they may be split over a mesh axis).
         varying_like(
             jnp.full_like(hidden[:, 0], -jnp.inf, dtype),
             *jax.tree.leaves(table),
             hidden,
         ),
-        varying_like(
-            jnp.zeros_like(hidden[:, 0], dtype), *jax.tree.leaves(table), hidden
-        ),
+        zeros,
+        # Carried only when summed: otherwise the loop is as without smoothing.
+        zeros if blocking.with_logit_sum else None,
         table,
     )
-    (lse, target_logit, _), _ = lax.scan(
+    (lse, target_logit, logit_sum, _), _ = lax.scan(
         step,
         initial,
         jnp.arange(num_blocks(table.shape[0], blocking.block_size)),
     )
     in_range = (targets >= 0) & (targets < rows_in_use(table, blocking))
-    return lse, jnp.where(in_range, target_logit, jnp.nan)
+    logit_sum = zeros if logit_sum is None else logit_sum
+    return lse, jnp.where(in_range, target_logit, jnp.nan), logit_sum
 
 
 lse_and_target_logit = jax.custom_vjp(_lse_and_target_logit, nondiff_argnums=(3,))
 
 
 def _forward(table, hidden, targets, blocking):
-    lse, target_logit = lse_and_target_logit(table, hidden, targets, blocking)
-    return (lse, target_logit), (table, hidden, targets, lse)
+    outputs = lse_and_target_logit(table, hidden, targets, blocking)
+    return outputs, (table, hidden, targets, outputs[0])
 
 
-def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit):
+def _backward_pass(
+    blocking, table, hidden, targets, lse, d_lse, d_target_logit, d_logit_sum
+):
     plain = is_plain_kind(blocking)
     hidden_compute = hidden.astype(blocking.compute_dtype)
 
@@ -122,7 +132,9 @@ def _backward_pass(blocking, table, hidden, targets, lse, d_lse, d_target_logit)
         d_hidden, d_table, table = carry
         table = lax.optimization_barrier(table)
         this = block(table, hidden_compute, index, blocking)
-        d_logits = block_d_logits(this, targets, lse, d_lse, d_target_logit, blocking)
+        d_logits = block_d_logits(
+            this, targets, lse, d_lse, d_target_logit, blocking, d_logit_sum
+        )
         d_hidden_block = contract(d_logits, this.rows, 1, 0, blocking)
         d_hidden = d_hidden + sharded_like(d_hidden_block, d_hidden)
         # Summed over the tokens, which may be split over a mesh axis: the rows'

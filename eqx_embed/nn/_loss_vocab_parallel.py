@@ -74,8 +74,8 @@ def is_on_mesh(table: Array, hidden: Array, targets: Array) -> bool:
 
 def vocab_parallel_lse_and_target_logit(
     table: Array, hidden: Array, targets: Array, blocking: Blocking
-) -> tuple[Array, Array]:
-    """The blockwise log-sum-exp and target logit per token (those of
+) -> tuple[Array, Array, Array]:
+    """The blockwise log-sum-exp, target logit and logit sum per token (those of
     `lse_and_target_logit`), on each shard of a table whose rows are split over
     explicit mesh axes (or of a whole table, with tokens split over them), without
     gathering the table."""
@@ -93,9 +93,11 @@ def vocab_parallel_lse_and_target_logit(
     shard_blocking = blocking._replace(
         block_size=min(blocking.block_size, shards.rows), vocab_axes=vocab_axes
     )
-    lse, target_logit = _sharded(table, hidden, targets, shard_blocking, shards)
+    lse, target_logit, logit_sum = _sharded(
+        table, hidden, targets, shard_blocking, shards
+    )
     in_range = (targets >= 0) & (targets < blocking.num_rows)
-    return lse, jnp.where(in_range, target_logit, jnp.nan)
+    return lse, jnp.where(in_range, target_logit, jnp.nan), logit_sum
 
 
 def _explicit(x: Array) -> NamedSharding:
@@ -194,12 +196,13 @@ def _chunk(x: Array, k: Array) -> Array:
 
 def _sharded_forward(
     table: Array, hidden: Array, targets: Array, blocking: Blocking, shards: _Shards
-) -> tuple[Array, Array]:
+) -> tuple[Array, Array, Array]:
     def forward(table, hidden, targets):
         function = partial(_forward_shard, blocking=blocking, shards=shards)
-        return _per_shard(function, shards, hidden, "vtt", "tt")(table, hidden, targets)
+        in_shards = _per_shard(function, shards, hidden, "vtt", "ttt")
+        return in_shards(table, hidden, targets)
 
-    return fold_batch_into_tokens(forward, (True, True))(table, hidden, targets)
+    return fold_batch_into_tokens(forward, (True, True, True))(table, hidden, targets)
 
 
 _sharded = jax.custom_vjp(_sharded_forward, nondiff_argnums=(3, 4))
@@ -222,22 +225,36 @@ def _forward_shard(table, hidden, targets, *, blocking, shards, token_axes):
 
     _, per_chunk = lax.scan(chunk_step, hidden_chunks, jnp.arange(chunks))
     # (chunks, tokens // chunks), back to the token order.
-    lse, target_logit = (x.T.reshape(hidden.shape[0]) for x in per_chunk)
+    lse, target_logit, logit_sum = (x.T.reshape(hidden.shape[0]) for x in per_chunk)
     # The max only steadies the exponentials.
     peak = _across_shards(lax.pmax, lse, shards)
     peak = jnp.where(jnp.isfinite(peak), peak, 0)
     total = _across_shards(lax.psum, jnp.exp(lse - peak), shards)
     target_logit = _across_shards(lax.psum, jnp.where(here, target_logit, 0), shards)
-    return jnp.log(total) + peak, target_logit
+    if blocking.with_logit_sum:
+        logit_sum = _across_shards(lax.psum, logit_sum, shards)
+    else:  # zeros, the same on every shard (the walk's vary with its rows)
+        logit_sum = jnp.zeros_like(target_logit)
+    return jnp.log(total) + peak, target_logit, logit_sum
 
 
 def _sharded_fwd(table, hidden, targets, blocking, shards):
-    lse, target_logit = _sharded(table, hidden, targets, blocking, shards)
-    return (lse, target_logit), (table, hidden, targets, lse)
+    outputs = _sharded(table, hidden, targets, blocking, shards)
+    return outputs, (table, hidden, targets, outputs[0])
 
 
 def _backward_shard(
-    table, hidden, targets, lse, d_lse, d_target, *, blocking, shards, token_axes
+    table,
+    hidden,
+    targets,
+    lse,
+    d_lse,
+    d_target,
+    d_logit_sum=None,
+    *,
+    blocking,
+    shards,
+    token_axes,
 ):
     check_differentiable(blocking)
     local, here = _local_targets(targets, shards)
@@ -248,6 +265,7 @@ def _backward_shard(
     per_token = tuple(
         varying_like(_chunked(x, chunks), table, hidden)
         for x in (hidden.astype(blocking.compute_dtype), local, lse, d_lse, d_target)
+        + ((d_logit_sum,) if blocking.with_logit_sum else ())
     )
     accumulate = blocking.accumulate_dtype
 
@@ -257,9 +275,10 @@ def _backward_shard(
     def tile(operands, k, index):
         """Chunk `k`'s tokens against block `index` of this shard's rows."""
         table, per_token = operands
-        chunk, targets, lse, d_lse, d_target = (_chunk(x, k) for x in per_token)
+        chunk, targets, lse, d_lse, d_target, *d_sum = (_chunk(x, k) for x in per_token)
+        d_sum = d_sum[0] if d_sum else None
         this = block(table, chunk, index, blocking)
-        d_logits = block_d_logits(this, targets, lse, d_lse, d_target, blocking)
+        d_logits = block_d_logits(this, targets, lse, d_lse, d_target, blocking, d_sum)
         return chunk, this, d_logits
 
     def summed(contribution, count, initial, operands):
@@ -338,9 +357,13 @@ def _backward_shard(
 def _sharded_bwd(blocking, shards, residuals, cotangents):
     def backward(table, hidden, *per_token):
         function = partial(_backward_shard, blocking=blocking, shards=shards)
-        in_shards = _per_shard(function, shards, hidden, "vttttt", "vt")
-        return in_shards(table, hidden, *per_token)
+        layouts = "v" + "t" * (1 + len(per_token))
+        return _per_shard(function, shards, hidden, layouts, "vt")(
+            table, hidden, *per_token
+        )
 
+    if not blocking.with_logit_sum:  # its cotangent is unused: not carried
+        cotangents = cotangents[:2]
     d_table, d_hidden = fold_batch_into_tokens(backward)(*residuals, *cotangents)
     return d_table, d_hidden, None
 

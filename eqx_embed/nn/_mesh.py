@@ -23,10 +23,17 @@ while tracing, how its table is laid out, and nothing needs to be configured:
   over the vocabulary axis combine the shards.
 
 With auto axes, arrays carry no layout while tracing, and GSPMD places everything:
-the values are the same, but the fused loss gathers the table. The documented way
-out ("Scaling out" guide): make the axes explicit around the loss with
+the values are the same, but the fused loss's blockwise walk would gather the table.
+A table placed by `shard_model` records its vocabulary's auto axes
+(`Embedding.vocab_axes`), which the loss makes explicit around its walk
+([`on_auto_vocab_axes`][]); for others, the documented way out ("Scaling out"
+guide) is to make the axes explicit around the loss with
 `jax.sharding.explicit_axes`, stating its arguments' layout.
 """
+
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -159,3 +166,51 @@ def first_columns(logits: Array, size: int) -> Array:
             unsplit = PartitionSpec(*spec[:-1], None)
             logits = jax.sharding.reshard(logits, sharding.update(spec=unsplit))
     return logits[..., :size]
+
+
+_AUTO_AXES_WARNING = (
+    "The fused loss runs under auto mesh axes, where it cannot see how the table is "
+    "split: if its vocabulary is split over a mesh axis, GSPMD gathers the whole table "
+    "on every device (twice with the gradient). Shard the model with "
+    "eqx_embed.shard_model, which records the table's axes, or make the axes explicit "
+    "around the loss with jax.sharding.explicit_axes (the Scaling out guide's recipe)."
+)
+_warned_auto_axes = False
+
+
+def on_auto_vocab_axes(
+    function: Callable[..., Any], vocab_axes: tuple[str, ...] | None
+) -> Callable[..., Any]:
+    """`function(table, *per_token)`, served under auto mesh axes without gathering
+    the table: where its rows are split over `vocab_axes` (recorded by
+    `shard_model`), those axes are made explicit around it (the table split over
+    them, the per-token arrays whole along them), so that the walk runs on each
+    shard. Where the layout is not known (`vocab_axes` is `None`), a warning, once,
+    names the recipe. Without auto axes, `function` itself."""
+    global _warned_auto_axes
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.manual_axes:
+        return function
+    auto = {
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == AxisType.Auto and mesh.shape[name] > 1
+    }
+    if not auto:
+        return function
+    if vocab_axes is None:
+        if not _warned_auto_axes:
+            _warned_auto_axes = True
+            warnings.warn(_AUTO_AXES_WARNING, stacklevel=4)
+        return function
+    if not vocab_axes or not set(vocab_axes) <= auto:
+        return function
+
+    def explicit(table, *per_token):
+        in_sharding = (PartitionSpec(vocab_axes, None),)
+        in_sharding += tuple(PartitionSpec() for _ in per_token)
+        return jax.sharding.explicit_axes(
+            function, axes=vocab_axes, in_sharding=in_sharding
+        )(table, *per_token)
+
+    return explicit

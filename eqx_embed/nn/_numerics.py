@@ -2,9 +2,14 @@
 the default float dtype, the soft cap (its one definition in the package), and the
 float32-accumulating product of a vector with every row of a table."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, DTypeLike, Float
+
+from ._contracts import check_positive
 
 
 def is_low_precision(dtype: DTypeLike) -> bool:
@@ -31,6 +36,18 @@ def soft_capped_and_slope(x: Array, cap: float | None) -> tuple[Array, Array | N
         return x, None
     squashed = jnp.tanh(x / cap)
     return cap * squashed, 1 - squashed**2
+
+
+def check_soft_cap(name: str, cap: Any) -> None:
+    """Raises a `ValueError` naming `name` unless `cap` is a positive number that is
+    finite in float32, the dtype the capped logits and scores are computed in (a
+    Python float such as `1e39` is finite, its float32 is not)."""
+    check_positive(name, cap)
+    largest = float(np.finfo(np.float32).max)
+    if float(cap) > largest:
+        raise ValueError(
+            f"{name} must be finite in float32 (at most {largest:.4g}), got {cap!r}."
+        )
 
 
 def soft_capped(x: Array, cap: float | None) -> Array:

@@ -221,6 +221,8 @@ class ReversibleEmbedding(eqx.Module):
         where: Bool[ArrayLike, " tokens"] | None = None,
         z_loss: float = 0.0,
         block_size: int | None = None,
+        label_smoothing: float = 0.0,
+        ignore_index: int | None = None,
     ) -> Float[Array, " tokens"]:
         """The per-token fused cross-entropy of the decoded logits: exactly
         [`EmbeddingDecode.cross_entropy`][eqx_embed.EmbeddingDecode.cross_entropy] on
@@ -228,7 +230,13 @@ class ReversibleEmbedding(eqx.Module):
         gradient adds to the lookup's).
         """
         return self.decoder.cross_entropy(
-            hidden, targets, where=where, z_loss=z_loss, block_size=block_size
+            hidden,
+            targets,
+            where=where,
+            z_loss=z_loss,
+            block_size=block_size,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
         )
 
     def mean_cross_entropy(
@@ -240,6 +248,8 @@ class ReversibleEmbedding(eqx.Module):
         weights: Float[ArrayLike, " tokens"] | None = None,
         z_loss: float = 0.0,
         chunk_size: int | None = None,
+        label_smoothing: float = 0.0,
+        ignore_index: int | None = None,
     ) -> Float[Array, ""]:
         """The mean (or weighted sum) fused cross-entropy, one scalar: exactly
         [`EmbeddingDecode.mean_cross_entropy`][eqx_embed.EmbeddingDecode.mean_cross_entropy]
@@ -252,6 +262,8 @@ class ReversibleEmbedding(eqx.Module):
             weights=weights,
             z_loss=z_loss,
             chunk_size=chunk_size,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
         )
 
     def log_sum_exp(

@@ -1,6 +1,7 @@
 """The vocabulary-parallel fused loss on 8 CPU devices (one subprocess): tokens split
 over a data axis without `jax.vmap` (and never gathered), the reduced loss
-(`mean_cross_entropy`), auto mesh axes made explicit with
+(`mean_cross_entropy`), label smoothing and `ignore_index` (equal to one device,
+which equals torch: `test_loss_controls.py`), auto mesh axes made explicit with
 `jax.sharding.explicit_axes`, and the per-device temporaries of the compiled loss
 with gradients against one device's.
 """
@@ -46,6 +47,21 @@ def reduced(table, hidden, targets, where):
     return loss, loss
 
 
+SMOOTHING = dict(label_smoothing=0.1, ignore_index=-100)
+
+
+def smoothed(table, hidden, targets, where):
+    losses = decoder(table).cross_entropy(
+        hidden, targets, where=where, block_size=8, **SMOOTHING
+    )
+    return jnp.sum(losses * jnp.arange(TOKENS)), losses
+
+
+def smoothed_reduced(table, hidden, targets, where):
+    loss = decoder(table).mean_cross_entropy(hidden, targets, where=where, **SMOOTHING)
+    return loss, loss
+
+
 def gathers(text):
     sizes = []
     for line in text.splitlines():
@@ -69,7 +85,13 @@ def relative_errors(got, want):
 
 results = {{}}
 arrays = (table, hidden, targets, where)
-for name, function in (("per_token", per_token), ("reduced", reduced)):
+ignored = (table, hidden, np.where(np.arange(TOKENS) % 5 == 0, -100, targets), where)
+for name, function, arrays in (
+    ("per_token", per_token, arrays),
+    ("reduced", reduced, arrays),
+    ("smoothed", smoothed, ignored),
+    ("smoothed_reduced", smoothed_reduced, ignored),
+):
     want, _ = run(function, *arrays)
     with jax.set_mesh(jax.make_mesh((2, 4), ("data", "vocab"))):
         placed = [jax.device_put(table, P("vocab", None))]
@@ -79,6 +101,7 @@ for name, function in (("per_token", per_token), ("reduced", reduced)):
     results[name + "_gathers"] = gathers(lowered.compile().as_text())
 
 # Auto axes: the layout is not in the types; `explicit_axes` states it for the loss.
+arrays = (table, hidden, targets, where)
 auto = jax.make_mesh((2, 4), ("data", "vocab"), axis_types=(AxisType.Auto,) * 2)
 in_sharding = (P("vocab", None), P("data"), P("data"), P("data"))
 want, _ = run(per_token, *arrays)
@@ -138,13 +161,16 @@ def results(run_on_devices):
 BOUND = tolerance(np.float32, VOCAB + WIDTH + 8)["rtol"]
 
 
-@pytest.mark.parametrize("loss", ["per_token", "reduced", "auto_explicit_axes"])
+@pytest.mark.parametrize(
+    "loss",
+    ["per_token", "reduced", "smoothed", "smoothed_reduced", "auto_explicit_axes"],
+)
 def test_vocab_parallel_loss_and_gradients_match_one_device(results, loss):
     value, grad_table, grad_hidden = results[loss]
     assert value <= BOUND and grad_table <= BOUND and grad_hidden <= BOUND, results
 
 
-@pytest.mark.parametrize("loss", ["per_token", "reduced"])
+@pytest.mark.parametrize("loss", ["per_token", "reduced", "smoothed"])
 def test_tokens_split_over_a_data_axis_are_never_gathered(results, loss):
     # Each device of the data axis keeps its own tokens: only per-token scalars
     # (the targets) may travel whole, never the hidden states.
