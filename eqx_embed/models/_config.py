@@ -2,9 +2,8 @@
 fields hold resolved values (the family's presets applied, then validated); the
 presets live in `families/`."""
 
-import copy
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import jax
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 from ..nn._contracts import MAX_TABLE_BYTES, check_positive, checked
 from ..nn._indices import OutOfRange, check_policy
 from ..nn._numerics import check_soft_cap
-from ..nn._tables import frozen
+from ..nn._tables import FrozenMapping
 from ._remat import RematPolicy, check_remat_policy
 from .families import FamilySpec, NormKind, PositionKind, Presets, family_spec
 
@@ -72,34 +71,6 @@ _SIZE_FIELDS = (
     "max_position_embeddings",
     "scan_unroll",
 )
-
-
-class FrozenMapping(Mapping[str, Any]):
-    """A read-only, hashable dict of JSON values, so that a config holding one can be
-    a static field. It hashes by `frozen`, the library's one freezing of JSON
-    values."""
-
-    def __init__(self, values: Mapping[str, Any]):
-        self._values = copy.deepcopy(dict(values))
-
-    def __getitem__(self, key: str) -> Any:
-        return self._values[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __hash__(self) -> int:
-        return hash(frozen(self._values))
-
-    def __repr__(self) -> str:
-        return repr(self._values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A plain, JSON-able dict."""
-        return copy.deepcopy(self._values)
 
 
 def _is_positive_int(value: Any) -> bool:

@@ -10,9 +10,6 @@ tokens ─ embedding ─ (× sqrt(hidden_size), Gemma) ─┬─ block 0 ─ ...
 The blocks are one `DecoderBlock` whose arrays have a leading layer axis; the forward
 pass scans over it, so compiling a deep model costs what compiling one layer does.
 What differs between layers (Gemma 2's alternating sliding window) is scanned data.
-The steps behind the methods live in `_transformer_parts.py` (the weights),
-`_transformer_forward.py`, `_transformer_loss.py`, `_cache.py`, `_generate.py` and
-`_eager.py`.
 """
 
 import pathlib
@@ -65,10 +62,8 @@ class TransformerLM(eqx.Module):
     against the RoPE tables, and the sequence length against
     `max_position_embeddings`.
 
-    Called outside any transformation, the public methods compile themselves once per
-    shape (and config), so that a notebook's eager calls run at compiled speed. (Under
-    `out_of_range="error"`, eager calls stay eager, so that bad ids known at once raise
-    at once.)
+    Called eagerly, the public methods compile themselves once per shape (and config),
+    except under `out_of_range="error"`, where bad ids known at once raise at once.
 
     **Raises:**
 
@@ -249,9 +244,8 @@ class TransformerLM(eqx.Module):
 
         **Arguments:**
 
-        - `tokens`: the input token ids.
-        - `targets`: the token expected after each prefix (usually `tokens` shifted
-            by one).
+        - `tokens`, `targets`: the input ids and the id expected after each prefix
+            (usually `tokens` shifted by one).
         - `where`: which tokens count; the others get a loss of 0. The tokens
             after the last that counts are not read (a bad id there is harmless).
         - `token_positions`, `segment_ids`: as for `hidden_states`. A packed row's
@@ -290,16 +284,13 @@ class TransformerLM(eqx.Module):
         [`ReversibleEmbedding.mean_cross_entropy`][eqx_embed.ReversibleEmbedding.mean_cross_entropy]
         (gradients in the forward pass: three matmuls, no logits in memory).
 
-        Unlike the other methods, this takes the batch, not one sequence: the trunk
-        runs under `jax.vmap` here, and the batch's tokens are flattened into one
-        reduction, so the mean is over tokens (not a mean of per-sequence means)
-        and there is one table gradient, not one per sequence. Do not `jax.vmap`
-        it; call it on `(batch, seq)` (a batch of one for a single sequence).
+        Unlike the other methods, this takes the batch (do not `jax.vmap` it): the
+        batch's tokens are one reduction, so the mean is over tokens (not of
+        per-sequence means) and there is one table gradient, not one per sequence.
 
         **Arguments:**
 
-        - `tokens`: the input token ids, shape `(batch, seq)`.
-        - `targets`: the token expected after each prefix, shape `(batch, seq)`.
+        - `tokens`, `targets`: as for `loss`, shape `(batch, seq)`.
         - `where`: which tokens count, shape `(batch, seq)`; the mean divides by
             their number (by 1 when there are none).
         - `weights`: optional per-token weights, shape `(batch, seq)`: the result
@@ -383,9 +374,9 @@ class TransformerLM(eqx.Module):
 
         **Arguments:**
 
-        - `cache`: from `prefill` or a previous `decode_step`, with room left: a row
-            may hold at most `cache.capacity` tokens (checked when its lengths are
-            concrete; a traced row past it would overwrite its oldest token).
+        - `cache`: from `prefill` or a previous `decode_step` of a model of this
+            config, with room left: a row holds at most `cache.capacity` tokens
+            (checked when concrete; a traced row past it overwrites its oldest).
         - `tokens`: one token id per row.
 
         **Returns:**
@@ -436,8 +427,8 @@ class TransformerLM(eqx.Module):
         - `logits_processor`: a pure `(logits, tokens, step) -> logits`, compiled
             into the loop; `tokens` are those generated, `pad_token_id` from `step`.
         - `key`: a `jax.random.PRNGKey`, required when sampling.
-        - `eos_token_id`: the id (or several) that ends a row.
-        - `pad_token_id`: what follows a row's end (default: the first EOS id, or 0).
+        - `eos_token_id`, `pad_token_id`: the id (or ids) that ends a row, and what
+            follows its end (default: the first EOS id, or 0).
         - `capacity`: as for `prefill`; defaults to `seq + max_new_tokens`.
         - `num_beams`, `num_return_sequences`, `length_penalty`, `early_stopping`
             (`True`, `False` or `"never"`): beam search (greedy), as `transformers`.
@@ -446,8 +437,9 @@ class TransformerLM(eqx.Module):
         **Returns:**
 
         The new tokens, shape `(batch * num_return_sequences, max_new_tokens)` (a
-        prompt's sequences together, best first), and their scores if asked. Every
-        argument is checked (a `ValueError` naming it) before anything is compiled.
+        prompt's sequences together, best first), and their scores if asked; `-1`
+        from the step where a row's logits hold a NaN. Every argument is checked (a
+        `ValueError` naming it) before anything is compiled.
         """
         arguments = dict(locals())  # every argument, forwarded by name
         return generate(arguments.pop("self"), **arguments)

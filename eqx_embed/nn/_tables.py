@@ -1,8 +1,10 @@
 """Fixed tables (RoPE's cos and sin, sinusoidal position encodings) kept out of
 training: stored bit-cast to unsigned integers, or built at trace time per sequence
-length and kept by their module."""
+length and kept by their module. And static settings made hashable: `frozen`, and
+`FrozenMapping`, a read-only dict of them."""
 
-from collections.abc import Callable, Mapping
+import copy
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -56,3 +58,31 @@ class TablesPerLength:
 
     def __hash__(self) -> int:
         return hash(self.settings)
+
+
+class FrozenMapping(Mapping[str, Any]):
+    """A read-only, hashable dict of JSON values, so that a config holding one can be
+    a static field. It hashes by `frozen`, the library's one freezing of JSON
+    values."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self._values = copy.deepcopy(dict(values))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __hash__(self) -> int:
+        return hash(frozen(self._values))
+
+    def __repr__(self) -> str:
+        return repr(self._values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-able dict."""
+        return copy.deepcopy(self._values)
