@@ -25,6 +25,7 @@ from ..nn._contracts import checked
 from ..nn._lora import LoRATable, LowRank, low_rank
 from ..nn._table_kind import as_array, is_plain
 from ._linear import Linear
+from ._transformer import TransformerLM
 from ._transformer_parts import make_embedding
 
 
@@ -151,7 +152,8 @@ def add_lora(
     - `targets`: module names, as described in the module docstring.
     - `key`: a `jax.random.PRNGKey` for the adapters' initial `down` factors.
     - `dropout`: PEFT's `lora_dropout`, applied to an adapter's input when it is
-        called with a key.
+        called with a key; a `TransformerLM` passes its layers no key, so there it
+        must be 0.
     - `dtype`: the adapters' dtype; defaults to each weight's.
 
     **Returns:**
@@ -162,7 +164,8 @@ def add_lora(
 
     - `ValueError`: a target that names no module, a `rank` that is not a positive
         integer or exceeds a chosen weight's smaller side, a non-positive `alpha`,
-        a `dropout` outside `[0, 1)`, a weight that already has an adapter.
+        a `dropout` outside `[0, 1)` (or positive on a `TransformerLM`), a weight
+        that already has an adapter.
 
     **Example:**
 
@@ -187,6 +190,12 @@ def add_lora(
     trainable, frozen = eqx.partition(adapted, eqx_embed.lora_filter(adapted))
     ```
     """
+    if isinstance(model, TransformerLM) and 0 < dropout < 1:
+        raise ValueError(
+            f"dropout={dropout!r}: a TransformerLM passes no key to its layers, so an "
+            "adapter's dropout would never apply; use dropout=0 (PEFT's default), or "
+            "call the LoRALinear layers yourself with a key."
+        )
     candidates = dict(linear_paths(model))
     for path in TABLE_PATHS.values():
         if _get(model, path) is not None:

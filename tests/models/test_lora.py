@@ -277,6 +277,8 @@ def test_untied_tables_take_their_own_adapters():
         (dict(targets="q_proj"), "targets must be a non-empty list"),
         (dict(alpha=0), "alpha must be a positive finite number, got 0"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+        # Never applied inside a TransformerLM, which passes its layers no key.
+        (dict(dropout=0.1), "dropout=0.1: a TransformerLM passes no key"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(models, settings, message):
