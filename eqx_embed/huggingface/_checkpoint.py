@@ -27,7 +27,7 @@ from ._safetensors import (
 from .families import huggingface_family
 
 
-def _top_level_name(name: str, config: TransformerConfig) -> str:
+def top_level_name(name: str, config: TransformerConfig) -> str:
     """The Hugging Face name of the model's weight `name` outside the blocks."""
     module, leaf = name.rsplit(".", 1)
     return f"{huggingface_family(config.family).weight_names.top[module]}.{leaf}"
@@ -37,7 +37,13 @@ def huggingface_name(name: str, config: TransformerConfig) -> str | list[str]:
     """The Hugging Face name of the model's weight `name`, or, for a stacked block
     weight, the list of per-layer names, from the family's format."""
     if not name.startswith("blocks."):
-        return _top_level_name(name, config)
+        return top_level_name(name, config)
+    return layer_names(name, config)
+
+
+def layer_names(name: str, config: TransformerConfig) -> list[str]:
+    """The per-layer Hugging Face names of the model's stacked block weight `name`
+    (`blocks.` ...), from the family's format."""
     names = huggingface_family(config.family).weight_names
     module, leaf = name.removeprefix("blocks.").rsplit(".", 1)
     return [
@@ -212,7 +218,7 @@ def read_weights(
         else:
             arrays[name] = tensors.pop(hf_name)
     if config.tie_word_embeddings:
-        head = tensors.pop(_top_level_name(UNTIED_HEAD, config), None)
+        head = tensors.pop(top_level_name(UNTIED_HEAD, config), None)
         # A copy of the embedding is the tied head; a different head is returned too,
         # to be loaded untied, as transformers does: never dropped.
         if head is not None and not np.array_equal(head, arrays[VOCAB_TABLE]):

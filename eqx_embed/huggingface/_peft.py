@@ -38,7 +38,14 @@ from ..models._lora import (
 )
 from ..models._transformer_parts import named_leaves
 from ..nn._lora import LoRATable, LowRank
-from ._checkpoint import fuse_qkv, huggingface_name, split_qkv, transpose_conv1d
+from ._checkpoint import (
+    fuse_qkv,
+    huggingface_name,
+    layer_names,
+    split_qkv,
+    top_level_name,
+    transpose_conv1d,
+)
 from ._safetensors import read_json, read_safetensors
 from .families import huggingface_family
 
@@ -143,7 +150,7 @@ def _stack(
     names: list[str],
     roles: dict[str, dict[str, np.ndarray]],
     settings: dict[str, Any],
-    shape: tuple[int, int],
+    shape: tuple[int, ...],
     path: str,
 ) -> LowRank | None:
     """The `LowRank` of the model's linear `path` (a `(rows, columns)` weight per
@@ -254,8 +261,8 @@ def load_peft_adapter(model: TransformerLM, path: str | pathlib.Path) -> Transfo
     config = model.config
     names = huggingface_family(config.family).weight_names
     tie = config.tie_word_embeddings and bool(settings.get("ensure_weight_tying"))
-    head = huggingface_name(TABLE_PATHS["reverse_embedding"] + ".weight", config)
-    lookup = huggingface_name(TABLE_PATHS["embedding"] + ".weight", config)
+    head = top_level_name(TABLE_PATHS["reverse_embedding"] + ".weight", config)
+    lookup = top_level_name(TABLE_PATHS["embedding"] + ".weight", config)
     if config.tie_word_embeddings:
         # PEFT saves a tied head's adapter (and base) beside the embedding's.
         for role in ("down", "up"):
@@ -282,7 +289,7 @@ def load_peft_adapter(model: TransformerLM, path: str | pathlib.Path) -> Transfo
         split_qkv(roles["up"], config)
     replacements = {}
     for path, linear in linear_paths(model).items():
-        hf_names = huggingface_name(path + ".weight", config)
+        hf_names = layer_names(path + ".weight", config)
         adapter = _stack(hf_names, roles, settings, weight_shape(linear)[1:], path)
         if adapter is not None:
             replacements[path] = LoRALinear(linear, _cast(adapter, linear.weight.dtype))
@@ -291,7 +298,7 @@ def load_peft_adapter(model: TransformerLM, path: str | pathlib.Path) -> Transfo
         table = adapted_table(model, target)
         if table is None:
             continue
-        hf_name = huggingface_name(TABLE_PATHS[target] + ".weight", config)
+        hf_name = top_level_name(TABLE_PATHS[target] + ".weight", config)
         adapter = _stack([hf_name], roles, settings, table.shape, target)
         if adapter is not None:
             adapter = LowRank(
@@ -317,7 +324,7 @@ def _cast(adapter: LowRank, dtype: Any) -> LowRank:
 
 def _fused_qkv(
     factors: dict[str, tuple[np.ndarray, np.ndarray, float]],
-    shapes: dict[str, tuple[int, int]],
+    shapes: dict[str, tuple[int, ...]],
     config: Any,
 ) -> None:
     """Replaces, in place, the adapters of each layer's query, key and value
@@ -340,7 +347,7 @@ def _fused_qkv(
         ups = {}
         if shared:
             down, alpha = first[1], first[2]
-            for part, (up, _, _) in zip(parts, given, strict=True):
+            for part, (up, _, _) in zip(parts, present, strict=True):
                 ups[f"{prefix}.{part}.weight"] = up
         else:
             # Block-diagonal: part i reads rows `offsets[i]:` of the stacked downs,
@@ -386,7 +393,7 @@ def save_peft_adapter(model: TransformerLM, path: str | pathlib.Path) -> None:
     config = model.config
     names = huggingface_family(config.family).weight_names
     factors: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
-    shapes: dict[str, tuple[int, int]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     dropouts = set()
     for path_, linear in linear_paths(model).items():
         part = path_.rsplit(".", 1)[-1].removesuffix("_proj")
@@ -395,7 +402,7 @@ def save_peft_adapter(model: TransformerLM, path: str | pathlib.Path) -> None:
             continue
         adapter = linear.adapter
         dropouts.add(adapter.dropout)
-        hf_names = huggingface_name(path_ + ".weight", config)
+        hf_names = layer_names(path_ + ".weight", config)
         for layer, hf_name in enumerate(hf_names):
             factors[hf_name.removesuffix(".weight")] = (
                 np.asarray(adapter.up[layer], np.float32),
@@ -419,7 +426,7 @@ def save_peft_adapter(model: TransformerLM, path: str | pathlib.Path) -> None:
             np.asarray(adapter.up, np.float32),
             np.asarray(adapter.down, np.float32),
         )
-        module = huggingface_name(TABLE_PATHS[target] + ".weight", config)
+        module = top_level_name(TABLE_PATHS[target] + ".weight", config)
         module = module.removesuffix(".weight")
         factors[module] = (up, down, adapter.alpha)
         if target == "reverse_embedding":
@@ -431,9 +438,7 @@ def save_peft_adapter(model: TransformerLM, path: str | pathlib.Path) -> None:
         if model.embedding.tie_weights:
             # PEFT's tied head, the same adapter seen as a linear's.
             tied_table = True
-            head = huggingface_name(
-                TABLE_PATHS["reverse_embedding"] + ".weight", config
-            )
+            head = top_level_name(TABLE_PATHS["reverse_embedding"] + ".weight", config)
             head = head.removesuffix(".weight")
             tensors[f"{_PREFIX}{head}.lora_A.weight"] = down
             tensors[f"{_PREFIX}{head}.lora_B.weight"] = up

@@ -61,7 +61,7 @@ class GenerationConfig:
     eos_token_id: int | Sequence[int] | None = None
     pad_token_id: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         # A list of EOS ids becomes a tuple, so that the config stays hashable (it is
         # static metadata of the model).
         if isinstance(self.eos_token_id, Sequence) and not isinstance(

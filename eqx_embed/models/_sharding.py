@@ -19,6 +19,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 
 from ..nn import Embedding, pad_vocabulary
 from ..nn._indices import checked_integers
+from ..nn._table_kind import TableKind
 
 Rules = Mapping[str, tuple[str, ...]]
 """Logical axis name -> the mesh axes that split it (`()`: replicated)."""
@@ -370,8 +371,14 @@ def _with_auto_vocab_axes(model: Any, mesh: Mesh) -> Any:
     def record(node: Any) -> Any:
         if not isinstance(node, Embedding):
             return node
-        rows = (tuple(node.weight.sharding.spec) + (None,))[0]
-        axes = () if rows is None else rows if isinstance(rows, tuple) else (rows,)
+        if isinstance(node.weight, TableKind):
+            # A kind's losses take the per-token walk whole (never per shard of its
+            # rows): no axes to make explicit around it.
+            axes = ()
+        else:
+            sharding = typing.cast(NamedSharding, node.weight.sharding)
+            rows = (tuple(sharding.spec) + (None,))[0]
+            axes = () if rows is None else rows if isinstance(rows, tuple) else (rows,)
         recorded = copy.copy(node)
         # A static field: set on the copy, as equinox's own `__init__` would.
         object.__setattr__(recorded, "vocab_axes", tuple(a for a in axes if a in auto))

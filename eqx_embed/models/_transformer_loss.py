@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jaxtyping import Array, ArrayLike
 
 from ..nn._loss import kept_where
@@ -26,10 +27,10 @@ def unread_after_last_kept(tokens: Any, where: Array | None) -> Any:
     dtype where they are not yet JAX arrays."""
     if where is None:
         return tokens
-    traced = isinstance(tokens, jax.Array) or isinstance(where, jax.core.Tracer)
+    traced = isinstance(tokens, jax.Array) or isinstance(where, Tracer)
     xp = jnp if traced else np
-    where = xp.asarray(where)
-    read = xp.flip(xp.cumsum(xp.flip(where, -1), -1), -1) > 0
+    kept = xp.asarray(where)
+    read = xp.flip(xp.cumsum(xp.flip(kept, -1), -1), -1) > 0
     return xp.where(read, tokens, xp.zeros((), xp.asarray(tokens).dtype))
 
 

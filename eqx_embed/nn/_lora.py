@@ -8,6 +8,8 @@ One convention serves every weight, the way it is stored here: a linear's
 `W[ids] + scale * up[ids] @ down`: the adapted table is never built.
 """
 
+from typing import cast
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,6 @@ from ._table_kind import (
     Table,
     TableKind,
     as_array,
-    is_plain,
     rows_function,
     table_dtype,
 )
@@ -159,7 +160,7 @@ class LoRATable(TableKind):
     adapter: LowRank
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         return tuple(self.base.shape)
 
     @property
@@ -167,11 +168,11 @@ class LoRATable(TableKind):
         return table_dtype(self.base)
 
     def rows(self, start: int | Array, size: int, dtype: DTypeLike) -> Array:
-        base = rows_function(self.base)(self.base, start, size, dtype)
+        base = rows_function(self.base)(self.base, start, size, jnp.dtype(dtype))
         return base + self.adapter.block_rows(start, size, dtype).astype(dtype)
 
     def gather(self, ids: Integer[Array, "*shape"]) -> Float[Array, "*shape width"]:
-        if is_plain(self.base):
+        if not isinstance(self.base, TableKind):
             base = jnp.take(self.base, ids, axis=0, mode="fill", fill_value=jnp.nan)
         else:
             base = self.base.gather(ids)
@@ -206,9 +207,10 @@ class LoRATable(TableKind):
             adapter.alpha,
             adapter.dropout,
         )
-        if is_plain(self.base):
+        if not isinstance(self.base, TableKind):
+            plain = cast(Array, gradient.base)  # a plain base's gradient: an array
             base = jax.lax.dynamic_update_slice_in_dim(
-                gradient.base, d_rows.astype(gradient.base.dtype), start, 0
+                plain, d_rows.astype(plain.dtype), start, 0
             )
         else:
             rows = blocking._replace(table_rows=rows_function(self.base))

@@ -11,7 +11,7 @@ device, the token-chunk walk (`_loss_mean.py`). All of them walk the blockwise s
 import math
 import numbers
 from functools import partial
-from typing import Any
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,7 @@ def check_ignore_index(ignore_index: Any, num_rows: int) -> None:
         return
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}.")
-    if 0 <= ignore_index < num_rows:
+    if 0 <= int(ignore_index) < num_rows:
         raise ValueError(
             f"ignore_index must not be an id of the vocabulary [0, {num_rows}) (-100 "
             "is Hugging Face's; mask real ids with `where`), got "
@@ -65,6 +65,10 @@ def check_ignore_index(ignore_index: Any, num_rows: int) -> None:
         )
 
 
+@overload
+def kept_where(targets: Any, where: Any, ignore_index: int) -> Array: ...
+@overload
+def kept_where(targets: Any, where: Any, ignore_index: None) -> Array | None: ...
 def kept_where(targets: Any, where: Any, ignore_index: int | None) -> Array | None:
     """`where` (or all True) and False where a target is `ignore_index`, compared in
     the targets' own dtype (an int64 id must not wrap onto it)."""
@@ -264,7 +268,16 @@ def fused_weighted_cross_entropy(
     )(table, hidden, targets, weights)
 
 
-def _weighted_walk(table, hidden, targets, weights, *, blocking, controls, chunk_size):
+def _weighted_walk(
+    table,
+    hidden,
+    targets,
+    weights,
+    *,
+    blocking: Blocking,
+    controls: tuple[float, float],
+    chunk_size: int,
+):
     """[`fused_weighted_cross_entropy`][], checked and configured."""
     if (
         blocking.table_rows is not table_rows

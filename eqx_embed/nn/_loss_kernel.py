@@ -25,7 +25,7 @@ cast stays inside the loop (hoisted, it would be a copy).
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import equinox as eqx
 import jax
@@ -292,8 +292,8 @@ def d_logits(
     if is_new is not None:
         softmax = jnp.where(is_new, softmax, 0)
     d = softmax * d_lse[:, None] + jnp.where(is_target, d_target_logit[:, None], 0)
-    if blocking.with_logit_sum:
-        uniform = d_logit_sum[:, None]
+    if blocking.with_logit_sum:  # every caller then passes `d_logit_sum`
+        uniform = cast(Array, d_logit_sum)[:, None]
         d = d + (uniform if is_new is None else jnp.where(is_new, uniform, 0))
     if cap_slope is not None:
         d = d * cap_slope
@@ -343,8 +343,8 @@ def per_token_loss(
     target mixed with the uniform distribution over the `num_rows` ids of the
     vocabulary (torch's `label_smoothing`), `lse - (1 - s) * target_logit - s *
     mean(logits)`, plus PaLM's `z_loss * lse**2`."""
-    if label_smoothing:
-        uniform = logit_sum * (label_smoothing / num_rows)
+    if label_smoothing:  # every walk then sums the logits (`with_logit_sum`)
+        uniform = cast(Array, logit_sum) * (label_smoothing / num_rows)
         losses = lse - (1 - label_smoothing) * target_logit - uniform
     else:
         losses = lse - target_logit

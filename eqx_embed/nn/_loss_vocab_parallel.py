@@ -265,7 +265,7 @@ def _backward_shard(
     per_token = tuple(
         varying_like(_chunked(x, chunks), table, hidden)
         for x in (hidden.astype(blocking.compute_dtype), local, lse, d_lse, d_target)
-        + ((d_logit_sum,) if blocking.with_logit_sum else ())
+        + (() if d_logit_sum is None else (d_logit_sum,))
     )
     accumulate = blocking.accumulate_dtype
 
