@@ -32,13 +32,13 @@ Tree = TypeVar("Tree")
 def _padded(embedding: Embedding, multiple_of: int) -> Embedding:
     rows = -(-embedding.num_embeddings // multiple_of) * multiple_of
     weight = embedding.weight
+    if weight.shape[0] == rows:
+        return embedding
     if isinstance(weight, TableKind):
         raise ValueError(
             "pad_vocabulary pads float tables, got a table of kind "
             f"{type(weight).__name__}: pad the vocabulary before quantizing."
         )
-    if weight.shape[0] == rows:
-        return embedding
     padding_bytes = (
         (rows - embedding.num_embeddings)
         * math.prod(weight.shape[1:])
