@@ -262,8 +262,11 @@ def test_bad_modes_group_sizes_and_tables_are_refused():
         embedding.quantize("int4", group_size=12)
     with pytest.raises(ValueError, match="group_size is for mode 'int4' only"):
         embedding.quantize("int8", group_size=16)
+    quantized = embedding.quantize("int8")
     with pytest.raises(ValueError, match="pad the vocabulary before quantizing"):
-        eqx_embed.pad_vocabulary(embedding.quantize("int8"), 64)
+        eqx_embed.pad_vocabulary(quantized, quantized.num_embeddings + 1)
+    # A vocabulary that the multiple divides already needs no padding: unchanged.
+    assert eqx_embed.pad_vocabulary(quantized, 1) is quantized
     odd = eqx_embed.Embedding(weight=jnp.ones((4, 5)))
     with pytest.raises(ValueError, match="the width must be even, got 5"):
         odd.quantize("int4")
