@@ -190,6 +190,11 @@ def _prefill(model, prompts, lengths, *, capacity: int):
     seq_len = prompts.shape[1]
 
     def one(tokens, length):
+        # A length outside [1, seq] (traced, under the "nan" policy: concrete ones
+        # and the "error" policy's are refused before) gives NaN logits, which
+        # `generate` turns into its NaN_TOKEN: never a valid-looking row.
+        bad_length = (length < 1) | (length > seq_len)
+        length = jnp.clip(length, 1, seq_len)
         # The padding never reaches a result: a bad id there would read NaN keys and
         # values, which the masks of later steps cannot remove (0 x NaN).
         tokens = jnp.where(jnp.arange(seq_len) < length, tokens, 0)
@@ -216,7 +221,8 @@ def _prefill(model, prompts, lengths, *, capacity: int):
         else:
             full = [kv[:0, :0] for kv in keys_values]
             window = keys_values
-        return model.embedding.decode(last), *full, *window
+        logits = jnp.where(bad_length, jnp.nan, model.embedding.decode(last))
+        return logits, *full, *window
 
     logits, keys, values, sliding_keys, sliding_values = jax.vmap(
         one, out_axes=(0, 1, 1, 1, 1)

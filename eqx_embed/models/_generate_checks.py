@@ -67,11 +67,14 @@ def check_prompts(
             )
         bounds = f"prompt_lengths must be in [1, {width}] (the prompts' padded width)"
         if isinstance(lengths, jax.core.Tracer):
-            # Traced: checked when the program runs, as a traced id under
-            # `out_of_range="error"`.
-            lengths = error_if_outside(
-                lengths, low=1, high=width, message=bounds + ", got {value}."
-            )
+            # Traced: checked when the program runs, as a traced id is, by the
+            # model's policy: an error, or (`_cache.prefill`) NaN logits for the row,
+            # which `generate` returns as NAN_TOKEN. Only the error needs a host
+            # callback, which a program exported for several platforms cannot hold.
+            if config.out_of_range == "error":
+                lengths = error_if_outside(
+                    lengths, low=1, high=width, message=bounds + ", got {value}."
+                )
         else:
             concrete = np.asarray(lengths)
             if concrete.min() < 1 or concrete.max() > width:

@@ -61,20 +61,39 @@ def test_a_nan_logit_never_becomes_a_token():
     assert (sampled[1] == -1).all() and (np.delete(sampled, 1, 0) >= 0).all()
 
 
-@jax.jit
-def generate_traced(lengths):
-    return LLAMA.generate(PROMPTS, prompt_lengths=lengths, max_new_tokens=5)
+STRICT = TransformerLM(
+    TransformerConfig("llama", **SMALL, out_of_range="error"), key=jax.random.key(0)
+)
+
+
+@eqx.filter_jit
+def generate_traced(model, lengths):
+    return model.generate(PROMPTS, prompt_lengths=lengths, max_new_tokens=5)
 
 
 @pytest.mark.parametrize("lengths", [[4, 0, 3], [4, 5, 3], [-1, 2, 3]])
 def test_traced_prompt_lengths_are_range_checked(lengths):
+    """By the model's policy, as a traced id: under "error" an error when the program
+    runs; under "nan" the row with the bad length is NAN_TOKEN (its logits are NaN),
+    the others as with good lengths. Never valid-looking tokens."""
+    good = generate(LLAMA, PROMPTS)
+    np.testing.assert_array_equal(generate_traced(LLAMA, jnp.asarray(LENGTHS)), good)
+    bad_row = [i for i, n in enumerate(lengths) if not 1 <= n <= 4]
+    got = np.asarray(generate_traced(LLAMA, jnp.asarray(lengths)))
+    assert (got[bad_row] == -1).all()
+    good_rows = [i for i in range(3) if i not in bad_row]
+    fixed = np.asarray(lengths)
+    fixed[bad_row] = LENGTHS[bad_row]
     np.testing.assert_array_equal(
-        generate_traced(jnp.asarray(LENGTHS)), generate(LLAMA, PROMPTS)
+        got[good_rows], generate(LLAMA, PROMPTS, prompt_lengths=fixed)[good_rows]
+    )
+    np.testing.assert_array_equal(
+        generate_traced(STRICT, jnp.asarray(LENGTHS)), generate(STRICT, PROMPTS)
     )
     with pytest.raises(
         (ValueError, RuntimeError), match=r"prompt_lengths must be in \[1, 4\]"
     ):
-        jax.block_until_ready(generate_traced(jnp.asarray(lengths)))
+        jax.block_until_ready(generate_traced(STRICT, jnp.asarray(lengths)))
 
 
 def abstract_model(family, changes):
