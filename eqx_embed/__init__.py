@@ -39,6 +39,7 @@ from .nn import (
     RopeRotation as RopeRotation,
     RotaryPositionalEmbedding as RotaryPositionalEmbedding,
     SinusoidalPositionalEncoding as SinusoidalPositionalEncoding,
+    TableKind as TableKind,
     default_embedding_init as default_embedding_init,
     pad_vocabulary as pad_vocabulary,
 )

@@ -27,11 +27,18 @@ import pathlib
 import tempfile
 from collections.abc import Sequence
 
+import _command_line as command_line
+import _data as data
 import equinox as eqx
 import jax
 import optax
 import train_tiny_lm
-from _checkpointing import RECORD_FILE, load_state, read_record
+from _checkpointing import (
+    CHECKPOINTS_DIR,
+    checkpoint_manager,
+    latest_record,
+    restore_state,
+)
 from _tokenizers import BPETokenizer, ByteTokenizer
 
 import eqx_embed
@@ -43,14 +50,16 @@ DEFAULT_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 def load_model(directory: pathlib.Path, tokenizer_kind: str):
     """The model and tokenizer of a `train_tiny_lm.py` output or a Hugging Face
     checkpoint directory."""
-    if (directory / RECORD_FILE).exists():
-        record = read_record(directory)
-        config = eqx_embed.TransformerConfig.from_dict(record["config"])
-        settings = argparse.Namespace(**record["args"])
-        optimiser = train_tiny_lm.make_optimiser(settings)
-        model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
-        state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
-        model, _ = load_state(directory, model, state, record)
+    if (directory / CHECKPOINTS_DIR).is_dir():
+        # The newest checkpoint of a `train_tiny_lm.py` run (its orbax directory).
+        with checkpoint_manager(directory) as manager:
+            record = latest_record(manager, directory)
+            config = eqx_embed.TransformerConfig.from_dict(record["config"])
+            settings = argparse.Namespace(**record["args"])
+            optimiser = train_tiny_lm.make_optimiser(settings)
+            model = eqx_embed.TransformerLM(config, key=jax.random.key(0))
+            state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
+            model, _ = restore_state(manager, record["step"], model, state)
         if settings.tokenizer == "byte":
             return model, ByteTokenizer()
         return model, BPETokenizer.load(directory)
@@ -107,15 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="for a Hugging Face directory: its tokenizer.json, or bytes as tokens",
     )
     add("--int8", action="store_true", help="quantize the frozen base (QLoRA)")
-    add("--rank", type=train_tiny_lm.integer(1), default=8)
-    add("--alpha", type=train_tiny_lm.number(0, inclusive=False), default=16.0)
+    add("--rank", type=command_line.integer(1), default=8)
+    add("--alpha", type=command_line.number(0, inclusive=False), default=16.0)
     add("--targets", nargs="+", default=DEFAULT_TARGETS)
-    add("--steps", type=train_tiny_lm.integer(1), default=200)
-    add("--batch-size", type=train_tiny_lm.integer(1), default=8)
-    add("--seq-len", type=train_tiny_lm.integer(2), default=128)
-    add("--learning-rate", type=train_tiny_lm.number(0, inclusive=False), default=1e-3)
-    add("--train-bytes", type=train_tiny_lm.integer(1), default=2**20)
-    add("--eval-bytes", type=train_tiny_lm.integer(1), default=2**16)
+    add("--steps", type=command_line.integer(1), default=200)
+    add("--batch-size", type=command_line.integer(1), default=8)
+    add("--seq-len", type=command_line.integer(2), default=128)
+    add("--learning-rate", type=command_line.number(0, inclusive=False), default=1e-3)
+    add("--train-bytes", type=command_line.integer(1), default=2**20)
+    add("--eval-bytes", type=command_line.integer(1), default=2**16)
     add("--seed", type=int, default=0)
     add("--out", default="finetune_lora_out")
     return parser  # fmt: skip
@@ -134,15 +143,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model, tokenizer = load_model(pathlib.Path(args.model), args.tokenizer)
     seq_len = min(args.seq_len, model.config.max_position_embeddings)
 
-    documents = train_tiny_lm.read_documents(args.text)
-    train_documents, held_out_documents = train_tiny_lm.split_documents(documents)
+    documents = data.read_documents(args.text)
+    train_documents, held_out_documents = data.split_documents(documents)
     if not held_out_documents:  # One document: its last tenth is held out.
         cut = len(documents[0]) * 9 // 10
         train_documents, held_out_documents = [documents[0][:cut]], [documents[0][cut:]]
-    _, train_stream, train_segments = train_tiny_lm.pack_documents(
+    _, train_stream, train_segments = data.pack_documents(
         tokenizer, train_documents, args.train_bytes
     )
-    _, held_out_stream, held_out_segments = train_tiny_lm.pack_documents(
+    _, held_out_stream, held_out_segments = data.pack_documents(
         tokenizer, held_out_documents, args.eval_bytes
     )
     if len(train_stream) <= seq_len:
@@ -150,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"The training text has {len(train_stream)} tokens, not more than the "
             f"window of {seq_len}: give more text or a shorter --seq-len."
         )
-    windows = train_tiny_lm.held_out_windows(
+    windows = data.held_out_windows(
         held_out_stream, held_out_segments, seq_len=seq_len, batch_size=args.batch_size
     )
     scored = len(tokenizer.token_bytes(windows[1][windows[2]]))
@@ -185,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     train_step = make_train_step(optimiser, frozen)
     losses = []
     for step in range(args.steps):
-        tokens, targets, segment_ids = train_tiny_lm.batch_at(
+        tokens, targets, segment_ids = data.batch_at(
             step,
             train_stream,
             train_segments,

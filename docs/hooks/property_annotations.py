@@ -1,9 +1,25 @@
 """A griffe extension for the API pages (mkdocs.yml loads it by path)."""
 
 import inspect
+import re
 
 import griffe
 import wadler_lindig
+
+import eqx_embed
+
+# A class's private module path, as `eqx_embed.nn._table_kind.TableKind`.
+_PRIVATE_CLASS_PATH = re.compile(r"eqx_embed(?:\.\w+)*?\._\w+\.(\w+)")
+
+
+def _public_paths(text: str) -> str:
+    """`text` with each class that eqx_embed re-exports named by its public path."""
+    return _PRIVATE_CLASS_PATH.sub(
+        lambda match: f"eqx_embed.{match[1]}"
+        if hasattr(eqx_embed, match[1])
+        else match[0],
+        text,
+    )
 
 
 class PropertyAnnotations(griffe.Extension):
@@ -24,4 +40,4 @@ class PropertyAnnotations(griffe.Extension):
         else:
             # Shapes in double quotes, as in the signatures.
             text = wadler_lindig.pformat(returns, width=9999)
-            attr.annotation = text.replace("'", '"')
+            attr.annotation = _public_paths(text.replace("'", '"'))
