@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxtyping import TypeCheckError
 
 import eqx_embed
 
@@ -382,7 +383,39 @@ ROWS = [
 NOT_ENTRY_POINTS = {
     # Built by `prefill` and `decode_step`, whose lengths are int32 JAX arrays.
     ("KVCache.__init__", "lengths"): "the cache's own lengths",
+    # The table-kind interface: `Embedding` checks the ids before its kind reads them.
+    ("TableKind.gather", "ids"): "ids checked by the embedding that holds the kind",
+    ("QuantizedTable.gather", "ids"): "ids checked by the embedding that holds it",
+    # Quantized data, made by `quantize`: integers, not ids.
+    ("QuantizedTable.__init__", "values"): "the quantized integers themselves",
+    ("QuantizedTable.__init__", "zero"): "int4's zero points",
+    # Python ints, compared as Python ints (nothing narrows them): the test below.
+    ("TransformerLM.generate", "stop_sequences"): "test_python_int_ids_never_wrap",
+    ("GenerationConfig.__init__", "eos_token_id"): "test_python_int_ids_never_wrap",
 }
+
+
+@pytest.mark.parametrize(
+    "argument", ["stop_sequences", "eos_token_id", "pad_token_id", "defaults"]
+)
+def test_python_int_ids_never_wrap(subjects, argument):
+    """Ids given as Python or NumPy ints, not arrays: `WIDE` is refused by name
+    (int32 would make it the valid id 3), as is a negative one (a NumPy int by the
+    annotations, which take Python ints)."""
+    model = subjects["nan"].model
+    for bad in (WIDE, np.int64(WIDE), -1):
+        if argument == "stop_sequences":
+            options = dict(stop_sequences=[[1, bad]])
+        elif argument == "defaults":
+            config = eqx_embed.GenerationConfig(eos_token_id=[2, bad])
+            model = eqx_embed.TransformerLM(
+                model.config, generation_config=config, **model.parts()
+            )
+            options, argument = {}, "eos_token_id"
+        else:
+            options = {argument: bad}
+        with pytest.raises((ValueError, TypeCheckError), match=argument):
+            model.generate(np.array([[1, 2]]), max_new_tokens=2, **options)
 
 
 def with_value(good: Any, slot: tuple[int, ...], value: int) -> np.ndarray:
