@@ -62,7 +62,7 @@ class TableKind(eqx.Module):
 
     def rows(self, start: int | Array, size: int, dtype: DTypeLike) -> Array:
         """Rows `[start, start + size)`, `(size, width)`, in `dtype`: the kernel's
-        plug-in (`type(kind).rows` has the signature of [`TableRows`][])."""
+        plug-in (`type(kind).rows` has the signature of the fused losses' `TableRows`)."""
         raise NotImplementedError
 
     def gather(self, ids: Integer[Array, "*shape"]) -> Float[Array, "*shape width"]:
