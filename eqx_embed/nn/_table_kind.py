@@ -47,8 +47,33 @@ from ._numerics import dot_with_rows
 
 
 class TableKind(eqx.Module):
-    """The interface of a table that is not a plain float array (the module's
-    docstring says how a kind plugs in). Abstract: see its subclasses."""
+    """The interface of a table that is not a plain float array, such as a
+    [`QuantizedTable`][eqx_embed.QuantizedTable]: an `Embedding` holds one as its
+    `weight`, its lookup reads rows through `gather`, and the decode and the fused
+    losses read blocks of rows through `rows`, never the whole float table. A new
+    kind subclasses it and defines these members (the module `_table_kind.py` says
+    how it plugs into the losses' kernel). Abstract: see its subclasses.
+
+    **Raises:**
+
+    - `NotImplementedError`: a member the subclass does not define.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+
+    import eqx_embed
+
+    embedding = eqx_embed.Embedding(64, 32, key=jax.random.key(0))
+    kind = embedding.quantize("int8").weight
+    assert isinstance(kind, eqx_embed.TableKind) and kind.shape == (64, 32)
+    table = kind.dequantize()
+    assert jnp.array_equal(kind.rows(8, 4, jnp.float32), table[8:12])
+    assert jnp.array_equal(kind.gather(jnp.array([3, 5])), table[jnp.array([3, 5])])
+    ```
+    """
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -11,10 +11,10 @@ import numpy as np
 import peft
 import torch
 import transformers
+from test_examples import EXAMPLES, run_example
 
 import eqx_embed
 from eqx_embed.huggingface import load_peft_adapter
-from tests.examples.test_examples import EXAMPLES, run_example
 
 TINY = [
     "--tokenizer", "byte", "--steps", "4", "--batch-size", "2", "--seq-len", "32",

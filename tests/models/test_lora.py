@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _tolerances import tolerance
 
 import eqx_embed
 from eqx_embed.nn._lora import LoRATable, LowRank, low_rank
-from tests._tolerances import tolerance
 
 VOCAB, WIDTH, BLOCK = 70, 16, 16  # 70 rows: five blocks, the last one shifted back
 TARGETS = ["q_proj", "v_proj", "mlp.down", "embedding"]
