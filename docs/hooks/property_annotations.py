@@ -15,9 +15,9 @@ _PRIVATE_CLASS_PATH = re.compile(r"eqx_embed(?:\.\w+)*?\._\w+\.(\w+)")
 def _public_paths(text: str) -> str:
     """`text` with each class that eqx_embed re-exports named by its public path."""
     return _PRIVATE_CLASS_PATH.sub(
-        lambda match: f"eqx_embed.{match[1]}"
-        if hasattr(eqx_embed, match[1])
-        else match[0],
+        lambda match: (
+            f"eqx_embed.{match[1]}" if hasattr(eqx_embed, match[1]) else match[0]
+        ),
         text,
     )
 

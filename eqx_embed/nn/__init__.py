@@ -31,7 +31,7 @@ from ._position import (
     SinusoidalPositionalEncoding as SinusoidalPositionalEncoding,
 )
 from ._quantize import QuantizedTable as QuantizedTable
-from ._table_kind import TableKind as TableKind
 from ._reversible import ReversibleEmbedding as ReversibleEmbedding
 from ._rope import RotaryPositionalEmbedding as RotaryPositionalEmbedding
 from ._rope_rotate import RopeRotation as RopeRotation
+from ._table_kind import TableKind as TableKind
