@@ -87,7 +87,7 @@ class TableKind(eqx.Module):
 
     def rows(self, start: int | Array, size: int, dtype: DTypeLike) -> Array:
         """Rows `[start, start + size)`, `(size, width)`, in `dtype`: the kernel's
-        plug-in (`type(kind).rows` has the signature of the fused losses' `TableRows`)."""
+        plug-in (`type(kind).rows` has the signature of the losses' `TableRows`)."""
         raise NotImplementedError
 
     def gather(self, ids: Integer[Array, "*shape"]) -> Float[Array, "*shape width"]:
